@@ -1,0 +1,76 @@
+//! Single-flight: concurrent misses on one key share one load.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::generations::Stamp;
+
+/// What a load ended with, shared by every waiter.
+pub(crate) type Outcome<V> = Result<V, Arc<dyn std::error::Error + Send + Sync + 'static>>;
+
+#[derive(Debug)]
+enum State<V> {
+    Pending,
+    Done(Outcome<V>),
+    /// The leading caller was dropped (cancelled) before the load finished.
+    Abandoned,
+}
+
+/// One in-flight load.
+#[derive(Debug)]
+pub(crate) struct Flight<V> {
+    /// Generations when the load started.
+    pub(crate) stamp: Stamp,
+    /// Set when the key was invalidated while loading: the result is handed to the
+    /// callers already waiting but never stored, and no new caller joins.
+    detached: AtomicBool,
+    state: watch::Sender<State<V>>,
+}
+
+impl<V: Clone> Flight<V> {
+    pub(crate) fn new(stamp: Stamp) -> Arc<Self> {
+        Arc::new(Flight {
+            stamp,
+            detached: AtomicBool::new(false),
+            state: watch::Sender::new(State::Pending),
+        })
+    }
+
+    pub(crate) fn detach(&self) {
+        self.detached.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn finish(&self, outcome: Outcome<V>) {
+        self.state.send_replace(State::Done(outcome));
+    }
+
+    pub(crate) fn abandon(&self) {
+        self.state.send_if_modified(|s| {
+            if matches!(s, State::Pending) {
+                *s = State::Abandoned;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Waits for the leader. `None` if it was abandoned: the caller retries.
+    pub(crate) async fn wait(&self) -> Option<Outcome<V>> {
+        let mut rx = self.state.subscribe();
+        let state = rx
+            .wait_for(|s| !matches!(s, State::Pending))
+            .await
+            .ok()?;
+        match &*state {
+            State::Done(outcome) => Some(outcome.clone()),
+            State::Pending | State::Abandoned => None,
+        }
+    }
+}

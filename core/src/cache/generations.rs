@@ -1,0 +1,132 @@
+//! Generation counters: the mechanism behind the staleness guarantee.
+//!
+//! Every load is stamped with the generations current when it *started*. An
+//! invalidation bumps generations. An entry or an in-flight load whose stamp is
+//! older than a current generation it depends on is stale: a miss, never served.
+//! Invalidate-all is a single atomic increment.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::event::TableRef;
+
+/// The generation counters of one cache.
+#[derive(Debug, Default)]
+pub(crate) struct Generations {
+    /// Bumped by invalidate-all.
+    all: AtomicU64,
+    /// Bumped by invalidate-all and by every table invalidation: entries loaded
+    /// without tags depend on every table.
+    untagged: AtomicU64,
+    /// One counter per tagged table name (schema ignored: over-invalidation is safe).
+    tables: RwLock<HashMap<String, Arc<AtomicU64>>>,
+}
+
+/// A table's counter and its value when a load started.
+type TableStamp = (Arc<AtomicU64>, u64);
+
+/// The generations a load depended on when it started.
+#[derive(Debug, Clone)]
+pub(crate) struct Stamp {
+    /// `untagged` for untagged loads, `all` for tagged ones.
+    gen: u64,
+    /// For tagged loads: each table's counter and its value at the start.
+    tags: Option<Arc<[TableStamp]>>,
+}
+
+impl Generations {
+    /// Stamps a load that starts now and depends on `tags` (none: every table).
+    pub(crate) fn stamp(&self, tags: &[&str]) -> Stamp {
+        if tags.is_empty() {
+            return Stamp {
+                gen: self.untagged.load(Ordering::Acquire),
+                tags: None,
+            };
+        }
+        let counters: Vec<TableStamp> = tags
+            .iter()
+            .map(|t| {
+                let counter = self.table_counter(t);
+                let value = counter.load(Ordering::Acquire);
+                (counter, value)
+            })
+            .collect();
+        Stamp {
+            gen: self.all.load(Ordering::Acquire),
+            tags: Some(counters.into()),
+        }
+    }
+
+    /// Whether nothing the stamp depends on was invalidated since it was taken.
+    #[inline]
+    pub(crate) fn is_current(&self, stamp: &Stamp) -> bool {
+        match &stamp.tags {
+            None => stamp.gen == self.untagged.load(Ordering::Acquire),
+            Some(tags) => {
+                stamp.gen == self.all.load(Ordering::Acquire)
+                    && tags.iter().all(|(c, v)| c.load(Ordering::Acquire) == *v)
+            }
+        }
+    }
+
+    /// Invalidates everything.
+    pub(crate) fn bump_all(&self) {
+        self.all.fetch_add(1, Ordering::AcqRel);
+        self.untagged.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Invalidates entries depending on any of `tables` (and every untagged entry).
+    pub(crate) fn bump_tables(&self, tables: &[TableRef]) {
+        self.untagged.fetch_add(1, Ordering::AcqRel);
+        let map = self.tables.read();
+        for t in tables {
+            if let Some(c) = map.get(&t.table) {
+                c.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn table_counter(&self, table: &str) -> Arc<AtomicU64> {
+        if let Some(c) = self.tables.read().get(table) {
+            return c.clone();
+        }
+        self.tables
+            .write()
+            .entry(table.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untagged_stamps_die_on_any_invalidation() {
+        let g = Generations::default();
+        let s = g.stamp(&[]);
+        assert!(g.is_current(&s));
+        g.bump_tables(&[TableRef::unqualified("other")]);
+        assert!(!g.is_current(&s));
+        let s = g.stamp(&[]);
+        g.bump_all();
+        assert!(!g.is_current(&s));
+    }
+
+    #[test]
+    fn tagged_stamps_die_only_on_their_tables_or_all() {
+        let g = Generations::default();
+        let s = g.stamp(&["users"]);
+        g.bump_tables(&[TableRef::new("public", "orders")]);
+        assert!(g.is_current(&s), "unrelated table invalidated a tagged entry");
+        g.bump_tables(&[TableRef::new("public", "users")]);
+        assert!(!g.is_current(&s));
+        let s = g.stamp(&["users", "orders"]);
+        g.bump_all();
+        assert!(!g.is_current(&s));
+    }
+}

@@ -1,0 +1,62 @@
+//! Cache statistics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of a [`Cache`](crate::Cache)'s counters, readable at any time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Reads answered from the cache.
+    pub hits: u64,
+    /// Reads that found no fresh entry (each is followed by a load, or joins one).
+    pub misses: u64,
+    /// Loader runs that stored, or tried to store, their result.
+    pub loads: u64,
+    /// Loader runs that failed (their error went to every waiter, nothing was cached).
+    pub load_errors: u64,
+    /// Reads that went straight to the loader because the source was unhealthy.
+    pub bypasses: u64,
+    /// Key or table invalidations applied.
+    pub invalidations: u64,
+    /// Invalidate-all operations applied (gaps, `Decision::All`).
+    pub flushes: u64,
+    /// Loads whose result was not stored because an invalidation arrived while they
+    /// ran: the stale-set race, prevented.
+    pub discarded_loads: u64,
+    /// Entries currently held (fresh or not yet evicted stale ones).
+    pub entries: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) loads: AtomicU64,
+    pub(crate) load_errors: AtomicU64,
+    pub(crate) bypasses: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) discarded_loads: AtomicU64,
+}
+
+#[inline]
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self, entries: u64) -> CacheStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CacheStats {
+            hits: get(&self.hits),
+            misses: get(&self.misses),
+            loads: get(&self.loads),
+            load_errors: get(&self.load_errors),
+            bypasses: get(&self.bypasses),
+            invalidations: get(&self.invalidations),
+            flushes: get(&self.flushes),
+            discarded_loads: get(&self.discarded_loads),
+            entries,
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! # pgcachewatch-core
+//!
+//! The database-free heart of pgcachewatch: the [`Event`] model and payload
+//! parser, the [`EventSource`] and [`InvalidationStrategy`] traits, the
+//! generation-stamped single-flight [`Cache`], and the [`Dispatcher`] that pushes
+//! each signal of a source through strategies into caches.
+//!
+//! Most users depend on the `pgcachewatch` facade crate instead, which re-exports
+//! this crate with the backends and strategies.
+//!
+//! ## Dependencies, and why
+//!
+//! * `tokio` (sync, time, rt): the bounded broadcast behind [`SignalHub`], the
+//!   single-flight wake-ups, and the dispatcher task. No I/O.
+//! * `quick_cache`: entry storage, chosen by measurement (see [`Cache`]).
+//! * `parking_lot`: short, uncontended locks around in-flight loads.
+//! * `chrono` + `serde`/`serde_json`: timestamps and payloads as PostgreSQL sends them.
+//! * `thiserror`: the [`Error`] enum; `tracing`: logs (this crate never prints).
+
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+mod cache;
+mod dispatcher;
+mod error;
+mod event;
+mod hub;
+mod payload;
+mod signal;
+mod source;
+mod strategy;
+
+pub use cache::{Cache, CacheBuilder, CacheStats, InvalidationTarget, WhileUnhealthy};
+pub use dispatcher::{Dispatcher, DispatcherHandle, DispatcherStats};
+pub use error::{BoxError, Error, Result};
+pub use event::{Event, Operation, RowKey, TableRef, UnknownOperation};
+pub use hub::{SignalHub, DEFAULT_HUB_CAPACITY};
+pub use payload::{parse_payload, PayloadError};
+pub use signal::{GapReason, Health, Signal};
+pub use source::{EventSource, Subscription, TryRecvError};
+pub use strategy::{Decision, InvalidationStrategy, Targets};

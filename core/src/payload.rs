@@ -1,0 +1,160 @@
+//! Parsing NOTIFY payloads into [`Event`]s.
+//!
+//! Two payload shapes are accepted unchanged:
+//!
+//! * pgcachewatch's: `{"operation","schema","table","sent_at","txid","keys"?}`;
+//! * PGCacheWatch's (the Python library): `{"operation","table","sent_at"}`,
+//!   so triggers it installed keep working.
+//!
+//! Anything else is a [`PayloadError`]; sources count and log it, never panic.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::Deserialize;
+
+use crate::event::{Event, Operation, RowKey};
+
+/// Why a payload could not be turned into an [`Event`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PayloadError {
+    /// The payload is not a JSON object of the expected shape.
+    #[error("payload is not a pgcachewatch or PGCacheWatch event: {0}")]
+    Malformed(String),
+    /// The `operation` field names no known operation.
+    #[error("unknown operation {0:?}")]
+    UnknownOperation(String),
+    /// The `sent_at` field is not a timestamp.
+    #[error("sent_at {0:?} is not a timestamp")]
+    BadTimestamp(String),
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    operation: String,
+    #[serde(default)]
+    schema: Option<String>,
+    table: String,
+    #[serde(default)]
+    sent_at: Option<String>,
+    #[serde(default)]
+    keys: Option<Vec<RowKey>>,
+    #[serde(default)]
+    txid: Option<i64>,
+}
+
+/// Parses one NOTIFY payload received on `channel` at `received_at`.
+///
+/// ```
+/// use pgcachewatch_core::{parse_payload, Operation};
+/// let now = chrono::Utc::now();
+/// // PGCacheWatch's payload, unchanged:
+/// let e = parse_payload("ch", r#"{"operation":"update","table":"users","sent_at":"2024-05-01T10:00:00.5+00:00"}"#, now).unwrap();
+/// assert_eq!((e.operation, e.table.as_str(), e.schema), (Operation::Update, "users", None));
+/// // pgcachewatch's own, with row keys:
+/// let e = parse_payload("ch", r#"{"operation":"delete","schema":"app","table":"t","sent_at":"2024-05-01 10:00:00.123456+00","txid":7,"keys":[{"id":1}]}"#, now).unwrap();
+/// assert_eq!(e.keys.unwrap().len(), 1);
+/// // Garbage is an error, not a panic:
+/// assert!(parse_payload("ch", "not json", now).is_err());
+/// ```
+pub fn parse_payload(
+    channel: &str,
+    payload: &str,
+    received_at: DateTime<Utc>,
+) -> Result<Event, PayloadError> {
+    let wire: Wire = serde_json::from_str(payload).map_err(|e| {
+        let mut shown: String = payload.chars().take(80).collect();
+        if shown.len() < payload.len() {
+            shown.push('…');
+        }
+        PayloadError::Malformed(format!("{e} in {shown:?}"))
+    })?;
+    let operation: Operation = wire
+        .operation
+        .parse()
+        .map_err(|_| PayloadError::UnknownOperation(wire.operation.clone()))?;
+    if wire.table.is_empty() {
+        return Err(PayloadError::Malformed("empty table name".into()));
+    }
+    let sent_at = wire.sent_at.as_deref().map(parse_timestamp).transpose()?;
+    Ok(Event {
+        channel: channel.to_owned(),
+        operation,
+        schema: wire.schema.filter(|s| !s.is_empty()),
+        table: wire.table,
+        sent_at,
+        received_at,
+        keys: wire.keys,
+        txid: wire.txid,
+    })
+}
+
+/// Parses the timestamp shapes PostgreSQL produces: RFC 3339 from
+/// `json_build_object`, and the text form `2024-05-01 10:00:00.123+00`.
+fn parse_timestamp(s: &str) -> Result<DateTime<Utc>, PayloadError> {
+    let bad = || PayloadError::BadTimestamp(s.to_owned());
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let mut normal = s.trim().replacen(' ', "T", 1);
+    // "+00" / "-05" → "+00:00" / "-05:00"
+    if let Some(pos) = normal.rfind(['+', '-']).filter(|&p| p > 10) {
+        if normal.len() - pos == 3 {
+            normal.push_str(":00");
+        }
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(&normal) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    // No offset at all: PostgreSQL `timestamp` (without time zone); read as UTC.
+    NaiveDateTime::parse_from_str(&normal, "%Y-%m-%dT%H:%M:%S%.f")
+        .map(|t| t.and_utc())
+        .map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_in_every_postgres_shape() {
+        for s in [
+            "2024-05-01T10:00:00+00:00",
+            "2024-05-01T10:00:00.123456+00:00",
+            "2024-05-01 10:00:00.123456+00",
+            "2024-05-01 12:00:00.123456+02",
+            "2024-05-01 10:00:00.123456",
+            "2024-05-01T10:00:00Z",
+        ] {
+            let t = parse_timestamp(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            assert_eq!(t.format("%Y-%m-%d %H").to_string(), "2024-05-01 10", "{s}");
+        }
+        assert!(parse_timestamp("yesterday").is_err());
+        assert!(parse_timestamp("").is_err());
+    }
+
+    #[test]
+    fn rejects_foreign_payloads_without_panicking() {
+        let now = Utc::now();
+        for p in [
+            "",
+            "null",
+            "[]",
+            "{}",
+            r#"{"operation":"upsert","table":"t"}"#,
+            r#"{"operation":"insert","table":""}"#,
+            r#"{"operation":"insert"}"#,
+            r#"{"operation":"insert","table":"t","sent_at":"soon"}"#,
+            r#"{"operation":"insert","table":"t","keys":"x"}"#,
+            "\u{0}\u{ffff}",
+        ] {
+            assert!(parse_payload("c", p, now).is_err(), "{p:?} accepted");
+        }
+    }
+
+    #[test]
+    fn long_garbage_is_truncated_in_the_error() {
+        let p = "x".repeat(10_000);
+        let err = parse_payload("c", &p, Utc::now()).unwrap_err().to_string();
+        assert!(err.len() < 300, "{err}");
+    }
+}

@@ -1,0 +1,185 @@
+//! The [`EventSource`] trait and the [`Subscription`] it hands out.
+
+use std::fmt;
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::sync::broadcast;
+
+use crate::signal::{GapReason, Health, Signal};
+
+/// Something that produces change signals: a PostgreSQL `LISTEN` connection,
+/// the in-memory test source, or (later) a logical-replication slot.
+///
+/// # Contract
+///
+/// Every implementation guarantees:
+///
+/// 1. **Fan-out.** Each call to [`subscribe`](EventSource::subscribe) returns an
+///    independent [`Subscription`]; every subscription sees every signal emitted
+///    after it was created, in emission order.
+/// 2. **No silent loss.** A subscription that falls behind a bounded buffer receives
+///    [`Signal::Gap`] with [`GapReason::Lagged`] in place of what it missed; memory
+///    stays bounded whether or not anybody reads.
+/// 3. **Health first.** The first signal of a new subscription is
+///    [`Signal::Health`] with the source's current health.
+/// 4. **Gap before healthy.** After any interruption the source emits a `Gap`
+///    *after* it is listening again and *before* it reports [`Health::Healthy`].
+/// 5. **End.** When the source shuts down, subscriptions end (`recv` returns `None`).
+///
+/// The trait is object-safe: `Box<dyn EventSource>` and `Arc<dyn EventSource>` work
+/// wherever a source is expected, so tests swap backends at run time.
+///
+/// # Example
+///
+/// Any type that owns a [`SignalHub`](crate::SignalHub) is a source in a few lines:
+///
+/// ```
+/// use pgcachewatch_core::{EventSource, Health, Signal, SignalHub, Subscription};
+///
+/// #[derive(Debug)]
+/// struct Manual(SignalHub);
+///
+/// impl EventSource for Manual {
+///     fn subscribe(&self) -> Subscription { self.0.subscribe() }
+///     fn health(&self) -> Health { self.0.health() }
+/// }
+///
+/// # tokio_test_block_on(async {
+/// let source = Manual(SignalHub::new(16));
+/// let mut sub = source.subscribe();
+/// assert!(matches!(sub.recv().await, Some(Signal::Health(Health::Healthy))));
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+pub trait EventSource: Send + Sync + fmt::Debug + 'static {
+    /// A new subscription that sees every signal from now on.
+    fn subscribe(&self) -> Subscription;
+
+    /// The source's health right now.
+    fn health(&self) -> Health;
+}
+
+impl<T: EventSource + ?Sized> EventSource for Arc<T> {
+    fn subscribe(&self) -> Subscription {
+        (**self).subscribe()
+    }
+    fn health(&self) -> Health {
+        (**self).health()
+    }
+}
+
+impl<T: EventSource + ?Sized> EventSource for Box<T> {
+    fn subscribe(&self) -> Subscription {
+        (**self).subscribe()
+    }
+    fn health(&self) -> Health {
+        (**self).health()
+    }
+}
+
+/// Returned by [`Subscription::try_recv`] when no signal is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TryRecvError {
+    /// Nothing is buffered right now.
+    #[error("no signal is ready")]
+    Empty,
+    /// The source has shut down; no signal will come.
+    #[error("the source has shut down")]
+    Closed,
+}
+
+/// One subscriber's view of an [`EventSource`]: a sequence of [`Signal`]s.
+///
+/// Built by a source, from a [`SignalHub`](crate::SignalHub) or from any stream
+/// ([`Subscription::from_stream`]).
+pub struct Subscription {
+    first: Option<Signal>,
+    inner: Inner,
+}
+
+enum Inner {
+    Hub(broadcast::Receiver<Signal>),
+    Stream(BoxStream<'static, Signal>),
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.inner {
+            Inner::Hub(_) => "hub",
+            Inner::Stream(_) => "stream",
+        };
+        f.debug_struct("Subscription").field("kind", &kind).finish()
+    }
+}
+
+impl Subscription {
+    pub(crate) fn from_hub(first: Signal, rx: broadcast::Receiver<Signal>) -> Self {
+        Subscription {
+            first: Some(first),
+            inner: Inner::Hub(rx),
+        }
+    }
+
+    /// A subscription over any stream of signals, for sources that do not use a
+    /// [`SignalHub`](crate::SignalHub). The stream must honour the
+    /// [`EventSource`] contract (health first, gaps on loss).
+    pub fn from_stream(stream: impl Stream<Item = Signal> + Send + 'static) -> Self {
+        Subscription {
+            first: None,
+            inner: Inner::Stream(stream.boxed()),
+        }
+    }
+
+    /// The next signal, or `None` once the source has shut down.
+    pub async fn recv(&mut self) -> Option<Signal> {
+        if let Some(first) = self.first.take() {
+            return Some(first);
+        }
+        match &mut self.inner {
+            Inner::Hub(rx) => match rx.recv().await {
+                Ok(signal) => Some(signal),
+                Err(broadcast::error::RecvError::Lagged(missed)) => Some(lagged(missed)),
+                Err(broadcast::error::RecvError::Closed) => None,
+            },
+            Inner::Stream(s) => s.next().await,
+        }
+    }
+
+    /// The next signal if one is ready, without waiting.
+    pub fn try_recv(&mut self) -> Result<Signal, TryRecvError> {
+        if let Some(first) = self.first.take() {
+            return Ok(first);
+        }
+        match &mut self.inner {
+            Inner::Hub(rx) => match rx.try_recv() {
+                Ok(signal) => Ok(signal),
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => Ok(lagged(missed)),
+                Err(broadcast::error::TryRecvError::Empty) => Err(TryRecvError::Empty),
+                Err(broadcast::error::TryRecvError::Closed) => Err(TryRecvError::Closed),
+            },
+            Inner::Stream(s) => match s.next().now_or_never() {
+                Some(Some(signal)) => Ok(signal),
+                Some(None) => Err(TryRecvError::Closed),
+                None => Err(TryRecvError::Empty),
+            },
+        }
+    }
+
+    /// This subscription as a `Stream`.
+    pub fn into_stream(self) -> BoxStream<'static, Signal> {
+        futures::stream::unfold(self, |mut sub| async move {
+            sub.recv().await.map(|signal| (signal, sub))
+        })
+        .boxed()
+    }
+}
+
+fn lagged(missed: u64) -> Signal {
+    tracing::warn!(missed, "subscriber lagged behind the source; emitting a gap");
+    Signal::Gap(GapReason::Lagged { missed })
+}
