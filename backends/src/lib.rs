@@ -13,5 +13,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 pub use memory::{InMemoryHandle, InMemorySource};

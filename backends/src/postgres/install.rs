@@ -1,0 +1,1 @@
+//! Trigger SQL and its installer.

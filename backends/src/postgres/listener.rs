@@ -1,0 +1,1 @@
+//! The LISTEN/NOTIFY event source.
