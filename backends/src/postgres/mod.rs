@@ -3,3 +3,7 @@
 
 pub mod install;
 pub mod listener;
+
+/// The NOTIFY channel pgcachewatch's triggers send on and its listener listens on,
+/// unless configured otherwise.
+pub const DEFAULT_CHANNEL: &str = "pgcachewatch";

@@ -1,0 +1,32 @@
+//! # pgcachewatch
+//!
+//! One dependency for everything: the core ([`Cache`], [`Dispatcher`], the traits),
+//! the [`strategies`], the in-memory source ([`memory`]), the PostgreSQL backend
+//! ([`postgres`], feature `postgres`, on by default) and, with feature `testkit`,
+//! the [`testkit`].
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+pub use pgcachewatch_core::*;
+
+/// Ready-made invalidation strategies.
+pub mod strategies {
+    pub use pgcachewatch_strategies::*;
+}
+
+/// The in-memory event source and its driving handle.
+pub mod memory {
+    pub use pgcachewatch_backends::memory::*;
+}
+
+/// The PostgreSQL backend: LISTEN source, trigger SQL and installer.
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use pgcachewatch_backends::postgres::*;
+}
+
+/// Record/replay, generators, the staleness model checker and the conformance suite.
+#[cfg(feature = "testkit")]
+pub mod testkit {
+    pub use pgcachewatch_testkit::*;
+}
