@@ -1,0 +1,388 @@
+//! The foundation's promises, end to end on the in-memory source:
+//! fan-out, the stale-set race, single-flight, lag → gap → flush, bypass while unhealthy.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgcachewatch::memory::InMemorySource;
+use pgcachewatch::strategies::Greedy;
+use pgcachewatch::{
+    Cache, Decision, Dispatcher, Error, Event, EventSource, GapReason, Health, InvalidationTarget,
+    Operation, Signal, TableRef,
+};
+use tokio::sync::oneshot;
+
+fn update(table: &str) -> Event {
+    Event::new("pgcachewatch", Operation::Update, "public", table)
+}
+
+async fn load(cache: &Cache<u32, String>, key: u32, value: &str) -> String {
+    let value = value.to_owned();
+    cache
+        .get_or_load(key, || async move { Ok::<_, std::io::Error>(value) })
+        .await
+        .expect("loader cannot fail")
+}
+
+#[tokio::test]
+async fn two_caches_on_one_source_both_invalidate_on_one_event() {
+    let (source, handle) = InMemorySource::pair();
+    let a: Cache<u32, String> = Cache::new(100);
+    let b: Cache<u32, String> = Cache::new(100);
+    let c: Cache<u32, String> = Cache::new(100);
+    // Two caches on one dispatcher, and a third on a dispatcher of its own.
+    let d1 = Dispatcher::new()
+        .attach(Greedy::new(), a.clone())
+        .attach(Greedy::new(), b.clone())
+        .spawn(&source);
+    let d2 = Dispatcher::new()
+        .attach(Greedy::new(), c.clone())
+        .spawn(&source);
+    for cache in [&a, &b, &c] {
+        load(cache, 1, "old").await;
+        assert_eq!(cache.get(&1).as_deref(), Some("old"));
+    }
+    assert!(handle.publish(update("users")));
+    d1.sync().await;
+    d2.sync().await;
+    for cache in [&a, &b, &c] {
+        assert_eq!(
+            cache.get(&1),
+            None,
+            "a cache kept its entry after the event"
+        );
+        assert_eq!(load(cache, 1, "new").await, "new");
+    }
+    assert_eq!(handle.subscriber_count(), 2);
+    d1.shutdown().await;
+    d2.shutdown().await;
+    assert_eq!(handle.subscriber_count(), 0, "dispatcher tasks leaked");
+}
+
+/// A load starts, an invalidation arrives, the load finishes: the loader's caller
+/// gets its value, but it is not stored and the next read reloads.
+#[tokio::test]
+async fn stale_set_race_is_closed_for_key_table_and_all_invalidations() {
+    let invalidations: [(&str, Decision<u32>); 4] = [
+        ("key", Decision::keys([7])),
+        (
+            "table",
+            Decision::tables([TableRef::new("public", "users")]),
+        ),
+        ("all", Decision::All),
+        (
+            "key and table",
+            Decision::keys([7]).merge(Decision::tables([TableRef::unqualified("users")])),
+        ),
+    ];
+    for (name, decision) in invalidations {
+        let cache: Cache<u32, String> = Cache::new(100);
+        let (release, gate) = oneshot::channel::<()>();
+        let loading = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                cache
+                    .get_or_load_tagged(7, &["users"], || async move {
+                        let _ = gate.await;
+                        Ok::<_, std::io::Error>("old".to_string())
+                    })
+                    .await
+            })
+        };
+        while cache.stats().loads == 0 {
+            tokio::task::yield_now().await;
+        }
+        cache.apply(&decision);
+        release.send(()).expect("loader is waiting");
+        let got = loading.await.expect("no panic").expect("loader ok");
+        assert_eq!(got, "old", "{name}: the caller of the load gets its value");
+        assert_eq!(
+            cache.get(&7),
+            None,
+            "{name}: a load that began before the invalidation was served after it"
+        );
+        assert_eq!(cache.stats().discarded_loads, 1, "{name}");
+        assert_eq!(load(&cache, 7, "new").await, "new", "{name}");
+        assert_eq!(
+            cache.get(&7).as_deref(),
+            Some("new"),
+            "{name}: caching resumes"
+        );
+    }
+}
+
+#[tokio::test]
+async fn invalidating_another_key_or_table_keeps_a_load_in_flight() {
+    let cache: Cache<u32, String> = Cache::new(100);
+    let (release, gate) = oneshot::channel::<()>();
+    let loading = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load_tagged(7, &["users"], || async move {
+                    let _ = gate.await;
+                    Ok::<_, std::io::Error>("v".to_string())
+                })
+                .await
+        })
+    };
+    while cache.stats().loads == 0 {
+        tokio::task::yield_now().await;
+    }
+    cache.apply(&Decision::keys([8]));
+    cache.apply(&Decision::tables([TableRef::new("public", "orders")]));
+    release.send(()).expect("loader is waiting");
+    loading.await.expect("no panic").expect("loader ok");
+    assert_eq!(cache.get(&7).as_deref(), Some("v"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_flight_runs_the_loader_once_for_concurrent_misses() {
+    const N: usize = 64;
+    let cache: Cache<u32, String> = Cache::new(100);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for _ in 0..N {
+        let (cache, runs, mut gate) = (cache.clone(), runs.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load(1, || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let _ = gate.wait_for(|open| *open).await;
+                    Ok::<_, std::io::Error>("shared".to_string())
+                })
+                .await
+        }));
+    }
+    // Every caller is either the leader or waiting on it before the load ends.
+    while cache.stats().misses < N as u64 {
+        tokio::task::yield_now().await;
+    }
+    release.send_replace(true);
+    for t in tasks {
+        assert_eq!(t.await.expect("no panic").expect("loader ok"), "shared");
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the loader ran more than once"
+    );
+    assert_eq!(cache.stats().loads, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_error_reaches_every_waiter_and_is_not_cached() {
+    const N: usize = 32;
+    let cache: Cache<u32, String> = Cache::new(100);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for _ in 0..N {
+        let (cache, runs, mut gate) = (cache.clone(), runs.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load(1, || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let _ = gate.wait_for(|open| *open).await;
+                    Err::<String, _>(std::io::Error::other("database is down"))
+                })
+                .await
+        }));
+    }
+    while cache.stats().misses < N as u64 {
+        tokio::task::yield_now().await;
+    }
+    release.send_replace(true);
+    for t in tasks {
+        let err = t
+            .await
+            .expect("no panic")
+            .expect_err("the error must reach every waiter");
+        assert!(matches!(err, Error::Load { .. }));
+        let io = err
+            .load_error()
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .expect("the loader's own error type");
+        assert_eq!(io.to_string(), "database is down");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.get(&1), None, "an error was cached");
+    // The next call retries.
+    assert_eq!(load(&cache, 1, "recovered").await, "recovered");
+    assert_eq!(cache.stats().load_errors, 1);
+}
+
+#[tokio::test]
+async fn a_cancelled_leader_hands_the_load_to_a_waiter() {
+    let cache: Cache<u32, String> = Cache::new(100);
+    let leader = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load(1, || async {
+                    std::future::pending::<()>().await;
+                    Ok::<_, std::io::Error>("never".to_string())
+                })
+                .await
+        })
+    };
+    while cache.stats().loads == 0 {
+        tokio::task::yield_now().await;
+    }
+    let waiter = {
+        let cache = cache.clone();
+        tokio::spawn(async move { load(&cache, 1, "from the waiter").await })
+    };
+    while cache.stats().misses < 2 {
+        tokio::task::yield_now().await;
+    }
+    leader.abort();
+    assert_eq!(waiter.await.expect("no panic"), "from the waiter");
+    assert_eq!(cache.get(&1).as_deref(), Some("from the waiter"));
+}
+
+/// Runs on one thread so the dispatcher cannot read while we publish: it must lag.
+#[tokio::test(flavor = "current_thread")]
+async fn a_lagging_subscriber_gets_a_gap_and_its_cache_is_flushed() {
+    let (source, handle) = InMemorySource::with_capacity(16);
+    let cache: Cache<u32, String> = Cache::new(100);
+    // A strategy that never invalidates on events: only the gap can flush.
+    let never = Greedy::with_predicate(|_: &Event| false);
+    let dispatcher = Dispatcher::new()
+        .attach(never, cache.clone())
+        .spawn(&source);
+    load(&cache, 1, "cached").await;
+    dispatcher.sync().await;
+    for _ in 0..1_000 {
+        handle.publish(update("users"));
+    }
+    dispatcher.sync().await;
+    assert_eq!(cache.get(&1), None, "lag must flush");
+    assert!(dispatcher.stats().gaps >= 1);
+    assert!(cache.stats().flushes >= 1);
+    // And caching resumes.
+    load(&cache, 1, "fresh").await;
+    assert_eq!(cache.get(&1).as_deref(), Some("fresh"));
+    dispatcher.shutdown().await;
+}
+
+/// Nobody reads a subscription while 1 M events go by: the source keeps at most
+/// `capacity` of them, and the reader is told exactly how many it missed.
+#[tokio::test(flavor = "current_thread")]
+async fn memory_stays_bounded_while_nobody_reads() {
+    const CAPACITY: usize = 1024;
+    const EVENTS: u64 = 1_000_000;
+    let (source, handle) = InMemorySource::with_capacity(CAPACITY);
+    let mut idle = source.subscribe();
+    let event = update("users");
+    for _ in 0..EVENTS {
+        handle.publish(event.clone());
+    }
+    assert!(matches!(
+        idle.recv().await,
+        Some(Signal::Health(Health::Healthy))
+    ));
+    match idle.recv().await {
+        Some(Signal::Gap(GapReason::Lagged { missed })) => {
+            assert_eq!(
+                missed,
+                EVENTS - CAPACITY as u64,
+                "buffer held more than its capacity"
+            );
+        }
+        other => panic!("expected a lag gap, got {other:?}"),
+    }
+    let mut buffered = 0;
+    while idle.try_recv().is_ok() {
+        buffered += 1;
+    }
+    assert_eq!(buffered, CAPACITY);
+}
+
+#[tokio::test]
+async fn an_unhealthy_source_makes_reads_bypass_until_reconnect_and_flush() {
+    let (source, handle) = InMemorySource::pair();
+    let cache: Cache<u32, String> = Cache::new(100);
+    let dispatcher = Dispatcher::new()
+        .attach(Greedy::new(), cache.clone())
+        .spawn(&source);
+    load(&cache, 1, "before").await;
+    assert_eq!(cache.get(&1).as_deref(), Some("before"));
+
+    handle.disconnect("test cut the connection");
+    dispatcher.sync().await;
+    assert!(!cache.is_healthy());
+    let runs = Arc::new(AtomicUsize::new(0));
+    for i in 0..3 {
+        let runs = runs.clone();
+        let v = cache
+            .get_or_load(1, || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(format!("during {i}"))
+            })
+            .await
+            .expect("loader ok");
+        assert_eq!(
+            v,
+            format!("during {i}"),
+            "served from the cache while unhealthy"
+        );
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        3,
+        "every read must reach the loader"
+    );
+    assert_eq!(cache.stats().bypasses, 3);
+    // A write while disconnected is lost, as with PostgreSQL...
+    assert!(!handle.publish(update("users")));
+
+    handle.reconnect();
+    dispatcher.sync().await;
+    assert!(cache.is_healthy());
+    // ...but the reconnect gap flushed what was cached before the outage.
+    assert_eq!(cache.get(&1), None);
+    load(&cache, 1, "after").await;
+    assert_eq!(cache.get(&1).as_deref(), Some("after"), "caching resumes");
+    dispatcher.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cache_bypasses_once_its_dispatcher_stops() {
+    let (source, handle) = InMemorySource::pair();
+    let cache: Cache<u32, String> = Cache::new(100);
+    let dispatcher = Dispatcher::new()
+        .attach(Greedy::new(), cache.clone())
+        .spawn(&source);
+    load(&cache, 1, "cached").await;
+    handle.close();
+    // The source ended: nobody will invalidate this cache any more.
+    while !dispatcher.is_finished() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(!cache.is_healthy());
+    assert_eq!(cache.get(&1), None);
+}
+
+#[tokio::test]
+async fn boxed_and_shared_sources_drive_dispatchers_too() {
+    let (source, handle) = InMemorySource::pair();
+    let boxed: Box<dyn EventSource> = Box::new(source.clone());
+    let shared: Arc<dyn EventSource> = Arc::new(source);
+    let a: Cache<u32, String> = Cache::new(10);
+    let b: Cache<u32, String> = Cache::new(10);
+    let da = Dispatcher::new()
+        .attach(Greedy::new(), a.clone())
+        .spawn(&boxed);
+    let db = Dispatcher::new()
+        .attach(Greedy::new(), b.clone())
+        .spawn(&shared);
+    load(&a, 1, "x").await;
+    load(&b, 1, "x").await;
+    handle.publish(update("t"));
+    da.sync().await;
+    db.sync().await;
+    assert_eq!((a.get(&1), b.get(&1)), (None, None));
+}
