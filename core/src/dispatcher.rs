@@ -261,7 +261,7 @@ impl Dispatcher {
 
     #[inline]
     fn apply(&mut self, signal: &Signal, counters: &Counters) {
-        let now = Instant::now();
+        let now = tokio::time::Instant::now().into_std();
         let counter = match signal {
             Signal::Event(_) => &counters.events,
             Signal::Gap(reason) => {
@@ -280,7 +280,7 @@ impl Dispatcher {
     }
 
     fn tick(&mut self, counters: &Counters) {
-        let now = Instant::now();
+        let now = tokio::time::Instant::now().into_std();
         for b in &mut self.bindings {
             if b.deadline().is_some_and(|d| d <= now) {
                 counters.ticks.fetch_add(1, Ordering::Relaxed);
