@@ -165,6 +165,10 @@ impl Dispatcher {
 
     /// Subscribes to `source` and runs on a new tokio task. The caches take the
     /// source's current health before this returns.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (it spawns a task).
     pub fn spawn<S: EventSource + ?Sized>(self, source: &S) -> DispatcherHandle {
         let subscription = source.subscribe();
         let healthy = source.health().is_healthy();

@@ -8,6 +8,22 @@
 //! Most users depend on the `pgcachewatch` facade crate instead, which re-exports
 //! this crate with the backends and strategies.
 //!
+//! ## The guarantee
+//!
+//! Once the notification for a committed write has been processed by the
+//! [`Dispatcher`], no read through a [`Cache`] that starts afterwards returns a value
+//! loaded before that write. Before that, staleness is bounded by notification
+//! latency. While the source is unhealthy, reads bypass the cache (the default) or
+//! are served only from entries loaded within a configured bound
+//! ([`WhileUnhealthy`]). Three mechanisms make it hold:
+//!
+//! * **generations**: every load is stamped when it starts; an invalidation bumps
+//!   the generation; an older stamp is never stored or served (the stale-set race);
+//! * **gaps**: anything that can lose events emits [`Signal::Gap`], which strategies
+//!   answer with invalidate-all;
+//! * **health**: a source reports [`Health::Unhealthy`] while it cannot promise
+//!   delivery, and reports healthy again only after it listens and has sent a gap.
+//!
 //! ## Dependencies, and why
 //!
 //! * `tokio` (sync, time, rt): the bounded broadcast behind [`SignalHub`], the

@@ -6,7 +6,11 @@
 //! * PGCacheWatch's (the Python library): `{"operation","table","sent_at"}`,
 //!   so triggers it installed keep working.
 //!
-//! Anything else is a [`PayloadError`]; sources count and log it, never panic.
+//! `operation` and `table` are required; anything else missing them is a
+//! [`PayloadError`], which sources count and log, never panic on. The optional
+//! fields degrade instead of failing: an unreadable `sent_at`, `txid` or `keys` is
+//! dropped with a warning, so the event still invalidates (at table level when the
+//! keys are unreadable) rather than being lost.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Deserialize;
@@ -23,9 +27,6 @@ pub enum PayloadError {
     /// The `operation` field names no known operation.
     #[error("unknown operation {0:?}")]
     UnknownOperation(String),
-    /// The `sent_at` field is not a timestamp.
-    #[error("sent_at {0:?} is not a timestamp")]
-    BadTimestamp(String),
 }
 
 #[derive(Deserialize)]
@@ -35,11 +36,11 @@ struct Wire {
     schema: Option<String>,
     table: String,
     #[serde(default)]
-    sent_at: Option<String>,
+    sent_at: Option<serde_json::Value>,
     #[serde(default)]
-    keys: Option<Vec<RowKey>>,
+    keys: Option<serde_json::Value>,
     #[serde(default)]
-    txid: Option<i64>,
+    txid: Option<serde_json::Value>,
 }
 
 /// Parses one NOTIFY payload received on `channel` at `received_at`.
@@ -75,7 +76,25 @@ pub fn parse_payload(
     if wire.table.is_empty() {
         return Err(PayloadError::Malformed("empty table name".into()));
     }
-    let sent_at = wire.sent_at.as_deref().map(parse_timestamp).transpose()?;
+    let sent_at = wire.sent_at.and_then(|v| {
+        let parsed = v.as_str().and_then(parse_timestamp);
+        if parsed.is_none() {
+            tracing::warn!(table = %wire.table, sent_at = %v, "ignoring unreadable sent_at");
+        }
+        parsed
+    });
+    let keys = wire.keys.filter(|v| !v.is_null()).and_then(|v| {
+        let keys = serde_json::from_value::<Vec<RowKey>>(v).ok();
+        if keys.is_none() {
+            tracing::warn!(table = %wire.table, "ignoring unreadable row keys; invalidating the whole table");
+        }
+        keys
+    });
+    let txid = wire.txid.and_then(|v| match &v {
+        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    });
     Ok(Event {
         channel: channel.to_owned(),
         operation,
@@ -83,17 +102,16 @@ pub fn parse_payload(
         table: wire.table,
         sent_at,
         received_at,
-        keys: wire.keys,
-        txid: wire.txid,
+        keys,
+        txid,
     })
 }
 
 /// Parses the timestamp shapes PostgreSQL produces: RFC 3339 from
 /// `json_build_object`, and the text form `2024-05-01 10:00:00.123+00`.
-fn parse_timestamp(s: &str) -> Result<DateTime<Utc>, PayloadError> {
-    let bad = || PayloadError::BadTimestamp(s.to_owned());
+fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
+        return Some(t.with_timezone(&Utc));
     }
     let mut normal = s.trim().replacen(' ', "T", 1);
     // "+00" / "-05" → "+00:00" / "-05:00"
@@ -103,12 +121,12 @@ fn parse_timestamp(s: &str) -> Result<DateTime<Utc>, PayloadError> {
         }
     }
     if let Ok(t) = DateTime::parse_from_rfc3339(&normal) {
-        return Ok(t.with_timezone(&Utc));
+        return Some(t.with_timezone(&Utc));
     }
     // No offset at all: PostgreSQL `timestamp` (without time zone); read as UTC.
     NaiveDateTime::parse_from_str(&normal, "%Y-%m-%dT%H:%M:%S%.f")
+        .ok()
         .map(|t| t.and_utc())
-        .map_err(|_| bad())
 }
 
 #[cfg(test)]
@@ -125,11 +143,11 @@ mod tests {
             "2024-05-01 10:00:00.123456",
             "2024-05-01T10:00:00Z",
         ] {
-            let t = parse_timestamp(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            let t = parse_timestamp(s).unwrap_or_else(|| panic!("{s} did not parse"));
             assert_eq!(t.format("%Y-%m-%d %H").to_string(), "2024-05-01 10", "{s}");
         }
-        assert!(parse_timestamp("yesterday").is_err());
-        assert!(parse_timestamp("").is_err());
+        assert!(parse_timestamp("yesterday").is_none());
+        assert!(parse_timestamp("").is_none());
     }
 
     #[test]
@@ -143,12 +161,27 @@ mod tests {
             r#"{"operation":"upsert","table":"t"}"#,
             r#"{"operation":"insert","table":""}"#,
             r#"{"operation":"insert"}"#,
-            r#"{"operation":"insert","table":"t","sent_at":"soon"}"#,
-            r#"{"operation":"insert","table":"t","keys":"x"}"#,
             "\u{0}\u{ffff}",
         ] {
             assert!(parse_payload("c", p, now).is_err(), "{p:?} accepted");
         }
+    }
+
+    #[test]
+    fn unreadable_optional_fields_degrade_instead_of_losing_the_event() {
+        let p = r#"{"operation":"insert","table":"t","sent_at":"soon","keys":"x","txid":[1]}"#;
+        let e = parse_payload("c", p, Utc::now()).unwrap();
+        assert_eq!(
+            (e.table.as_str(), e.sent_at, e.keys, e.txid),
+            ("t", None, None, None)
+        );
+        let e = parse_payload(
+            "c",
+            r#"{"operation":"insert","table":"t","txid":"42"}"#,
+            Utc::now(),
+        )
+        .unwrap();
+        assert_eq!(e.txid, Some(42));
     }
 
     #[test]

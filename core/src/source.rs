@@ -180,6 +180,9 @@ impl Subscription {
 }
 
 fn lagged(missed: u64) -> Signal {
-    tracing::warn!(missed, "subscriber lagged behind the source; emitting a gap");
+    tracing::warn!(
+        missed,
+        "subscriber lagged behind the source; emitting a gap"
+    );
     Signal::Gap(GapReason::Lagged { missed })
 }

@@ -64,10 +64,7 @@ impl<V: Clone> Flight<V> {
     /// Waits for the leader. `None` if it was abandoned: the caller retries.
     pub(crate) async fn wait(&self) -> Option<Outcome<V>> {
         let mut rx = self.state.subscribe();
-        let state = rx
-            .wait_for(|s| !matches!(s, State::Pending))
-            .await
-            .ok()?;
+        let state = rx.wait_for(|s| !matches!(s, State::Pending)).await.ok()?;
         match &*state {
             State::Done(outcome) => Some(outcome.clone()),
             State::Pending | State::Abandoned => None,

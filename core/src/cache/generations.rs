@@ -122,7 +122,10 @@ mod tests {
         let g = Generations::default();
         let s = g.stamp(&["users"]);
         g.bump_tables(&[TableRef::new("public", "orders")]);
-        assert!(g.is_current(&s), "unrelated table invalidated a tagged entry");
+        assert!(
+            g.is_current(&s),
+            "unrelated table invalidated a tagged entry"
+        );
         g.bump_tables(&[TableRef::new("public", "users")]);
         assert!(!g.is_current(&s));
         let s = g.stamp(&["users", "orders"]);

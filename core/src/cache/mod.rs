@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-pub use self::stats::CacheStats;
 use self::flight::{Flight, Outcome};
 use self::generations::{Generations, Stamp};
+pub use self::stats::CacheStats;
 use self::stats::{bump, Counters};
 use crate::error::{BoxError, Error};
 use crate::event::TableRef;
