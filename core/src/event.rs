@@ -199,7 +199,7 @@ impl Event {
     }
 }
 
-/// A (possibly schema-less) table name, as carried by [`crate::Decision::Tables`].
+/// A (possibly schema-less) table name, as carried by [`Targets::tables`](crate::Targets::tables).
 ///
 /// ```
 /// use pgcachewatch_core::TableRef;

@@ -1,1 +1,241 @@
-//! The LISTEN/NOTIFY event source.
+//! The LISTEN/NOTIFY event source: [`PgListenerSource`].
+//!
+//! # How it works
+//!
+//! [`connect`](PgListenerBuilder::connect) opens a dedicated connection, `LISTEN`s
+//! on every configured channel plus a private heartbeat channel, and returns once
+//! that succeeded. A background tokio task then owns the connection:
+//!
+//! * each notification on a watched channel is parsed with
+//!   [`parse_payload`](pgcachewatch_core::parse_payload) (pgcachewatch's payload or
+//!   PGCacheWatch's) and published to every subscriber through a
+//!   [`SignalHub`](pgcachewatch_core::SignalHub);
+//! * a payload that is not an event is counted, logged, and dropped or turned into a
+//!   gap ([`MalformedPolicy`]); it never stops the source;
+//! * every heartbeat interval the task NOTIFYs its own heartbeat channel on the same
+//!   connection; if that does not come back within the heartbeat timeout, the
+//!   connection is presumed half-open (TCP alone may take many minutes to notice);
+//! * on a lost connection or a heartbeat timeout it emits `Health::Unhealthy` and
+//!   `Gap(ConnectionLost | HeartbeatTimeout)`, opens a *new* connection with capped,
+//!   jittered exponential backoff, LISTENs on every channel again, then emits
+//!   `Gap(Reconnected)` and only then `Health::Healthy`.
+//!
+//! sqlx's own `PgListener::recv` reconnects silently, so whatever was sent while it
+//! was down is lost without a trace. This source never lets it: each connection
+//! lives in its own one-connection pool with `eager_reconnect(false)`, and a loss
+//! ends that connection for good.
+//!
+//! # Leaks
+//!
+//! Dropping the last [`PgListenerSource`] handle (or calling
+//! [`shutdown`](PgListenerSource::shutdown)) stops the task and closes the
+//! connection. One caveat comes from sqlx: dropping a `PgListener` whose
+//! connection is half-open leaves sqlx's own `UNLISTEN` clean-up task waiting on the
+//! dead socket until the operating system gives up on it.
+
+mod backoff;
+mod config;
+mod connection;
+mod stats;
+mod task;
+
+use std::fmt;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use pgcachewatch_core::{Error, EventSource, Health, SignalHub, Subscription};
+use sqlx::postgres::PgConnectOptions;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub use self::config::{
+    MalformedPolicy, PgListenerBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN,
+};
+pub use self::stats::ListenerStats;
+use self::config::Settings;
+use self::stats::Counters;
+use self::task::{Command, Task};
+
+/// An [`EventSource`] fed by PostgreSQL `LISTEN`, with reconnect and heartbeat.
+///
+/// Cheap to clone; clones share one connection and one task. The task stops when
+/// [`shutdown`](Self::shutdown) is called or the last clone is dropped; keep a
+/// handle alive for as long as caches depend on it (a
+/// [`Dispatcher`](pgcachewatch_core::Dispatcher) subscribed to the source does not
+/// keep it alive).
+///
+/// # Example
+///
+/// ```no_run
+/// use pgcachewatch_backends::postgres::listener::PgListenerSource;
+/// use pgcachewatch_core::{Cache, Dispatcher};
+/// use pgcachewatch_strategies::Greedy;
+/// # async fn run() -> Result<(), pgcachewatch_core::Error> {
+/// let source = PgListenerSource::builder("postgres://postgres@127.0.0.1/test")
+///     .channel("pgcachewatch")
+///     .connect()
+///     .await?;
+/// let users: Cache<u32, String> = Cache::new(10_000);
+/// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+/// // … read through `users.get_or_load(..)` …
+/// println!("{:?}", source.stats());
+/// dispatcher.shutdown().await;
+/// source.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgListenerSource {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `None` after shutdown: new subscriptions end at once.
+    hub: RwLock<Option<SignalHub>>,
+    counters: Arc<Counters>,
+    settings: Arc<Settings>,
+    /// Sending (or dropping, with the last handle) stops the task.
+    stop: watch::Sender<bool>,
+    commands: mpsc::Sender<Command>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl fmt::Debug for PgListenerSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgListenerSource")
+            .field("target", &self.inner.settings.describe_target())
+            .field("channels", &self.inner.settings.channels)
+            .field("health", &self.health())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl PgListenerSource {
+    /// A builder for a source that connects to `database_url`
+    /// (`postgres://user[:password]@host[:port]/database`).
+    pub fn builder(database_url: impl Into<String>) -> PgListenerBuilder {
+        PgListenerBuilder::from_url(database_url.into())
+    }
+
+    /// A builder for a source that connects with ready-made options (TLS,
+    /// socket paths, and anything else sqlx lets you set).
+    pub fn builder_with_options(options: PgConnectOptions) -> PgListenerBuilder {
+        PgListenerBuilder::from_options(options)
+    }
+
+    /// Connects to `database_url` with every default (channel
+    /// [`DEFAULT_CHANNEL`](crate::postgres::DEFAULT_CHANNEL)).
+    ///
+    /// # Errors
+    ///
+    /// As [`PgListenerBuilder::connect`].
+    pub async fn connect(database_url: impl Into<String>) -> Result<Self, Error> {
+        Self::builder(database_url).connect().await
+    }
+
+    pub(crate) async fn start(settings: Settings) -> Result<Self, Error> {
+        let first = connection::open(&settings).await?;
+        tracing::info!(
+            target = %settings.describe_target(),
+            channels = ?settings.channels,
+            backend_pid = first.backend_pid,
+            "listening"
+        );
+        let settings = Arc::new(settings);
+        let counters = Arc::new(Counters::default());
+        counters.set_backend_pid(Some(first.backend_pid));
+        let hub = SignalHub::with_health(settings.builder.buffer, Health::Healthy);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (command_tx, command_rx) = mpsc::channel(16);
+        let task = Task {
+            settings: settings.clone(),
+            hub: hub.clone(),
+            counters: counters.clone(),
+            stop: stop_rx,
+            commands: command_rx,
+        };
+        let handle = tokio::spawn(task.run(first));
+        Ok(PgListenerSource {
+            inner: Arc::new(Inner {
+                hub: RwLock::new(Some(hub)),
+                counters,
+                settings,
+                stop: stop_tx,
+                commands: command_tx,
+                task: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// The counters, now.
+    pub fn stats(&self) -> ListenerStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// The channels listened on (sorted, without duplicates).
+    pub fn channels(&self) -> &[String] {
+        &self.inner.settings.channels
+    }
+
+    /// This source's private heartbeat channel (its notifications are never events).
+    pub fn heartbeat_channel(&self) -> &str {
+        &self.inner.settings.heartbeat_channel
+    }
+
+    /// `pg_notification_queue_usage()`: the fraction (0 to 1) of PostgreSQL's
+    /// notification queue in use. A queue that fills up makes writers' commits
+    /// fail; it grows when a listening session stops reading (or sits in a long
+    /// transaction). Asked on the listening connection.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Connection`] while reconnecting or if the query fails;
+    /// [`Error::Closed`] after shutdown.
+    pub async fn queue_usage(&self) -> Result<f64, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .commands
+            .send(Command::QueueUsage(tx))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Stops listening: subscriptions end, the task and its connection are gone
+    /// when this returns. Later calls (on any clone) return at once.
+    pub async fn shutdown(&self) {
+        self.inner.hub.write().take();
+        self.inner.stop.send_replace(true);
+        let task = self.inner.task.lock().take();
+        if let Some(task) = task {
+            if let Err(e) = task.await {
+                if e.is_panic() {
+                    tracing::error!("listener task panicked: {e}");
+                }
+            }
+        }
+    }
+}
+
+impl EventSource for PgListenerSource {
+    fn subscribe(&self) -> Subscription {
+        match &*self.inner.hub.read() {
+            Some(hub) => hub.subscribe(),
+            None => Subscription::from_stream(futures::stream::empty()),
+        }
+    }
+
+    fn health(&self) -> Health {
+        match &*self.inner.hub.read() {
+            Some(hub) => hub.health(),
+            None => Health::Unhealthy,
+        }
+    }
+}
