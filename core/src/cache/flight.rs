@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::watch;
 
@@ -23,6 +24,9 @@ enum State<V> {
 pub(crate) struct Flight<V> {
     /// Generations when the load started.
     pub(crate) stamp: Stamp,
+    /// When the load started: the value is at least this fresh (TTL and the
+    /// unhealthy staleness bound count from here, conservatively).
+    pub(crate) started_at: Instant,
     /// Set when the key was invalidated while loading: the result is handed to the
     /// callers already waiting but never stored, and no new caller joins.
     detached: AtomicBool,
@@ -33,6 +37,7 @@ impl<V: Clone> Flight<V> {
     pub(crate) fn new(stamp: Stamp) -> Arc<Self> {
         Arc::new(Flight {
             stamp,
+            started_at: Instant::now(),
             detached: AtomicBool::new(false),
             state: watch::Sender::new(State::Pending),
         })

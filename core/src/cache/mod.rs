@@ -452,7 +452,7 @@ where
                             Entry {
                                 value: value.clone(),
                                 stamp: flight.stamp.clone(),
-                                loaded_at: Instant::now(),
+                                loaded_at: flight.started_at,
                             },
                         );
                     } else {
