@@ -9,9 +9,13 @@ use pgcachewatch_core::{Decision, Event, InvalidationStrategy};
 /// default). The simplest policy, and the right one for small, hot caches.
 ///
 /// ```text
-/// events:   e1    e2(no match)   e3
-/// flushes:  ▼                    ▼
+/// signals:  e1    e2(no match)   e3    gap
+/// flushes:  ▼                    ▼     ▼
 /// ```
+///
+/// It holds no state and never asks for a tick; a gap answers [`Decision::All`].
+/// A [`TableFilter`](crate::TableFilter) makes a predicate from tables and
+/// operations: `Greedy::with_predicate(filter.into_predicate())`.
 ///
 /// ```
 /// use std::time::Instant;
