@@ -9,7 +9,7 @@
 //! * each notification on a watched channel is parsed with
 //!   [`parse_payload`](pgcachewatch_core::parse_payload) (pgcachewatch's payload or
 //!   PGCacheWatch's) and published to every subscriber through a
-//!   [`SignalHub`](pgcachewatch_core::SignalHub);
+//!   [`SignalHub`];
 //! * a payload that is not an event is counted, logged, and dropped or turned into a
 //!   gap ([`MalformedPolicy`]); it never stops the source;
 //! * every heartbeat interval the task NOTIFYs its own heartbeat channel on the same
@@ -48,13 +48,13 @@ use sqlx::postgres::PgConnectOptions;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use self::config::Settings;
 pub use self::config::{
     MalformedPolicy, PgListenerBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN,
 };
-pub use self::stats::ListenerStats;
-use self::config::Settings;
 use self::stats::Counters;
+pub use self::stats::ListenerStats;
 use self::task::{Command, Task};
 
 /// An [`EventSource`] fed by PostgreSQL `LISTEN`, with reconnect and heartbeat.
@@ -141,7 +141,7 @@ impl PgListenerSource {
     }
 
     pub(crate) async fn start(settings: Settings) -> Result<Self, Error> {
-        let first = connection::open(&settings).await?;
+        let first = connection::open(&settings, connection::Probe::First).await?;
         tracing::info!(
             target = %settings.describe_target(),
             channels = ?settings.channels,

@@ -1,0 +1,87 @@
+//! Counters of a running [`PgListenerSource`](super::PgListenerSource).
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+
+/// A snapshot of a listener's counters, from
+/// [`PgListenerSource::stats`](super::PgListenerSource::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenerStats {
+    /// Events parsed and published.
+    pub events: u64,
+    /// Payloads on a watched channel that were not events (foreign or malformed).
+    pub malformed: u64,
+    /// Successful reconnections after a lost connection or a heartbeat timeout.
+    pub reconnects: u64,
+    /// Gaps this source emitted (lost connection, heartbeat timeout, reconnected,
+    /// malformed payload under [`MalformedPolicy::Gap`](super::MalformedPolicy::Gap)).
+    /// Per-subscriber `Lagged` gaps are not counted here.
+    pub gaps: u64,
+    /// Heartbeats that went unanswered within the timeout.
+    pub heartbeat_timeouts: u64,
+    /// Heartbeats answered.
+    pub heartbeats: u64,
+    /// When the last event was received.
+    pub last_event_at: Option<DateTime<Utc>>,
+    /// Round-trip time of the last answered heartbeat (NOTIFY sent → received).
+    pub last_heartbeat_rtt: Option<Duration>,
+    /// `pg_backend_pid()` of the current listening connection; `None` while disconnected.
+    pub backend_pid: Option<u32>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) events: AtomicU64,
+    pub(crate) malformed: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) gaps: AtomicU64,
+    pub(crate) heartbeat_timeouts: AtomicU64,
+    pub(crate) heartbeats: AtomicU64,
+    /// 0 = none.
+    backend_pid: AtomicU32,
+    /// Nanoseconds + 1; 0 = none.
+    last_heartbeat_rtt: AtomicU64,
+    last_event_at: Mutex<Option<DateTime<Utc>>>,
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn set_backend_pid(&self, pid: Option<u32>) {
+        self.backend_pid.store(pid.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_heartbeat_rtt(&self, rtt: Duration) {
+        let nanos = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX - 1);
+        self.last_heartbeat_rtt
+            .store(nanos.saturating_add(1), Ordering::Relaxed);
+    }
+
+    pub(crate) fn event_received(&self, at: DateTime<Utc>) {
+        bump(&self.events);
+        *self.last_event_at.lock() = Some(at);
+    }
+
+    pub(crate) fn snapshot(&self) -> ListenerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let pid = self.backend_pid.load(Ordering::Relaxed);
+        let rtt = get(&self.last_heartbeat_rtt);
+        ListenerStats {
+            events: get(&self.events),
+            malformed: get(&self.malformed),
+            reconnects: get(&self.reconnects),
+            gaps: get(&self.gaps),
+            heartbeat_timeouts: get(&self.heartbeat_timeouts),
+            heartbeats: get(&self.heartbeats),
+            last_event_at: *self.last_event_at.lock(),
+            last_heartbeat_rtt: (rtt > 0).then(|| Duration::from_nanos(rtt - 1)),
+            backend_pid: (pid > 0).then_some(pid),
+        }
+    }
+}

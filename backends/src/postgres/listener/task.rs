@@ -1,0 +1,321 @@
+//! The background task: receive, parse, publish; heartbeat; reconnect.
+//!
+//! One task per source owns the listening connection. A *session* runs until the
+//! connection is lost, a heartbeat goes unanswered, or the source shuts down.
+//! After a loss the task reports `Unhealthy` and the gap, reconnects with backoff
+//! (a new connection, LISTEN on every channel again), then reports
+//! `Gap(Reconnected)` and only then `Healthy`: the order the
+//! [`EventSource`](pgcachewatch_core::EventSource) contract asks for.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use pgcachewatch_core::{parse_payload, Error, GapReason, Health, PayloadError, SignalHub};
+use sqlx::postgres::PgNotification;
+use sqlx::Executor;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::backoff::Backoff;
+use super::config::{MalformedPolicy, Settings};
+use super::connection::{self, loss_detail, Listening};
+use super::stats::{bump, Counters};
+
+/// A request from a [`PgListenerSource`](super::PgListenerSource) handle to its task.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// `SELECT pg_notification_queue_usage()` on the listening connection.
+    QueueUsage(oneshot::Sender<Result<f64, Error>>),
+}
+
+/// Why a session ended.
+enum Ended {
+    /// The source is shutting down (or every handle was dropped).
+    Stop,
+    /// The connection can no longer be trusted: report this gap and reconnect.
+    Lost(GapReason),
+}
+
+/// A heartbeat sent and not yet answered.
+struct Pending {
+    payload: String,
+    sent: Instant,
+    deadline: Instant,
+}
+
+pub(crate) struct Task {
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) hub: SignalHub,
+    pub(crate) counters: Arc<Counters>,
+    /// Changes (or closes, when every handle is gone) to stop the task.
+    pub(crate) stop: watch::Receiver<bool>,
+    pub(crate) commands: mpsc::Receiver<Command>,
+}
+
+impl Task {
+    /// Runs until stopped, starting with the connection `connect()` opened.
+    pub(crate) async fn run(mut self, first: Listening) {
+        let mut log = MalformedLog::default();
+        let mut heartbeat_seq: u64 = 0;
+        let mut conn = first;
+        loop {
+            let ended = self.session(&mut conn, &mut log, &mut heartbeat_seq).await;
+            self.counters.set_backend_pid(None);
+            drop(conn);
+            let reason = match ended {
+                Ended::Stop => break,
+                Ended::Lost(reason) => reason,
+            };
+            tracing::warn!(%reason, channels = ?self.settings.channels, "LISTEN connection lost; reconnecting");
+            self.hub.set_health(Health::Unhealthy);
+            self.gap(reason);
+            match self.reconnect().await {
+                Some(new) => conn = new,
+                None => break,
+            }
+            bump(&self.counters.reconnects);
+            self.counters.set_backend_pid(Some(conn.backend_pid));
+            tracing::info!(backend_pid = conn.backend_pid, "listening again");
+            self.gap(GapReason::Reconnected);
+            self.hub.set_health(Health::Healthy);
+        }
+        self.hub.set_health(Health::Unhealthy);
+        tracing::debug!("listener task stopped");
+    }
+
+    fn gap(&self, reason: GapReason) {
+        bump(&self.counters.gaps);
+        self.hub.gap(reason);
+    }
+
+    /// Receives until the connection fails, a heartbeat times out, or stop.
+    async fn session(
+        &mut self,
+        conn: &mut Listening,
+        log: &mut MalformedLog,
+        heartbeat_seq: &mut u64,
+    ) -> Ended {
+        let interval = self.settings.builder.heartbeat_interval;
+        let timeout = self.settings.builder.heartbeat_timeout;
+        let mut next_beat = Instant::now() + interval;
+        let mut pending: Option<Pending> = None;
+        loop {
+            let wake = pending.as_ref().map_or(next_beat, |p| p.deadline);
+            tokio::select! {
+                biased;
+                _ = self.stop.changed() => return Ended::Stop,
+                Some(command) = self.commands.recv() => {
+                    if let Err(lost) = self.command(conn, command).await {
+                        return lost;
+                    }
+                }
+                received = conn.listener.try_recv() => match received {
+                    Ok(Some(n)) if n.channel() == self.settings.heartbeat_channel => {
+                        if let Some(p) = pending.take_if(|p| p.payload == n.payload()) {
+                            bump(&self.counters.heartbeats);
+                            self.counters.set_heartbeat_rtt(p.sent.elapsed());
+                        }
+                    }
+                    Ok(Some(n)) => self.notification(&n, log),
+                    Ok(None) => return Ended::Lost(GapReason::ConnectionLost { detail: loss_detail(None) }),
+                    Err(e) => return Ended::Lost(GapReason::ConnectionLost { detail: loss_detail(Some(&e)) }),
+                },
+                _ = tokio::time::sleep_until(wake) => {
+                    if pending.is_some() {
+                        bump(&self.counters.heartbeat_timeouts);
+                        tracing::warn!(?timeout, "heartbeat unanswered: the connection is presumed half-open");
+                        return Ended::Lost(GapReason::HeartbeatTimeout);
+                    }
+                    *heartbeat_seq += 1;
+                    match self.beat(conn, *heartbeat_seq, timeout).await {
+                        Ok(p) => {
+                            next_beat = p.sent + interval;
+                            pending = Some(p);
+                        }
+                        Err(lost) => return lost,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one heartbeat: a NOTIFY on this source's private channel, which comes
+    /// back on the same connection if (and only if) it still works both ways.
+    async fn beat(
+        &self,
+        conn: &mut Listening,
+        seq: u64,
+        timeout: Duration,
+    ) -> Result<Pending, Ended> {
+        let payload = seq.to_string();
+        // One round trip (simple query protocol). NOTIFY assigns a transaction id, so
+        // its commit would wait for a WAL flush; asynchronous commit skips that:
+        // the notification is delivered at commit either way, and a heartbeat needs
+        // no durability. The channel name is ours (letters, digits, underscores).
+        let sql = format!(
+            "BEGIN; SET LOCAL synchronous_commit TO off; NOTIFY \"{}\", '{payload}'; COMMIT;",
+            self.settings.heartbeat_channel
+        );
+        let sent = Instant::now();
+        match tokio::time::timeout(timeout, (&mut conn.listener).execute(sql.as_str())).await {
+            Ok(Ok(_)) => Ok(Pending {
+                payload,
+                sent,
+                deadline: sent + timeout,
+            }),
+            Ok(Err(e)) => Err(Ended::Lost(GapReason::ConnectionLost {
+                detail: loss_detail(Some(&e)),
+            })),
+            Err(_) => {
+                bump(&self.counters.heartbeat_timeouts);
+                tracing::warn!(
+                    ?timeout,
+                    "heartbeat NOTIFY did not complete: the connection is presumed half-open"
+                );
+                Err(Ended::Lost(GapReason::HeartbeatTimeout))
+            }
+        }
+    }
+
+    /// Parses and publishes one notification on a watched channel.
+    fn notification(&self, n: &PgNotification, log: &mut MalformedLog) {
+        let received_at = Utc::now();
+        match parse_payload(n.channel(), n.payload(), received_at) {
+            Ok(event) => {
+                self.counters.event_received(received_at);
+                self.hub.publish(event);
+            }
+            Err(error) => {
+                bump(&self.counters.malformed);
+                log.record(n.channel(), &error, self.settings.builder.on_malformed);
+                if self.settings.builder.on_malformed == MalformedPolicy::Gap {
+                    self.gap(GapReason::MalformedPayload);
+                }
+            }
+        }
+    }
+
+    /// Answers a handle's request on the listening connection.
+    async fn command(&self, conn: &mut Listening, command: Command) -> Result<(), Ended> {
+        match command {
+            Command::QueueUsage(reply) => {
+                let timeout = self.settings.builder.heartbeat_timeout;
+                let query = sqlx::query_scalar::<_, f64>("SELECT pg_notification_queue_usage()")
+                    .fetch_one(&mut conn.listener);
+                match tokio::time::timeout(timeout, query).await {
+                    Ok(Ok(usage)) => {
+                        let _ = reply.send(Ok(usage));
+                        Ok(())
+                    }
+                    Ok(Err(e @ sqlx::Error::Database(_))) => {
+                        let _ = reply.send(Err(Error::Connection {
+                            temporary: connection::is_temporary(&e),
+                            source: Box::new(e),
+                        }));
+                        Ok(())
+                    }
+                    Ok(Err(e)) => {
+                        let detail = loss_detail(Some(&e));
+                        let _ = reply.send(Err(Error::Connection {
+                            temporary: true,
+                            source: Box::new(e),
+                        }));
+                        Err(Ended::Lost(GapReason::ConnectionLost { detail }))
+                    }
+                    Err(_) => {
+                        let _ = reply.send(Err(Error::Connection {
+                            temporary: true,
+                            source: format!("pg_notification_queue_usage() took over {timeout:?}")
+                                .into(),
+                        }));
+                        bump(&self.counters.heartbeat_timeouts);
+                        Err(Ended::Lost(GapReason::HeartbeatTimeout))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reconnects with capped, jittered exponential backoff; `None` on stop.
+    async fn reconnect(&mut self) -> Option<Listening> {
+        let settings = self.settings.clone();
+        let mut backoff = Backoff::new(
+            settings.builder.reconnect_min,
+            settings.builder.reconnect_max,
+        );
+        loop {
+            let delay = backoff.next_delay();
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = self.stop.changed() => return None,
+                    Some(command) = self.commands.recv() => disconnected(command),
+                    _ = &mut sleep => break,
+                }
+            }
+            let attempt = connection::open(&settings, connection::Probe::Reconnect);
+            tokio::pin!(attempt);
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    _ = self.stop.changed() => return None,
+                    Some(command) = self.commands.recv() => disconnected(command),
+                    result = &mut attempt => break result,
+                }
+            };
+            match result {
+                Ok(conn) => return Some(conn),
+                Err(e) if e.is_temporary() => {
+                    tracing::warn!(error = %e, "reconnect failed; retrying");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reconnect failed, and retrying is unlikely to help; retrying anyway");
+                }
+            }
+        }
+    }
+}
+
+/// Answers a request while there is no connection.
+fn disconnected(command: Command) {
+    match command {
+        Command::QueueUsage(reply) => {
+            let _ = reply.send(Err(Error::Connection {
+                temporary: true,
+                source: "the listener is reconnecting".into(),
+            }));
+        }
+    }
+}
+
+/// Logs malformed payloads at most once a second, with how many were not logged.
+#[derive(Default)]
+struct MalformedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl MalformedLog {
+    fn record(&mut self, channel: &str, error: &PayloadError, policy: MalformedPolicy) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            channel,
+            %error,
+            ?policy,
+            suppressed_since_last_warning = self.suppressed,
+            "payload on a watched channel is not an event"
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
