@@ -1,1 +1,169 @@
-fn main() {}
+//! `pgcachewatch`: install and remove pgcachewatch's triggers, inspect them, and
+//! watch or record the events they send.
+//!
+//! ```text
+//! pgcachewatch install public.users 'app."Orders"'          # prints the SQL, applies nothing
+//! pgcachewatch install public.users --row-keys --commit     # applies it, in one transaction
+//! pgcachewatch status                                       # triggers, listeners, queue usage
+//! pgcachewatch listen                                       # live events with their latency
+//! pgcachewatch record events.jsonl --duration 30s           # an event log the testkit replays
+//! pgcachewatch uninstall --commit                           # removes what install installed
+//! ```
+//!
+//! The connection comes from `--database-url`, else `DATABASE_URL`, else libpq's
+//! `PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`.
+//!
+//! Dependencies: `clap` (derive) for the command line, `anyhow` for error chains
+//! printed to the user, `tracing-subscriber` so `RUST_LOG` shows the library's logs.
+
+mod commands;
+mod connect;
+mod duration;
+mod output;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use pgcachewatch_backends::postgres::install::{Installer, DEFAULT_FUNCTION_NAME, DEFAULT_SCHEMA};
+use pgcachewatch_backends::postgres::DEFAULT_CHANNEL;
+
+/// Keep in-process caches consistent with PostgreSQL: manage the triggers that
+/// NOTIFY on writes, and watch what they send.
+#[derive(Debug, Parser)]
+#[command(name = "pgcachewatch", version, about, long_about = None)]
+struct Cli {
+    /// PostgreSQL URL, e.g. postgres://user@localhost:5432/app. Without it and
+    /// without DATABASE_URL, libpq's PGHOST, PGPORT, PGUSER, PGPASSWORD and
+    /// PGDATABASE are used.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print (or with --commit, apply) the SQL that installs the notify function and
+    /// the triggers on TABLEs.
+    Install {
+        /// Tables to watch: `table` (schema public), `schema.table`, or quoted
+        /// `"My Schema"."My Table"` (unquoted names fold to lower case).
+        #[arg(required = true, value_name = "TABLE")]
+        tables: Vec<String>,
+        /// The NOTIFY channel the triggers send on.
+        #[arg(long, default_value = DEFAULT_CHANNEL)]
+        channel: String,
+        /// Send the primary keys of affected rows (falls back to table-level events
+        /// above PostgreSQL's 8000-byte payload limit).
+        #[arg(long)]
+        row_keys: bool,
+        #[command(flatten)]
+        target: TriggerArgs,
+    },
+    /// Print (or with --commit, apply) the SQL that removes the triggers installed on
+    /// TABLEs (on every table if none is named), and the function once unused.
+    Uninstall {
+        /// Tables to stop watching; all of them if none is given.
+        #[arg(value_name = "TABLE")]
+        tables: Vec<String>,
+        #[command(flatten)]
+        target: TriggerArgs,
+    },
+    /// Show installed functions and triggers, listening sessions, and NOTIFY queue usage.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print events as they arrive, with their notification latency, until Ctrl-C.
+    Listen {
+        #[command(flatten)]
+        channels: ChannelArgs,
+        /// Print each event as a JSON line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        stop: StopArgs,
+    },
+    /// Write received events to FILE as a JSON-lines event log that the testkit replays.
+    Record {
+        /// Where to write the log (overwritten).
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        channels: ChannelArgs,
+        #[command(flatten)]
+        stop: StopArgs,
+    },
+}
+
+/// Which notify function the triggers call, and whether to apply.
+#[derive(Debug, Args)]
+struct TriggerArgs {
+    /// Schema of the notify function (must exist).
+    #[arg(long, default_value = DEFAULT_SCHEMA)]
+    function_schema: String,
+    /// Name of the notify function.
+    #[arg(long, default_value = DEFAULT_FUNCTION_NAME)]
+    function_name: String,
+    /// Apply the SQL. Without it nothing is changed: the SQL is only printed.
+    #[arg(long)]
+    commit: bool,
+}
+
+impl TriggerArgs {
+    fn installer(&self) -> Installer {
+        Installer::new()
+            .function_schema(&self.function_schema)
+            .function_name(&self.function_name)
+    }
+}
+
+#[derive(Debug, Args)]
+struct ChannelArgs {
+    /// Channel to listen on; repeat for several.
+    #[arg(long = "channel", default_value = DEFAULT_CHANNEL)]
+    channels: Vec<String>,
+}
+
+#[derive(Debug, Args, Clone, Copy)]
+struct StopArgs {
+    /// Stop after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this long (500ms, 10s, 2m, 1h).
+    #[arg(long, value_parser = duration::parse)]
+    duration: Option<Duration>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", output::describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,336 @@
 //! Trigger SQL and its installer.
+//!
+//! pgcachewatch learns about writes from triggers: one PL/pgSQL function that
+//! sends a `pg_notify`, and on each watched table one statement-level `AFTER`
+//! trigger per operation (`INSERT`, `UPDATE`, `DELETE`, `TRUNCATE`) that calls it.
+//! Each statement sends one notification:
+//!
+//! ```json
+//! {"operation": "update", "schema": "public", "table": "users",
+//!  "sent_at": "2024-05-01T10:00:00.123456+00:00", "txid": 1234}
+//! ```
+//!
+//! * `sent_at` is `clock_timestamp()` (when the trigger ran), not `now()` (when the
+//!   transaction started), so the measured notification latency is true.
+//! * **Row mode** ([`Installer::row_keys`]): the `INSERT`/`UPDATE`/`DELETE` triggers
+//!   declare transition tables and the payload carries the primary keys of the
+//!   affected rows, `"keys": [{"id": 1}, {"id": 2}]` (for `UPDATE`, old and new keys,
+//!   deduplicated). If that would reach PostgreSQL's 8000-byte payload limit, or the
+//!   table has no primary key, or it is a `TRUNCATE`, the event is table-level (no
+//!   `keys`), which strategies treat as "any row". A statement that touched no row
+//!   sends `"keys": []`.
+//! * The channel and the mode are **trigger arguments**; the function body is
+//!   static, so one function serves every table and channel, and no name a user
+//!   supplies is spliced into PL/pgSQL.
+//!
+//! # Safety of the generated SQL
+//!
+//! Every identifier is double-quoted (embedded quotes doubled) and schema-qualified,
+//! every string is a quoted literal, and names PostgreSQL would truncate or reject
+//! (empty, over 63 bytes, NUL) are refused before any SQL is built. Inside the
+//! function, column names go through `format('%I')` / `%L`.
+//!
+//! # What is installed, and how it is removed
+//!
+//! * The function (default `public.pgcachewatch_notify()`), commented
+//!   `pgcachewatch:function …`.
+//! * Triggers named `pgcachewatch_insert`, `pgcachewatch_update`,
+//!   `pgcachewatch_delete`, `pgcachewatch_truncate`, each commented
+//!   `pgcachewatch:trigger …`.
+//!
+//! Installing is idempotent (`CREATE OR REPLACE`, drop-if-exists of our own
+//! triggers) and transactional, serialized against other installs by an advisory
+//! lock. It refuses to replace a function or trigger of the same name that lacks
+//! the marker comment. Uninstalling drops only marked triggers that call this
+//! installer's function, then the function if no trigger calls it any more; a
+//! user's own triggers, even on the same table, are untouched.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use pgcachewatch_backends::postgres::install::{status, Installer, TableName};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/test").await?;
+//! let tables = [TableName::parse("public.users")?, TableName::parse(r#"app."Orders""#)?];
+//! let installer = Installer::new().channel("pgcachewatch").row_keys(true);
+//!
+//! println!("{}", installer.plan_install(&tables)?); // dry run: the SQL, applied nowhere
+//! installer.install(&pool, &tables).await?;       // one transaction
+//! let status = status(&pool).await?;
+//! assert!(status.triggers.len() >= 8);
+//! installer.uninstall(&pool, &tables).await?;
+//! # Ok(()) }
+//! ```
+
+mod catalog;
+mod error;
+mod ident;
+mod sql;
+mod table_name;
+
+use pgcachewatch_core::Operation;
+use sqlx::{Acquire, PgConnection, Postgres};
+
+pub use self::catalog::{InstalledFunction, InstalledTrigger, ListenerSession, Status};
+pub use self::error::InstallError;
+pub use self::sql::Plan;
+pub use self::table_name::{TableName, DEFAULT_SCHEMA};
+
+use self::catalog::FunctionState;
+use self::ident::check_ident;
+use super::DEFAULT_CHANNEL;
+
+/// The notify function's name unless configured otherwise.
+pub const DEFAULT_FUNCTION_NAME: &str = "pgcachewatch_notify";
+
+/// Installs and removes pgcachewatch's triggers; see the [module docs](self).
+///
+/// Defaults: channel [`DEFAULT_CHANNEL`], function
+/// `public.`[`pgcachewatch_notify`](DEFAULT_FUNCTION_NAME)`()`, table-level events.
+///
+/// ```
+/// use pgcachewatch_backends::postgres::install::{Installer, TableName};
+///
+/// let sql = Installer::new()
+///     .channel("orders_changed")
+///     .plan_install(&[TableName::parse("shop.orders")?])?
+///     .to_string();
+/// assert!(sql.starts_with("BEGIN;"));
+/// assert!(sql.contains(r#"CREATE TRIGGER "pgcachewatch_update" AFTER UPDATE ON "shop"."orders""#));
+/// assert!(sql.contains(r#"EXECUTE FUNCTION "public"."pgcachewatch_notify"('orders_changed', 'table');"#));
+/// # Ok::<_, pgcachewatch_backends::postgres::install::InstallError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installer {
+    channel: String,
+    function_schema: String,
+    function_name: String,
+    row_keys: bool,
+}
+
+impl Default for Installer {
+    fn default() -> Self {
+        Installer {
+            channel: DEFAULT_CHANNEL.to_owned(),
+            function_schema: DEFAULT_SCHEMA.to_owned(),
+            function_name: DEFAULT_FUNCTION_NAME.to_owned(),
+            row_keys: false,
+        }
+    }
+}
+
+impl Installer {
+    /// An installer with the defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The NOTIFY channel the triggers send on (raw name, any characters).
+    pub fn channel(mut self, channel: impl Into<String>) -> Self {
+        self.channel = channel.into();
+        self
+    }
+
+    /// Send primary keys of affected rows (see the [module docs](self)).
+    pub fn row_keys(mut self, row_keys: bool) -> Self {
+        self.row_keys = row_keys;
+        self
+    }
+
+    /// The schema that holds the notify function (must exist; default `public`).
+    pub fn function_schema(mut self, schema: impl Into<String>) -> Self {
+        self.function_schema = schema.into();
+        self
+    }
+
+    /// The notify function's name (default `pgcachewatch_notify`).
+    pub fn function_name(mut self, name: impl Into<String>) -> Self {
+        self.function_name = name.into();
+        self
+    }
+
+    /// The configured channel.
+    pub fn channel_name(&self) -> &str {
+        &self.channel
+    }
+
+    fn validate(&self) -> Result<(), InstallError> {
+        check_ident("channel", &self.channel)?;
+        check_ident("schema", &self.function_schema)?;
+        check_ident("function", &self.function_name)
+    }
+
+    /// The SQL that [`install`](Installer::install) runs, without touching a database:
+    /// print it for a dry run, or pipe it into `psql`.
+    pub fn plan_install(&self, tables: &[TableName]) -> Result<Plan, InstallError> {
+        self.validate()?;
+        if tables.is_empty() {
+            return Err(InstallError::NoTables);
+        }
+        let mut tables = tables.to_vec();
+        tables.sort();
+        tables.dedup();
+
+        let function = sql::qualified_function(&self.function_schema, &self.function_name);
+        let mut plan = Plan::default();
+        plan.push(sql::lock_statement());
+        for statement in sql::create_function(&self.function_schema, &self.function_name) {
+            plan.push(statement);
+        }
+        for table in &tables {
+            for op in Operation::ALL {
+                for statement in
+                    sql::create_trigger(table, op, &function, &self.channel, self.row_keys)
+                {
+                    plan.push(statement);
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Installs the function and the triggers on `tables`, in one transaction, and
+    /// returns the plan it applied.
+    ///
+    /// `conn` is anything that can open a transaction: `&PgPool`, `&mut PgConnection`,
+    /// or an open `&mut Transaction` (then it nests as a savepoint).
+    ///
+    /// # Errors
+    ///
+    /// Nothing is changed if any table is missing, the function's schema is missing,
+    /// a same-named function or trigger that pgcachewatch did not install exists, or
+    /// the database refuses a statement.
+    pub async fn install<'c, A>(&self, conn: A, tables: &[TableName]) -> Result<Plan, InstallError>
+    where
+        A: Acquire<'c, Database = Postgres>,
+    {
+        let plan = self.plan_install(tables)?;
+        let mut tx = conn.begin().await?;
+        lock(&mut tx).await?;
+        if !catalog::schema_exists(&mut tx, &self.function_schema).await? {
+            return Err(InstallError::SchemaNotFound(self.function_schema.clone()));
+        }
+        if catalog::function_state(&mut tx, &self.function_schema, &self.function_name).await?
+            == FunctionState::Foreign
+        {
+            return Err(InstallError::ForeignFunction(sql::function_signature(
+                &self.function_schema,
+                &self.function_name,
+            )));
+        }
+        for table in tables {
+            catalog::check_table(&mut tx, table).await?;
+            catalog::check_no_foreign_trigger(&mut tx, table).await?;
+            if self.row_keys && !catalog::has_primary_key(&mut tx, table).await? {
+                tracing::warn!(
+                    %table,
+                    "table has no primary key: its row-mode triggers will send table-level events"
+                );
+            }
+        }
+        sqlx::raw_sql(&plan.body()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        tracing::info!(tables = tables.len(), channel = %self.channel, row_keys = self.row_keys, "pgcachewatch triggers installed");
+        Ok(plan)
+    }
+
+    /// The SQL that [`uninstall`](Installer::uninstall) would run now: drops of the
+    /// triggers pgcachewatch installed on `tables` (on every table, if `tables` is
+    /// empty) that call this installer's function, and of the function if no other
+    /// trigger calls it. Reads the catalog; changes nothing.
+    pub async fn plan_uninstall<'c, A>(
+        &self,
+        conn: A,
+        tables: &[TableName],
+    ) -> Result<Plan, InstallError>
+    where
+        A: Acquire<'c, Database = Postgres>,
+    {
+        self.validate()?;
+        let mut conn = conn.acquire().await?;
+        self.uninstall_plan(&mut conn, tables).await
+    }
+
+    /// Removes what [`plan_uninstall`](Installer::plan_uninstall) lists, in one
+    /// transaction, and returns the plan it applied.
+    pub async fn uninstall<'c, A>(
+        &self,
+        conn: A,
+        tables: &[TableName],
+    ) -> Result<Plan, InstallError>
+    where
+        A: Acquire<'c, Database = Postgres>,
+    {
+        self.validate()?;
+        let mut tx = conn.begin().await?;
+        lock(&mut tx).await?;
+        let plan = self.uninstall_plan(&mut tx, tables).await?;
+        sqlx::raw_sql(&plan.body()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        tracing::info!(
+            statements = plan.statements().len(),
+            "pgcachewatch triggers uninstalled"
+        );
+        Ok(plan)
+    }
+
+    async fn uninstall_plan(
+        &self,
+        conn: &mut PgConnection,
+        tables: &[TableName],
+    ) -> Result<Plan, InstallError> {
+        let function = sql::qualified_function(&self.function_schema, &self.function_name);
+        let ours: Vec<InstalledTrigger> = catalog::our_triggers(conn)
+            .await?
+            .into_iter()
+            .filter(|t| t.function == function)
+            .filter(|t| tables.is_empty() || tables.contains(&t.table))
+            .collect();
+        let mut plan = Plan::default();
+        plan.push(sql::lock_statement());
+        for trigger in &ours {
+            plan.push(sql::drop_trigger(&trigger.table, &trigger.name));
+        }
+        let state =
+            catalog::function_state(conn, &self.function_schema, &self.function_name).await?;
+        if let FunctionState::Ours { triggers } = state {
+            let remaining = triggers - ours.len() as i64;
+            if remaining == 0 {
+                plan.push(sql::drop_function(
+                    &self.function_schema,
+                    &self.function_name,
+                ));
+            } else if tables.is_empty() {
+                tracing::warn!(
+                    remaining,
+                    function = %function,
+                    "keeping the notify function: triggers pgcachewatch did not install still call it"
+                );
+            }
+        }
+        Ok(plan)
+    }
+}
+
+/// What pgcachewatch has installed in the database, who listens, and how full the
+/// NOTIFY queue is. Reads the catalog; changes nothing.
+pub async fn status<'c, A>(conn: A) -> Result<Status, InstallError>
+where
+    A: Acquire<'c, Database = Postgres>,
+{
+    let mut conn = conn.acquire().await?;
+    Ok(Status {
+        functions: catalog::our_functions(&mut conn).await?,
+        triggers: catalog::our_triggers(&mut conn).await?,
+        listeners: catalog::listeners(&mut conn).await?,
+        queue_usage: catalog::queue_usage(&mut conn).await?,
+    })
+}
+
+async fn lock(conn: &mut PgConnection) -> Result<(), InstallError> {
+    sqlx::raw_sql(&sql::lock_statement())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}

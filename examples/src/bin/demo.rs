@@ -1,1 +1,178 @@
-fn main() {}
+//! The pgcachewatch demo: the Rust counterpart of PGCacheWatch's FastAPI example.
+//!
+//! ```text
+//! cargo run -p pgcachewatch-examples --bin demo                     # drive, then serve until Ctrl-C
+//! cargo run -p pgcachewatch-examples --bin demo -- --drive-and-exit # drive, print, exit (CI)
+//! ```
+//!
+//! An axum app whose `GET /users/{id}` returns a row through a [`pgcachewatch::Cache`].
+//! The cache is kept fresh by the database itself: triggers on the table NOTIFY, a
+//! [`PgListenerSource`] receives, and a [`Dispatcher`] applies a [`Greedy`] strategy
+//! (drop everything on every change of the table). On start the demo creates its
+//! table if missing and installs its triggers, then drives itself (reads and writes
+//! over HTTP and through the cache) and prints hits, misses and the write →
+//! fresh-read latency; then it serves on 127.0.0.1 until Ctrl-C.
+//!
+//! Connection: `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`.
+
+#[path = "../demo/app.rs"]
+mod app;
+#[path = "../demo/drive.rs"]
+mod drive;
+#[path = "../demo/setup.rs"]
+mod setup;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use pgcachewatch::postgres::listener::PgListenerSource;
+use pgcachewatch::strategies::Greedy;
+use pgcachewatch::{Cache, Dispatcher, Event};
+
+use app::{AppState, TABLE};
+
+/// pgcachewatch demo: an axum app whose cache PostgreSQL keeps fresh.
+#[derive(Debug, Parser)]
+#[command(name = "demo")]
+struct Args {
+    /// PostgreSQL to use.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test",
+        hide_env_values = true
+    )]
+    database_url: String,
+    /// Port to serve on, on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Drive the demo, print the figures, and exit instead of serving until Ctrl-C.
+    #[arg(long)]
+    drive_and_exit: bool,
+    /// Write → fresh-read rounds to measure.
+    #[arg(long, default_value_t = 200)]
+    rounds: usize,
+    /// NOTIFY channel for the demo table's triggers.
+    #[arg(long, default_value = "pgcachewatch_demo")]
+    channel: String,
+    /// On exit, remove the demo's triggers and drop its table.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain, without causes the message already repeats (sqlx does).
+            let mut text = String::new();
+            for cause in e.chain().map(ToString::to_string) {
+                if !text.contains(&cause) {
+                    text.push_str(if text.is_empty() { "" } else { ": " });
+                    text.push_str(&cause);
+                }
+            }
+            eprintln!("error: {text}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let db = setup::connect(&args.database_url).await?;
+    let table = setup::prepare(&db, &args.channel).await?;
+
+    // The source, the cache, and the dispatcher that ties them together.
+    let source = Arc::new(
+        PgListenerSource::builder(args.database_url.clone())
+            .channel(&args.channel)
+            .connect()
+            .await
+            .context("starting the LISTEN connection")?,
+    );
+    let users = Cache::builder().name("users").capacity(10_000).build();
+    let is_demo_table = |e: &Event| e.table == TABLE;
+    let probe = drive::InvalidationProbe::default();
+    let dispatcher = Dispatcher::new()
+        .attach(Greedy::with_predicate(is_demo_table), users.clone())
+        // Only for the self-driving part: wakes it after each invalidation.
+        .attach::<i32, _, _>(Greedy::with_predicate(is_demo_table), probe.clone())
+        .spawn(&source);
+    let state = AppState {
+        db: db.clone(),
+        users,
+        source: source.clone(),
+        dispatcher: Arc::new(dispatcher),
+    };
+
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, args.port))
+        .await
+        .with_context(|| {
+            format!(
+                "could not listen on 127.0.0.1:{}; is another program using it? try --port 0",
+                args.port
+            )
+        })?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let router = app::router(state.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+
+    println!("pgcachewatch demo");
+    println!("  database: {}", setup::redact(&args.database_url));
+    println!(
+        "  table:    {table} ({} rows), triggers installed, channel {:?}",
+        setup::USERS,
+        args.channel
+    );
+    println!("  strategy: Greedy (any change of the table drops the cache)");
+    println!("  serving:  http://{addr}");
+    println!();
+
+    let driven = drive::drive(&state, &probe, addr, args.rounds).await;
+    if driven.is_ok() && !args.drive_and_exit {
+        println!();
+        println!("Serving http://{addr} until Ctrl-C. Try:");
+        println!("  curl -i http://{addr}/users/1        # x-cache: miss, then hit");
+        println!(
+            "  curl -X PUT -H 'content-type: application/json' -d '{{\"name\":\"ann\"}}' http://{addr}/users/1"
+        );
+        println!("  curl -i http://{addr}/users/1        # x-cache: miss, and the new name");
+        println!("  curl http://{addr}/stats");
+        println!("  psql -c \"UPDATE {TABLE} SET name = 'bob' WHERE id = 1\"   # any writer works");
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        println!("stopping");
+    }
+
+    let _ = stop_tx.send(());
+    server.await.context("the HTTP server task")??;
+    let AppState { dispatcher, .. } = state;
+    if let Ok(dispatcher) = Arc::try_unwrap(dispatcher) {
+        dispatcher.shutdown().await;
+    }
+    source.shutdown().await;
+    if args.cleanup {
+        setup::cleanup(&db, &args.channel, &table).await?;
+        println!("removed the demo triggers and table");
+    }
+    db.close().await;
+    driven
+}

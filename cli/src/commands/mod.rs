@@ -1,0 +1,35 @@
+//! One module per subcommand.
+
+mod install;
+mod listen;
+mod record;
+mod status;
+mod watch;
+
+use anyhow::Result;
+
+use crate::{Cli, Command};
+
+pub(crate) async fn run(cli: Cli) -> Result<()> {
+    let url = cli.database_url.as_deref();
+    match cli.command {
+        Command::Install {
+            tables,
+            channel,
+            row_keys,
+            target,
+        } => install::install(url, &tables, &channel, row_keys, &target).await,
+        Command::Uninstall { tables, target } => install::uninstall(url, &tables, &target).await,
+        Command::Status { json } => status::status(url, json).await,
+        Command::Listen {
+            channels,
+            json,
+            stop,
+        } => listen::listen(url, channels.channels, json, stop).await,
+        Command::Record {
+            file,
+            channels,
+            stop,
+        } => record::record(url, &file, channels.channels, stop).await,
+    }
+}

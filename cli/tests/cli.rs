@@ -1,0 +1,429 @@
+//! The `pgcachewatch` binary, run as a user runs it, against the real local
+//! PostgreSQL (`DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`).
+//!
+//! Each test has its own schema (holding its tables and its notify function) and
+//! channel, so it can run in parallel with every other test binary.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use pgcachewatch_testkit::eventlog::{EventLogReader, RecordKind};
+use sqlx::PgPool;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgcachewatch");
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// The binary with the test database in `DATABASE_URL` and nothing else set.
+fn pgcachewatch() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env("DATABASE_URL", database_url())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (Output, String, String) {
+    let out = cmd.output().expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !stderr.contains("panicked"),
+        "the binary panicked:\n{stderr}"
+    );
+    (out, stdout, stderr)
+}
+
+fn ok(args: &[&str]) -> (String, String) {
+    let (out, stdout, stderr) = run(pgcachewatch().args(args));
+    assert!(out.status.success(), "{args:?} failed:\n{stderr}");
+    (stdout, stderr)
+}
+
+/// A schema of the test's own with one table `t`, dropped when the guard drops.
+struct Scratch {
+    rt: tokio::runtime::Runtime,
+    db: PgPool,
+    schema: String,
+}
+
+impl Scratch {
+    fn new(prefix: &str) -> Scratch {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let db = rt
+            .block_on(PgPool::connect(&database_url()))
+            .expect("PostgreSQL must be running at DATABASE_URL");
+        let s = Scratch {
+            rt,
+            db,
+            schema: unique(prefix),
+        };
+        s.exec(&format!(
+            "CREATE SCHEMA \"{0}\"; CREATE TABLE \"{0}\".t (id int PRIMARY KEY, v text)",
+            s.schema
+        ));
+        s
+    }
+
+    /// `schema.t`, as typed on the command line.
+    fn table(&self) -> String {
+        format!("{}.t", self.schema)
+    }
+
+    fn exec(&self, sql: &str) {
+        self.rt
+            .block_on(sqlx::raw_sql(sql).execute(&self.db))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    fn trigger_count(&self) -> i64 {
+        self.rt
+            .block_on(
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                      JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1",
+                )
+                .bind(&self.schema)
+                .fetch_one(&self.db),
+            )
+            .unwrap()
+    }
+
+    fn function_count(&self) -> i64 {
+        self.rt
+            .block_on(
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                      WHERE n.nspname = $1",
+                )
+                .bind(&self.schema)
+                .fetch_one(&self.db),
+            )
+            .unwrap()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema);
+        let _ = self.rt.block_on(sqlx::raw_sql(&sql).execute(&self.db));
+    }
+}
+
+/// Spawns the binary and waits until its stderr shows `ready` (it is listening).
+fn spawn_until(args: &[&str], ready: &str) -> (Child, mpsc::Receiver<String>) {
+    let mut child = pgcachewatch()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = match rx.recv_timeout(PATIENCE) {
+            Ok(line) if !line.contains("error") => line,
+            failed => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?} never printed {ready:?}: {failed:?}");
+            }
+        };
+        if line.contains(ready) {
+            return (child, rx);
+        }
+    }
+}
+
+/// Waits for the child to exit on its own, failing the test after [`PATIENCE`].
+fn wait(mut child: Child) -> (std::process::ExitStatus, String) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stdout = String::new();
+            std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+            return (status, stdout);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the binary did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn install_dry_run_prints_sql_and_changes_nothing() {
+    let s = Scratch::new("pgcw_cli_dry");
+    let (stdout, stderr) = ok(&[
+        "install",
+        &s.table(),
+        "--function-schema",
+        &s.schema,
+        "--row-keys",
+    ]);
+    assert!(stdout.starts_with("BEGIN;\n") && stdout.ends_with("COMMIT;\n"));
+    assert_eq!(stdout.matches("CREATE TRIGGER").count(), 4);
+    assert!(stdout.contains(&format!("ON \"{}\".\"t\"", s.schema)));
+    assert!(stderr.contains("dry run"), "{stderr}");
+    assert_eq!((s.trigger_count(), s.function_count()), (0, 0));
+
+    // The dry run needs no database at all.
+    let (out, stdout, _) = run(pgcachewatch()
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .args(["install", "some_table"]));
+    assert!(out.status.success());
+    assert!(stdout.contains("CREATE TRIGGER"));
+}
+
+#[test]
+fn commit_installs_status_shows_it_and_uninstall_removes_it() {
+    let s = Scratch::new("pgcw_cli_commit");
+    let channel = unique("pgcw_cli_commit");
+    let common = [
+        "--function-schema",
+        s.schema.as_str(),
+        "--channel",
+        &channel,
+    ];
+    let table = s.table();
+
+    let (_, stderr) = ok(&[&["install", &table, "--commit"][..], &common].concat());
+    assert!(stderr.contains("installed"), "{stderr}");
+    assert_eq!((s.trigger_count(), s.function_count()), (4, 1));
+    // Twice is fine and changes nothing.
+    ok(&[&["install", &table, "--commit"][..], &common].concat());
+    assert_eq!((s.trigger_count(), s.function_count()), (4, 1));
+
+    let (text, _) = ok(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "\"{}\".\"t\"  insert,update,delete,truncate",
+            s.schema
+        )),
+        "{text}"
+    );
+    let (json, _) = ok(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mine: Vec<_> = json["triggers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["schema"] == s.schema.as_str())
+        .collect();
+    assert_eq!(mine.len(), 4);
+    assert!(mine.iter().all(|t| t["channel"] == channel.as_str()));
+
+    // Uninstall: a dry run first, which removes nothing.
+    let (plan, stderr) = ok(&[&["uninstall", &table][..], &common[..2]].concat());
+    assert_eq!(plan.matches("DROP TRIGGER").count(), 4);
+    assert!(plan.contains("DROP FUNCTION"));
+    assert!(stderr.contains("dry run"));
+    assert_eq!((s.trigger_count(), s.function_count()), (4, 1));
+    ok(&[&["uninstall", &table, "--commit"][..], &common[..2]].concat());
+    assert_eq!((s.trigger_count(), s.function_count()), (0, 0));
+    let (_, stderr) = ok(&[&["uninstall", "--commit"][..], &common[..2]].concat());
+    assert!(stderr.contains("nothing to uninstall"), "{stderr}");
+}
+
+#[test]
+fn connection_problems_give_a_clear_error_and_a_non_zero_exit() {
+    let unreachable = "postgres://postgres@127.0.0.1:1/test";
+    for args in [
+        &["status"][..],
+        &["uninstall"],
+        &["listen"],
+        &["install", "t", "--commit"],
+    ] {
+        let (out, _, stderr) = run(pgcachewatch().env("DATABASE_URL", unreachable).args(args));
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+        assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    }
+
+    let (out, _, stderr) = run(pgcachewatch()
+        .env("DATABASE_URL", "mysql://x@y/z")
+        .arg("status"));
+    assert!(!out.status.success());
+    assert!(stderr.contains("postgres://"), "{stderr}");
+
+    // Without a URL, the PG* variables are used, and the error says so.
+    let (out, _, stderr) = run(pgcachewatch()
+        .env_remove("DATABASE_URL")
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", "1")
+        .arg("status"));
+    assert!(!out.status.success());
+    assert!(stderr.contains("PG* environment variables"), "{stderr}");
+    assert!(stderr.contains("PGHOST"), "{stderr}");
+
+    // Bad input is an error too, not a panic.
+    let (out, _, stderr) = run(pgcachewatch().args(["install", "a b"]));
+    assert!(!out.status.success());
+    assert!(stderr.contains("quote the name"), "{stderr}");
+}
+
+#[test]
+fn pg_variables_alone_are_enough() {
+    let url = database_url();
+    let opts: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let (out, stdout, stderr) = run(pgcachewatch()
+        .env_remove("DATABASE_URL")
+        .env("PGHOST", opts.get_host())
+        .env("PGPORT", opts.get_port().to_string())
+        .env("PGUSER", opts.get_username())
+        .env("PGDATABASE", opts.get_database().unwrap_or("test"))
+        .arg("status"));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("NOTIFY queue usage"), "{stdout}");
+}
+
+#[test]
+fn listen_prints_events_with_latency() {
+    let s = Scratch::new("pgcw_cli_listen");
+    let channel = unique("pgcw_cli_listen");
+    let table = s.table();
+    ok(&[
+        "install",
+        &table,
+        "--commit",
+        "--function-schema",
+        &s.schema,
+        "--channel",
+        &channel,
+    ]);
+
+    let (child, _stderr) = spawn_until(
+        &["listen", "--channel", &channel, "--count", "2"],
+        "listening on",
+    );
+    s.exec(&format!("INSERT INTO \"{}\".t VALUES (1, 'a')", s.schema));
+    s.exec(&format!("DELETE FROM \"{}\".t", s.schema));
+    let (status, stdout) = wait(child);
+    assert!(status.success());
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].contains("insert") && lines[1].contains("delete"),
+        "{stdout}"
+    );
+    assert!(lines
+        .iter()
+        .all(|l| l.contains(&format!("{}.t", s.schema)) && l.contains("latency")));
+}
+
+#[test]
+fn record_writes_a_replayable_log_and_flushes_on_ctrl_c() {
+    let s = Scratch::new("pgcw_cli_record");
+    let channel = unique("pgcw_cli_record");
+    let table = s.table();
+    ok(&[
+        "install",
+        &table,
+        "--commit",
+        "--function-schema",
+        &s.schema,
+        "--channel",
+        &channel,
+        "--row-keys",
+    ]);
+    let dir = std::env::temp_dir();
+    let file = dir.join(format!("{}.jsonl", unique("pgcw_cli_record")));
+    let path = file.to_str().unwrap();
+
+    let (child, stderr) = spawn_until(&["record", path, "--channel", &channel], "recording");
+    s.exec(&format!(
+        "INSERT INTO \"{}\".t VALUES (1, 'a'), (2, 'b')",
+        s.schema
+    ));
+    s.exec(&format!(
+        "UPDATE \"{}\".t SET v = 'c' WHERE id = 2",
+        s.schema
+    ));
+    // Wait until the second event is on disk, then interrupt like Ctrl-C does.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while std::fs::read_to_string(&file)
+        .unwrap_or_default()
+        .matches("\"event\"")
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events never recorded"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (status, _) = wait(child);
+    assert!(status.success(), "record exited with {status}");
+    let summary: Vec<String> = stderr.try_iter().collect();
+    assert!(
+        summary
+            .iter()
+            .any(|l| l.contains("interrupted") && l.contains("recorded 2 events")),
+        "{summary:?}"
+    );
+
+    let text = std::fs::read_to_string(&file).unwrap();
+    let _ = std::fs::remove_file(&file);
+    let mut reader = EventLogReader::new(text.as_bytes()).unwrap();
+    assert!(reader
+        .header()
+        .source
+        .as_deref()
+        .unwrap_or("")
+        .contains(&channel));
+    let events: Vec<_> = reader
+        .by_ref()
+        .map(|r| r.unwrap())
+        .filter_map(|r| match r.kind {
+            RecordKind::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].operation.as_str(), "insert");
+    assert_eq!(events[0].keys.as_ref().map(Vec::len), Some(2));
+    assert_eq!(events[1].operation.as_str(), "update");
+    assert!(text.ends_with('\n'));
+
+    // --count stops by itself.
+    let (child, _) = spawn_until(
+        &["record", path, "--channel", &channel, "--count", "1"],
+        "recording",
+    );
+    s.exec(&format!("TRUNCATE \"{}\".t", s.schema));
+    let (status, _) = wait(child);
+    assert!(status.success());
+    let text = std::fs::read_to_string(&file).unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(text.matches("\"truncate\"").count(), 1, "{text}");
+}

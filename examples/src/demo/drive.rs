@@ -1,0 +1,274 @@
+//! The demo driving itself: reads and writes over HTTP and through the cache,
+//! printing hits, misses and the write → fresh-read latency.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{header, Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use pgcachewatch::{Decision, InvalidationTarget};
+use tokio::sync::Notify;
+
+use super::app::{AppState, User};
+use super::setup::USERS;
+
+/// One keep-alive HTTP/1.1 connection to the demo server (hyper's own client).
+pub struct HttpClient {
+    sender: SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+/// Status, `x-cache` header and body of a response.
+pub struct Reply {
+    pub status: StatusCode,
+    pub cache: Option<String>,
+    pub body: Bytes,
+}
+
+impl HttpClient {
+    pub async fn connect(addr: SocketAddr) -> Result<HttpClient> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to the demo server at {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "demo HTTP client connection ended");
+            }
+        });
+        Ok(HttpClient {
+            sender,
+            host: addr.to_string(),
+        })
+    }
+
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Reply> {
+        self.sender.ready().await?;
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, &self.host)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        let cache = response
+            .headers()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok(Reply {
+            status,
+            cache,
+            body,
+        })
+    }
+
+    pub async fn get_user(&mut self, id: i32) -> Result<(User, String)> {
+        let reply = self
+            .send(Method::GET, &format!("/users/{id}"), None)
+            .await?;
+        if reply.status != StatusCode::OK {
+            return Err(anyhow!("GET /users/{id}: {}", reply.status));
+        }
+        let user: User = serde_json::from_slice(&reply.body)?;
+        Ok((user, reply.cache.unwrap_or_default()))
+    }
+
+    pub async fn put_user(&mut self, id: i32, name: &str) -> Result<User> {
+        let body = serde_json::json!({ "name": name }).to_string();
+        let reply = self
+            .send(Method::PUT, &format!("/users/{id}"), Some(body))
+            .await?;
+        if reply.status != StatusCode::OK {
+            return Err(anyhow!("PUT /users/{id}: {}", reply.status));
+        }
+        Ok(serde_json::from_slice(&reply.body)?)
+    }
+}
+
+/// Attached to the dispatcher after the cache: told of every decision right after
+/// the cache applied it, so the driver waits for invalidations instead of spinning
+/// on reads (which, on a small machine, would steal the CPU the listener and
+/// PostgreSQL need and distort the figure).
+#[derive(Debug, Clone, Default)]
+pub struct InvalidationProbe(Arc<Notify>);
+
+impl InvalidationProbe {
+    /// Resolves at the next invalidation (or at once if one happened since the
+    /// last call).
+    pub async fn next(&self) {
+        self.0.notified().await;
+    }
+}
+
+impl<K> InvalidationTarget<K> for InvalidationProbe {
+    fn apply(&self, _decision: &Decision<K>) {
+        self.0.notify_one();
+    }
+
+    fn set_healthy(&self, _healthy: bool) {}
+}
+
+/// Latencies of several rounds, summarized.
+#[derive(Debug, Default)]
+pub struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    pub fn add(&mut self, d: Duration) {
+        self.0.push(d);
+    }
+
+    pub fn summary(&self) -> String {
+        if self.0.is_empty() {
+            return "no samples".into();
+        }
+        let mut v = self.0.clone();
+        v.sort();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        format!(
+            "p50 {}  p99 {}  max {}  ({} rounds)",
+            show(at(0.5)),
+            show(at(0.99)),
+            show(v[v.len() - 1]),
+            v.len()
+        )
+    }
+}
+
+fn show(d: Duration) -> String {
+    if d < Duration::from_millis(10) {
+        format!("{} µs", d.as_micros())
+    } else {
+        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    }
+}
+
+/// Runs the scenario and prints what it saw.
+pub async fn drive(
+    state: &AppState,
+    probe: &InvalidationProbe,
+    addr: SocketAddr,
+    rounds: usize,
+) -> Result<()> {
+    let mut http = HttpClient::connect(addr).await?;
+
+    // 1. Cold, then warm reads over HTTP.
+    let ids = 1..=20;
+    let tally = |tags: Vec<String>| {
+        let hits = tags.iter().filter(|t| *t == "hit").count();
+        (tags.len() - hits, hits)
+    };
+    let mut first = Vec::new();
+    for id in ids.clone() {
+        first.push(http.get_user(id).await?.1);
+    }
+    let mut second = Vec::new();
+    for id in ids.clone() {
+        second.push(http.get_user(id).await?.1);
+    }
+    let (cold_misses, cold_hits) = tally(first);
+    let (warm_misses, warm_hits) = tally(second);
+    println!("1. GET /users/1..20 over HTTP");
+    println!(
+        "     first pass:  {cold_misses:>3} misses (loaded from PostgreSQL), {cold_hits:>3} hits"
+    );
+    println!(
+        "     second pass: {warm_misses:>3} misses, {warm_hits:>3} hits (answered from the cache)"
+    );
+
+    // 2. A read-heavy load: the cache answers, PostgreSQL is left alone.
+    let before = state.users.stats();
+    let reads = 100_000;
+    let started = Instant::now();
+    for i in 0..reads {
+        state.read_user((i % USERS) + 1).await?;
+    }
+    let elapsed = started.elapsed();
+    let after = state.users.stats();
+    println!("2. {reads} reads of the {USERS} rows through the cache (no HTTP)");
+    println!(
+        "     {} hits, {} misses (loads from PostgreSQL); {:.2} M reads/s on one task",
+        after.hits - before.hits,
+        after.misses - before.misses,
+        reads as f64 / elapsed.as_secs_f64() / 1e6
+    );
+
+    // 3. Write → fresh read, through the cache the handler uses. The first read
+    //    after the invalidation must already be fresh: that is the guarantee.
+    let mut latencies = Latencies::default();
+    let mut stale_after_invalidation = 0u64;
+    for round in 0..rounds {
+        let id = (round as i32 % USERS) + 1;
+        state.read_user(id).await?; // warm: the old row is cached
+        let written = Instant::now();
+        let user = state
+            .rename_user(id, &format!("user-{id}-r{round}"))
+            .await?
+            .ok_or_else(|| anyhow!("user {id} vanished"))?;
+        loop {
+            wait_for_invalidation(probe, written).await?;
+            let (seen, _) = state.read_user(id).await?;
+            if seen.as_ref().is_some_and(|u| u.version >= user.version) {
+                break;
+            }
+            stale_after_invalidation += 1; // an older event (another writer); wait on
+        }
+        latencies.add(written.elapsed());
+    }
+    println!("3. UPDATE issued → the row read through the cache is the new one");
+    println!("     {}", latencies.summary());
+    println!("     first reads after an invalidation that were stale: {stale_after_invalidation}");
+
+    // 4. The same over HTTP: PUT, then GET once the invalidation arrived.
+    let mut latencies = Latencies::default();
+    let http_rounds = (rounds / 4).max(1);
+    for round in 0..http_rounds {
+        let id = (round as i32 % 20) + 1;
+        http.get_user(id).await?;
+        let written = Instant::now();
+        let user = http.put_user(id, &format!("user-{id}-h{round}")).await?;
+        loop {
+            wait_for_invalidation(probe, written).await?;
+            if http.get_user(id).await?.0.version >= user.version {
+                break;
+            }
+        }
+        latencies.add(written.elapsed());
+    }
+    println!("4. PUT /users/{{id}} sent → GET /users/{{id}} returns the new row (HTTP both ways)");
+    println!("     {}", latencies.summary());
+
+    let c = state.users.stats();
+    let l = state.source.stats();
+    println!(
+        "cache:    {} hits, {} misses, {} loads, {} flushes, {} loads discarded (stale-set race closed)",
+        c.hits, c.misses, c.loads, c.flushes, c.discarded_loads
+    );
+    println!(
+        "listener: {} events, {} reconnects, {} gaps",
+        l.events, l.reconnects, l.gaps
+    );
+    Ok(())
+}
+
+async fn wait_for_invalidation(probe: &InvalidationProbe, written: Instant) -> Result<()> {
+    let left = Duration::from_secs(10).saturating_sub(written.elapsed());
+    tokio::time::timeout(left, probe.next())
+        .await
+        .map_err(|_| anyhow!("no invalidation within 10 s of a write: is the listener receiving?"))
+}
