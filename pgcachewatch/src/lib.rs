@@ -1,9 +1,11 @@
-//! # pgcachewatch
+#![doc = include_str!("../../README.md")]
+//!
+//! ## This crate
 //!
 //! One dependency for everything: the core ([`Cache`], [`Dispatcher`], the traits),
 //! the [`strategies`], the in-memory source ([`memory`]), the PostgreSQL backend
-//! ([`postgres`], feature `postgres`, on by default) and, with feature `testkit`,
-//! the [`testkit`].
+//! (`postgres`, feature `postgres`, on by default) and, with feature `testkit`,
+//! the test kit (`testkit`).
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
