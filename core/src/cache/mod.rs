@@ -403,6 +403,17 @@ where
             .then_some(entry.value)
     }
 
+    /// While unhealthy (serving within a bound), a read may only share a load that
+    /// started within the bound: the shared value may be as old as the load's start.
+    fn may_join(&self, flight: &Flight<V>) -> bool {
+        match self.inner.while_unhealthy {
+            WhileUnhealthy::ServeWithin(bound) if !self.is_healthy() => {
+                flight.started_at.elapsed() <= bound
+            }
+            _ => true,
+        }
+    }
+
     fn bypassing(&self) -> bool {
         !self.is_healthy() && self.inner.while_unhealthy == WhileUnhealthy::Bypass
     }
@@ -420,7 +431,10 @@ where
             return Role::Hit(v);
         }
         if let Some(flight) = flights.get(key) {
-            if !flight.is_detached() && inner.gens.is_current(&flight.stamp) {
+            if !flight.is_detached()
+                && inner.gens.is_current(&flight.stamp)
+                && self.may_join(flight)
+            {
                 return Role::Wait(flight.clone());
             }
         }

@@ -1,0 +1,144 @@
+//! The schedules the checker runs: writes, deliveries, faults and reads, in order.
+
+use std::fmt;
+
+/// A row of the simulated table (`0..ROWS`).
+pub type Row = u32;
+
+/// How many rows the generated schedules touch.
+pub const ROWS: Row = 3;
+
+/// How many reads may be in progress at once in generated schedules.
+pub const SLOTS: usize = 3;
+
+/// One step of a [`Schedule`].
+///
+/// Steps that make no sense in the current state (delivering with nothing pending,
+/// finishing a load nobody started) do nothing, so every sequence is a valid
+/// schedule and proptest can shrink freely.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Commit a write to `row` (its version goes up by one) and queue its
+    /// notification, unless the source is disconnected (then it is lost, as with
+    /// PostgreSQL).
+    Write {
+        /// The row written.
+        row: Row,
+    },
+    /// Deliver every queued signal, oldest first (shrinks better than several
+    /// [`Op::Deliver`]s: removing a write elsewhere does not change what it delivers).
+    DeliverAll,
+    /// Deliver the oldest queued signal to the cache (through the strategy).
+    Deliver,
+    /// Deliver the oldest queued event but keep it queued: it arrives twice.
+    Duplicate,
+    /// Lose the oldest queued event; a gap takes its place (real sources never
+    /// lose silently).
+    Lose,
+    /// The source's connection drops: `Unhealthy` and a gap are queued; writes are
+    /// lost until [`Op::Reconnect`].
+    Disconnect,
+    /// The source listens again: a gap and `Healthy` are queued.
+    Reconnect,
+    /// Reader `slot` starts reading `row` through the cache. A loader, if it runs,
+    /// reads the table at once and then waits for [`Op::FinishLoad`].
+    StartRead {
+        /// The reader.
+        slot: usize,
+        /// The row read.
+        row: Row,
+    },
+    /// Reader `slot`'s loader (if waiting) returns what it read.
+    FinishLoad {
+        /// The reader.
+        slot: usize,
+    },
+    /// Reader `slot` gives up (its future is dropped).
+    CancelRead {
+        /// The reader.
+        slot: usize,
+    },
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Write { row } => write!(f, "write row {row}"),
+            Op::DeliverAll => f.write_str("deliver every queued signal"),
+            Op::Deliver => f.write_str("deliver next signal"),
+            Op::Duplicate => f.write_str("deliver next event twice"),
+            Op::Lose => f.write_str("lose next event (gap instead)"),
+            Op::Disconnect => f.write_str("disconnect"),
+            Op::Reconnect => f.write_str("reconnect"),
+            Op::StartRead { slot, row } => write!(f, "reader {slot} starts reading row {row}"),
+            Op::FinishLoad { slot } => write!(f, "reader {slot}'s load returns"),
+            Op::CancelRead { slot } => write!(f, "reader {slot} cancels"),
+        }
+    }
+}
+
+impl fmt::Debug for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A sequence of [`Op`]s. `Debug` prints one numbered line per step, so a shrunk
+/// failing case reads as a short story.
+///
+/// ```
+/// use pgcachewatch_testkit::checker::{Op, Schedule};
+/// let s = Schedule::new(vec![Op::Write { row: 1 }, Op::Deliver]);
+/// assert_eq!(format!("{s:?}"), "\n  1: write row 1\n  2: deliver next signal\n");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct Schedule {
+    /// The steps, numbered from 1 in output.
+    pub ops: Vec<Op>,
+}
+
+impl Schedule {
+    /// A schedule of these steps.
+    pub fn new(ops: Vec<Op>) -> Self {
+        Schedule { ops }
+    }
+}
+
+impl fmt::Debug for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f)?;
+        for (i, op) in self.ops.iter().enumerate() {
+            writeln!(f, "  {}: {op}", i + 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// Proptest generation of schedules.
+#[cfg(feature = "proptest")]
+pub(crate) mod generate {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn op() -> impl Strategy<Value = Op> {
+        let row = 0..ROWS;
+        let slot = 0..SLOTS;
+        // Simple, common steps first: proptest shrinks towards earlier alternatives.
+        prop_oneof![
+            4 => row.clone().prop_map(|row| Op::Write { row }),
+            1 => Just(Op::DeliverAll),
+            5 => Just(Op::Deliver),
+            5 => (slot.clone(), row).prop_map(|(slot, row)| Op::StartRead { slot, row }),
+            4 => slot.clone().prop_map(|slot| Op::FinishLoad { slot }),
+            1 => Just(Op::Duplicate),
+            1 => Just(Op::Lose),
+            1 => Just(Op::Disconnect),
+            1 => Just(Op::Reconnect),
+            1 => slot.prop_map(|slot| Op::CancelRead { slot }),
+        ]
+    }
+
+    pub(crate) fn schedules(max_len: usize) -> impl Strategy<Value = Schedule> {
+        proptest::collection::vec(op(), 1..=max_len.max(1)).prop_map(Schedule::new)
+    }
+}
