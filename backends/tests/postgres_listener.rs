@@ -16,24 +16,11 @@ use pgcachewatch_core::{
     Cache, Dispatcher, Error, EventSource, GapReason, Health, Operation, Signal, Subscription,
 };
 use pgcachewatch_strategies::Greedy;
+use pgcachewatch_testkit::env::{database_url, unique_name as unique};
 use pgcachewatch_testkit::proxy::FaultProxy;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 const PATIENCE: Duration = Duration::from_secs(10);
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-/// A name no other test (or test binary) uses.
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}_{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
-}
 
 async fn admin() -> PgPool {
     PgPoolOptions::new()

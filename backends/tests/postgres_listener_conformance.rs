@@ -14,16 +14,12 @@ use pgcachewatch_core::{BoxError, EventSource};
 use pgcachewatch_testkit::conformance::{
     async_trait, run_all, Capabilities, SourceDriver, SourceHarness,
 };
+use pgcachewatch_testkit::env::database_url;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 /// Per-subscriber buffer of every source built here (a power of two, so the
 /// declared bound is exact).
 const BUFFER: usize = 16;
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
 
 struct Driver {
     db: PgPool,

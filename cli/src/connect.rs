@@ -59,14 +59,7 @@ impl Target {
 
     /// `user@host:port/database`, without the password.
     pub(crate) fn describe(&self) -> String {
-        let o = &self.options;
-        format!(
-            "{}@{}:{}/{}",
-            o.get_username(),
-            o.get_host(),
-            o.get_port(),
-            o.get_database().unwrap_or("<default database>")
-        )
+        pgcachewatch_backends::postgres::describe_target(&self.options)
     }
 
     /// One connection: commands run a handful of statements, and connecting once

@@ -9,24 +9,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use pgcachewatch_testkit::env::{database_url, unique_name as unique};
 use pgcachewatch_testkit::eventlog::{EventLogReader, RecordKind};
 use sqlx::PgPool;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgcachewatch");
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}_{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
-}
 
 /// The binary with the test database in `DATABASE_URL` and nothing else set.
 fn pgcachewatch() -> Command {

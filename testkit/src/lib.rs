@@ -18,6 +18,7 @@
 //! * `generators` (feature `proptest`): events, gap reasons, event logs with bursts,
 //!   transactions and outages, and checker schedules.
 //! * `proxy`: a TCP proxy that pauses or cuts connections on demand.
+//! * [`env`]: the test database's URL and names unique across parallel tests.
 //!
 //! ## Features
 //!
@@ -37,6 +38,7 @@ pub mod proxy;
 pub mod checker;
 pub mod clock;
 pub mod conformance;
+pub mod env;
 pub mod eventlog;
 #[cfg(feature = "proptest")]
 pub mod generators;

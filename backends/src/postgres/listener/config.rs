@@ -53,7 +53,7 @@ impl fmt::Debug for Target {
         // Never print a URL: it may hold a password.
         match self {
             Target::Url(_) => f.write_str("Url(..)"),
-            Target::Options(o) => write!(f, "Options({})", describe(o)),
+            Target::Options(o) => write!(f, "Options({})", crate::postgres::describe_target(o)),
         }
     }
 }
@@ -291,18 +291,8 @@ impl fmt::Debug for Settings {
 impl Settings {
     /// `user@host:port/database`, for errors and logs (never the password).
     pub(crate) fn describe_target(&self) -> String {
-        describe(&self.options)
+        crate::postgres::describe_target(&self.options)
     }
-}
-
-fn describe(o: &PgConnectOptions) -> String {
-    format!(
-        "{}@{}:{}/{}",
-        o.get_username(),
-        o.get_host(),
-        o.get_port(),
-        o.get_database().unwrap_or("<default database>")
-    )
 }
 
 /// `pgcachewatch_hb_` and 16 random hex digits: private to one source, so two

@@ -1,0 +1,35 @@
+//! Where tests find their database, and names that no other test uses.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The database the tests talk to: `DATABASE_URL`, or the local default
+/// `postgres://postgres@127.0.0.1:5432/test`.
+///
+/// ```
+/// assert!(pgcachewatch_testkit::env::database_url().starts_with("postgres"));
+/// ```
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
+}
+
+/// The database URL used when `DATABASE_URL` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// `prefix` followed by the process id and a per-process counter mixed with the
+/// clock: unique across the tests of one binary and across binaries running in
+/// parallel against one database. Lower case letters, digits and `_` only, so it
+/// is a valid unquoted SQL identifier if `prefix` is one.
+///
+/// ```
+/// use pgcachewatch_testkit::env::unique_name;
+/// assert_ne!(unique_name("t"), unique_name("t"));
+/// ```
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{prefix}_{}_{n}_{:08x}", std::process::id(), nanos)
+}
