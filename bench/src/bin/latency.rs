@@ -1,8 +1,8 @@
 //! Write issued → fresh value read through the cache, next to its floor.
 //!
 //! Over `--updates` (default 500) single-row UPDATEs per side, interleaved, in one
-//! run, each side on its own one-row table with a statement-level trigger that
-//! NOTIFYs its own channel (pgcachewatch's payload, `clock_timestamp()`):
+//! run, each side on its own one-row table with pgcachewatch's triggers (installed
+//! by [`Installer`], table-level payload with `clock_timestamp()`) on its own channel:
 //!
 //! * **pgcachewatch, reader polls**: `UPDATE` issued → trigger → [`PgListenerSource`]
 //!   → [`Dispatcher`] → [`Greedy`] → [`Cache`]; after the `UPDATE` returns, the
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use pgcachewatch::postgres::listener::PgListenerSource;
+use pgcachewatch::postgres::{Installer, PgListenerSource, TableName};
 use pgcachewatch::strategies::Greedy;
 use pgcachewatch::{Cache, Dispatcher, DispatcherHandle, EventSource, Signal};
 use sqlx::postgres::{PgConnection, PgListener};
@@ -58,13 +58,21 @@ struct Args {
     database_url: String,
 }
 
-/// A one-row table with a statement-level trigger notifying `channel`.
+/// A one-row table with pgcachewatch's own triggers (the installer's), notifying `channel`.
 struct Watched {
     table: String,
     channel: String,
 }
 
 impl Watched {
+    fn installer(&self) -> Installer {
+        Installer::new().channel(&self.channel)
+    }
+
+    fn name(&self) -> anyhow::Result<TableName> {
+        Ok(TableName::new("public", &self.table)?)
+    }
+
     async fn create(conn: &mut PgConnection, name: &str) -> anyhow::Result<Watched> {
         let w = Watched {
             table: name.to_owned(),
@@ -75,25 +83,16 @@ impl Watched {
             format!(
                 "DROP TABLE IF EXISTS public.{t};
                  CREATE TABLE public.{t} (id int PRIMARY KEY, v bigint NOT NULL);
-                 INSERT INTO public.{t} VALUES (1, 0);
-                 CREATE OR REPLACE FUNCTION public.{t}_notify() RETURNS trigger
-                 LANGUAGE plpgsql AS $$
-                 BEGIN
-                   PERFORM pg_notify(TG_ARGV[0], json_build_object(
-                     'operation', lower(TG_OP), 'schema', TG_TABLE_SCHEMA,
-                     'table', TG_TABLE_NAME, 'sent_at', clock_timestamp(),
-                     'txid', txid_current())::text);
-                   RETURN NULL;
-                 END $$;
-                 CREATE TRIGGER {t}_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
-                   ON public.{t} FOR EACH STATEMENT
-                   EXECUTE FUNCTION public.{t}_notify('{c}');",
-                c = w.channel
+                 INSERT INTO public.{t} VALUES (1, 0);"
             )
             .as_str(),
         )
         .await
-        .with_context(|| format!("creating table {t} and its trigger"))?;
+        .with_context(|| format!("creating table {t}"))?;
+        w.installer()
+            .install(&mut *conn, &[w.name()?])
+            .await
+            .with_context(|| format!("installing the triggers on {t}"))?;
         Ok(w)
     }
 
@@ -106,14 +105,11 @@ impl Watched {
     }
 
     async fn drop(&self, conn: &mut PgConnection) -> anyhow::Result<()> {
-        conn.execute(
-            format!(
-                "DROP TABLE IF EXISTS public.{t}; DROP FUNCTION IF EXISTS public.{t}_notify();",
-                t = self.table
-            )
-            .as_str(),
-        )
-        .await?;
+        self.installer()
+            .uninstall(&mut *conn, &[self.name()?])
+            .await?;
+        conn.execute(format!("DROP TABLE IF EXISTS public.{}", self.table).as_str())
+            .await?;
         Ok(())
     }
 }
