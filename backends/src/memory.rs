@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 use pgcachewatch_core::{
-    Event, EventSource, GapReason, Health, SignalHub, Subscription, DEFAULT_HUB_CAPACITY,
+    Event, EventSource, GapReason, Health, InlineAttachment, InlineHandler, SignalHub,
+    Subscription, DEFAULT_HUB_CAPACITY,
 };
 
 /// An [`EventSource`] fed by its [`InMemoryHandle`]: no database, same contract.
@@ -87,6 +88,21 @@ impl EventSource for InMemorySource {
             None => Health::Unhealthy,
         }
     }
+
+    fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
+        // A closed source still accepts the handler, and drops it at once: that
+        // tells the dispatcher its source has ended.
+        let hub = self.shared.hub.read().clone();
+        match hub {
+            Some(hub) => Some(hub.attach_inline(handler)),
+            None => {
+                let mut handler = handler;
+                handler(&pgcachewatch_core::Signal::Health(Health::Unhealthy));
+                drop(handler);
+                Some(InlineAttachment::new(()))
+            }
+        }
+    }
 }
 
 impl InMemoryHandle {
@@ -160,6 +176,11 @@ impl InMemoryHandle {
     /// How many subscriptions are alive.
     pub fn subscriber_count(&self) -> usize {
         self.with_hub(|hub| hub.subscriber_count()).unwrap_or(0)
+    }
+
+    /// How many inline handlers (inline dispatchers) are attached.
+    pub fn inline_count(&self) -> usize {
+        self.with_hub(|hub| hub.inline_count()).unwrap_or(0)
     }
 
     /// Events handed to [`publish`](Self::publish) so far.

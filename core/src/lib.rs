@@ -53,5 +53,5 @@ pub use event::{Event, Operation, RowKey, TableRef, UnknownOperation};
 pub use hub::{SignalHub, DEFAULT_HUB_CAPACITY};
 pub use payload::{parse_payload, PayloadError};
 pub use signal::{GapReason, Health, Signal};
-pub use source::{EventSource, Subscription, TryRecvError};
+pub use source::{EventSource, InlineAttachment, InlineHandler, Subscription, TryRecvError};
 pub use strategy::{Decision, InvalidationStrategy, Targets};

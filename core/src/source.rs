@@ -61,6 +61,42 @@ pub trait EventSource: Send + Sync + fmt::Debug + 'static {
 
     /// The source's health right now.
     fn health(&self) -> Health;
+
+    /// Optional: runs `handler` synchronously for every signal, in the source's own
+    /// task, before subscribers see it (first with the current health), until the
+    /// attachment is dropped; the handler is dropped when the source ends. The
+    /// [`Dispatcher`](crate::Dispatcher) uses it when offered, to invalidate without
+    /// a hop to another task. Sources built on a [`SignalHub`](crate::SignalHub)
+    /// forward to [`SignalHub::attach_inline`](crate::SignalHub::attach_inline).
+    /// The default returns `None`: not supported, the dispatcher subscribes instead.
+    fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
+        let _ = handler;
+        None
+    }
+}
+
+/// A callback run for every signal by the emitting task; see
+/// [`EventSource::attach_inline`].
+pub type InlineHandler = Box<dyn FnMut(&Signal) + Send + 'static>;
+
+/// Keeps an inline handler attached; dropping it detaches the handler.
+pub struct InlineAttachment {
+    _detach: Box<dyn Send + Sync>,
+}
+
+impl InlineAttachment {
+    /// An attachment that runs `detach`'s `Drop` when dropped.
+    pub fn new(detach: impl Send + Sync + 'static) -> Self {
+        InlineAttachment {
+            _detach: Box::new(detach),
+        }
+    }
+}
+
+impl fmt::Debug for InlineAttachment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InlineAttachment").finish_non_exhaustive()
+    }
 }
 
 impl<T: EventSource + ?Sized> EventSource for Arc<T> {
@@ -70,6 +106,9 @@ impl<T: EventSource + ?Sized> EventSource for Arc<T> {
     fn health(&self) -> Health {
         (**self).health()
     }
+    fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
+        (**self).attach_inline(handler)
+    }
 }
 
 impl<T: EventSource + ?Sized> EventSource for Box<T> {
@@ -78,6 +117,9 @@ impl<T: EventSource + ?Sized> EventSource for Box<T> {
     }
     fn health(&self) -> Health {
         (**self).health()
+    }
+    fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
+        (**self).attach_inline(handler)
     }
 }
 

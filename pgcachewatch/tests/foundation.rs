@@ -31,14 +31,16 @@ async fn two_caches_on_one_source_both_invalidate_on_one_event() {
     let a: Cache<u32, String> = Cache::new(100);
     let b: Cache<u32, String> = Cache::new(100);
     let c: Cache<u32, String> = Cache::new(100);
-    // Two caches on one dispatcher, and a third on a dispatcher of its own.
+    // Two caches on one (inline) dispatcher, and a third on a dispatcher of its
+    // own reading a subscription.
     let d1 = Dispatcher::new()
         .attach(Greedy::new(), a.clone())
         .attach(Greedy::new(), b.clone())
         .spawn(&source);
     let d2 = Dispatcher::new()
         .attach(Greedy::new(), c.clone())
-        .spawn(&source);
+        .spawn_subscribed(&source);
+    assert!(d1.is_inline() && !d2.is_inline());
     for cache in [&a, &b, &c] {
         load(cache, 1, "old").await;
         assert_eq!(cache.get(&1).as_deref(), Some("old"));
@@ -54,10 +56,14 @@ async fn two_caches_on_one_source_both_invalidate_on_one_event() {
         );
         assert_eq!(load(cache, 1, "new").await, "new");
     }
-    assert_eq!(handle.subscriber_count(), 2);
+    assert_eq!((handle.inline_count(), handle.subscriber_count()), (1, 1));
     d1.shutdown().await;
     d2.shutdown().await;
-    assert_eq!(handle.subscriber_count(), 0, "dispatcher tasks leaked");
+    assert_eq!(
+        (handle.inline_count(), handle.subscriber_count()),
+        (0, 0),
+        "dispatchers leaked"
+    );
 }
 
 /// A load starts, an invalidation arrives, the load finishes: the loader's caller
@@ -243,7 +249,8 @@ async fn a_cancelled_leader_hands_the_load_to_a_waiter() {
     assert_eq!(cache.get(&1).as_deref(), Some("from the waiter"));
 }
 
-/// Runs on one thread so the dispatcher cannot read while we publish: it must lag.
+/// A dispatcher on a subscription, on one thread so it cannot read while we
+/// publish: it must lag. (An inline dispatcher cannot lag.)
 #[tokio::test(flavor = "current_thread")]
 async fn a_lagging_subscriber_gets_a_gap_and_its_cache_is_flushed() {
     let (source, handle) = InMemorySource::with_capacity(16);
@@ -252,7 +259,7 @@ async fn a_lagging_subscriber_gets_a_gap_and_its_cache_is_flushed() {
     let never = Greedy::with_predicate(|_: &Event| false);
     let dispatcher = Dispatcher::new()
         .attach(never, cache.clone())
-        .spawn(&source);
+        .spawn_subscribed(&source);
     load(&cache, 1, "cached").await;
     dispatcher.sync().await;
     for _ in 0..1_000 {
@@ -385,4 +392,33 @@ async fn boxed_and_shared_sources_drive_dispatchers_too() {
     da.sync().await;
     db.sync().await;
     assert_eq!((a.get(&1), b.get(&1)), (None, None));
+}
+
+/// Inline dispatch: the cache is invalidated by the time `publish` returns, before
+/// any subscriber has even seen the event.
+#[tokio::test]
+async fn an_inline_dispatcher_invalidates_before_publish_returns() {
+    let (source, handle) = InMemorySource::pair();
+    let cache: Cache<u32, String> = Cache::new(10);
+    let dispatcher = Dispatcher::new()
+        .attach(Greedy::new(), cache.clone())
+        .spawn(&source);
+    assert!(dispatcher.is_inline());
+    load(&cache, 1, "old").await;
+    handle.publish(update("users"));
+    assert_eq!(
+        cache.get(&1),
+        None,
+        "no sync, no yield: already invalidated"
+    );
+    handle.disconnect("cut");
+    assert!(!cache.is_healthy(), "health is applied inline too");
+    handle.reconnect();
+    assert!(cache.is_healthy());
+    drop(dispatcher);
+    assert!(
+        !cache.is_healthy(),
+        "a dropped dispatcher leaves its cache bypassing"
+    );
+    assert_eq!(handle.inline_count(), 0);
 }

@@ -43,7 +43,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use pgcachewatch_core::{Error, EventSource, Health, SignalHub, Subscription};
+use pgcachewatch_core::{
+    Error, EventSource, Health, InlineAttachment, InlineHandler, Signal, SignalHub, Subscription,
+};
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -236,6 +238,22 @@ impl EventSource for PgListenerSource {
         match &*self.inner.hub.read() {
             Some(hub) => hub.health(),
             None => Health::Unhealthy,
+        }
+    }
+
+    fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
+        // Decisions are then applied in the listener task as each notification is
+        // parsed: the lowest write → invalidation latency. A shut-down source takes
+        // the handler and drops it at once, which tells the dispatcher it ended.
+        let hub = self.inner.hub.read().clone();
+        match hub {
+            Some(hub) => Some(hub.attach_inline(handler)),
+            None => {
+                let mut handler = handler;
+                handler(&Signal::Health(Health::Unhealthy));
+                drop(handler);
+                Some(InlineAttachment::new(()))
+            }
         }
     }
 }
