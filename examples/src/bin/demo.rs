@@ -155,7 +155,10 @@ async fn run(args: Args) -> Result<()> {
         );
         println!("  curl -i http://{addr}/users/1        # x-cache: miss, and the new name");
         println!("  curl http://{addr}/stats");
-        println!("  psql -c \"UPDATE {TABLE} SET name = 'bob' WHERE id = 1\"   # any writer works");
+        println!(
+            "  psql {} -c \"UPDATE {TABLE} SET name = 'bob' WHERE id = 1\"   # any writer works",
+            setup::redact(&args.database_url)
+        );
         tokio::signal::ctrl_c()
             .await
             .context("waiting for Ctrl-C")?;
