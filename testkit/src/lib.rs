@@ -18,7 +18,7 @@
 //! * `generators` (feature `proptest`): events, gap reasons, event logs with bursts,
 //!   transactions and outages, and checker schedules.
 //! * `proxy`: a TCP proxy that pauses or cuts connections on demand.
-//! * [`env`]: the test database's URL and names unique across parallel tests.
+//! * [`env`](mod@env): the test database's URL and names unique across parallel tests.
 //!
 //! ## Features
 //!
