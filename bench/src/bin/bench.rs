@@ -162,6 +162,42 @@ fn hit_path(rt: &tokio::runtime::Runtime, o: &Opts) {
     row("storage candidate: moka::sync::Cache::get", moka_sync);
     row("storage candidate: quick_cache::sync::Cache::get", quick);
     row("limit: std HashMap::get + clone", hashmap);
+
+    // The same hits from every core at once: shared counters and locks show here.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let parallel = |get: &(dyn Fn(u64) + Sync)| {
+        best(o.rounds, n * threads as u64, || {
+            std::thread::scope(|s| {
+                for t in 0..threads as u64 {
+                    s.spawn(move || {
+                        for i in 0..n {
+                            get((i + t * 7) % KEYS);
+                        }
+                    });
+                }
+            });
+        })
+    };
+    let ours_par = parallel(&|k| {
+        black_box(cache.get(&k));
+    });
+    let moka_par = parallel(&|k| {
+        black_box(ms.get(&k));
+    });
+    let quick_par = parallel(&|k| {
+        black_box(qc.get(&k));
+    });
+    println!("   {threads} threads at once:");
+    let row = |name: &str, v: f64| {
+        println!(
+            "   {name:<46} {:>7.2} M/s   {:>5.2} x moka sync get",
+            v / 1e6,
+            v / moka_par
+        );
+    };
+    row("pgcachewatch Cache::get", ours_par);
+    row("baseline: moka::sync::Cache::get", moka_par);
+    row("storage: quick_cache::sync::Cache::get", quick_par);
 }
 
 fn event() -> Event {

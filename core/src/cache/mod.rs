@@ -243,7 +243,11 @@ where
     pub fn get(&self, key: &K) -> Option<V> {
         let found = self.lookup(key);
         let c = &self.inner.counters;
-        bump(if found.is_some() { &c.hits } else { &c.misses });
+        if found.is_some() {
+            c.hits.bump();
+        } else {
+            bump(&c.misses);
+        }
         found
     }
 
@@ -293,7 +297,7 @@ where
     {
         let inner = &*self.inner;
         if let Some(v) = self.lookup(&key) {
-            bump(&inner.counters.hits);
+            inner.counters.hits.bump();
             return Ok(v);
         }
         if self.bypassing() {

@@ -27,9 +27,44 @@ pub struct CacheStats {
     pub entries: u64,
 }
 
+/// A counter bumped from many threads at once (the hit counter): one cache line per
+/// stripe, each thread on its own stripe, so hits on different cores do not fight
+/// over one line. Read by summing the stripes.
+#[derive(Debug, Default)]
+pub(crate) struct StripedCounter {
+    stripes: [Stripe; STRIPES],
+}
+
+const STRIPES: usize = 16;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe(AtomicU64);
+
+impl StripedCounter {
+    #[inline]
+    pub(crate) fn bump(&self) {
+        thread_local! {
+            static STRIPE: usize = {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed) as usize % STRIPES
+            };
+        }
+        let i = STRIPE.with(|s| *s);
+        self.stripes[i].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sum(&self) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) hits: AtomicU64,
+    pub(crate) hits: StripedCounter,
     pub(crate) misses: AtomicU64,
     pub(crate) loads: AtomicU64,
     pub(crate) load_errors: AtomicU64,
@@ -48,7 +83,7 @@ impl Counters {
     pub(crate) fn snapshot(&self, entries: u64) -> CacheStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CacheStats {
-            hits: get(&self.hits),
+            hits: self.hits.sum(),
             misses: get(&self.misses),
             loads: get(&self.loads),
             load_errors: get(&self.load_errors),
