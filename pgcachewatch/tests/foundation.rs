@@ -25,6 +25,67 @@ async fn load(cache: &Cache<u32, String>, key: u32, value: &str) -> String {
         .expect("loader cannot fail")
 }
 
+/// Starts `get_or_load_tagged(key, ["users"])` whose loader returns `value` once
+/// `release` is sent; returns when the load is running.
+async fn start_gated_load(
+    cache: &Cache<u32, String>,
+    key: u32,
+    value: &'static str,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<String, Error>>,
+) {
+    let (release, gate) = oneshot::channel::<()>();
+    let loading = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load_tagged(key, &["users"], || async move {
+                    let _ = gate.await;
+                    Ok::<_, std::io::Error>(value.to_string())
+                })
+                .await
+        })
+    };
+    while cache.stats().loads == 0 {
+        tokio::task::yield_now().await;
+    }
+    (release, loading)
+}
+
+/// Starts `n` concurrent `get_or_load(1)` calls whose loader counts its runs and
+/// returns `outcome` once the gate opens; returns when all `n` have missed (each is
+/// the leader or waits on it).
+async fn start_concurrent_misses(
+    cache: &Cache<u32, String>,
+    n: usize,
+    outcome: Result<&'static str, &'static str>,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    Arc<AtomicUsize>,
+    Vec<tokio::task::JoinHandle<Result<String, Error>>>,
+) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (cache, runs, mut gate) = (cache.clone(), runs.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load(1, || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let _ = gate.wait_for(|open| *open).await;
+                    outcome.map(str::to_string).map_err(std::io::Error::other)
+                })
+                .await
+        }));
+    }
+    while cache.stats().misses < n as u64 {
+        tokio::task::yield_now().await;
+    }
+    (release, runs, tasks)
+}
+
 #[tokio::test]
 async fn two_caches_on_one_source_both_invalidate_on_one_event() {
     let (source, handle) = InMemorySource::pair();
@@ -84,21 +145,7 @@ async fn stale_set_race_is_closed_for_key_table_and_all_invalidations() {
     ];
     for (name, decision) in invalidations {
         let cache: Cache<u32, String> = Cache::new(100);
-        let (release, gate) = oneshot::channel::<()>();
-        let loading = {
-            let cache = cache.clone();
-            tokio::spawn(async move {
-                cache
-                    .get_or_load_tagged(7, &["users"], || async move {
-                        let _ = gate.await;
-                        Ok::<_, std::io::Error>("old".to_string())
-                    })
-                    .await
-            })
-        };
-        while cache.stats().loads == 0 {
-            tokio::task::yield_now().await;
-        }
+        let (release, loading) = start_gated_load(&cache, 7, "old").await;
         cache.apply(&decision);
         release.send(()).expect("loader is waiting");
         let got = loading.await.expect("no panic").expect("loader ok");
@@ -121,21 +168,7 @@ async fn stale_set_race_is_closed_for_key_table_and_all_invalidations() {
 #[tokio::test]
 async fn invalidating_another_key_or_table_keeps_a_load_in_flight() {
     let cache: Cache<u32, String> = Cache::new(100);
-    let (release, gate) = oneshot::channel::<()>();
-    let loading = {
-        let cache = cache.clone();
-        tokio::spawn(async move {
-            cache
-                .get_or_load_tagged(7, &["users"], || async move {
-                    let _ = gate.await;
-                    Ok::<_, std::io::Error>("v".to_string())
-                })
-                .await
-        })
-    };
-    while cache.stats().loads == 0 {
-        tokio::task::yield_now().await;
-    }
+    let (release, loading) = start_gated_load(&cache, 7, "v").await;
     cache.apply(&Decision::keys([8]));
     cache.apply(&Decision::tables([TableRef::new("public", "orders")]));
     release.send(()).expect("loader is waiting");
@@ -147,25 +180,7 @@ async fn invalidating_another_key_or_table_keeps_a_load_in_flight() {
 async fn single_flight_runs_the_loader_once_for_concurrent_misses() {
     const N: usize = 64;
     let cache: Cache<u32, String> = Cache::new(100);
-    let runs = Arc::new(AtomicUsize::new(0));
-    let (release, gate) = tokio::sync::watch::channel(false);
-    let mut tasks = Vec::new();
-    for _ in 0..N {
-        let (cache, runs, mut gate) = (cache.clone(), runs.clone(), gate.clone());
-        tasks.push(tokio::spawn(async move {
-            cache
-                .get_or_load(1, || async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    let _ = gate.wait_for(|open| *open).await;
-                    Ok::<_, std::io::Error>("shared".to_string())
-                })
-                .await
-        }));
-    }
-    // Every caller is either the leader or waiting on it before the load ends.
-    while cache.stats().misses < N as u64 {
-        tokio::task::yield_now().await;
-    }
+    let (release, runs, tasks) = start_concurrent_misses(&cache, N, Ok("shared")).await;
     release.send_replace(true);
     for t in tasks {
         assert_eq!(t.await.expect("no panic").expect("loader ok"), "shared");
@@ -182,24 +197,7 @@ async fn single_flight_runs_the_loader_once_for_concurrent_misses() {
 async fn a_loader_error_reaches_every_waiter_and_is_not_cached() {
     const N: usize = 32;
     let cache: Cache<u32, String> = Cache::new(100);
-    let runs = Arc::new(AtomicUsize::new(0));
-    let (release, gate) = tokio::sync::watch::channel(false);
-    let mut tasks = Vec::new();
-    for _ in 0..N {
-        let (cache, runs, mut gate) = (cache.clone(), runs.clone(), gate.clone());
-        tasks.push(tokio::spawn(async move {
-            cache
-                .get_or_load(1, || async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    let _ = gate.wait_for(|open| *open).await;
-                    Err::<String, _>(std::io::Error::other("database is down"))
-                })
-                .await
-        }));
-    }
-    while cache.stats().misses < N as u64 {
-        tokio::task::yield_now().await;
-    }
+    let (release, runs, tasks) = start_concurrent_misses(&cache, N, Err("database is down")).await;
     release.send_replace(true);
     for t in tasks {
         let err = t
