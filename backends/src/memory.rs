@@ -3,9 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
 use pgcachewatch_core::{
-    Event, EventSource, GapReason, Health, InlineAttachment, InlineHandler, SignalHub,
+    ClosableHub, Event, EventSource, GapReason, Health, InlineAttachment, InlineHandler, SignalHub,
     Subscription, DEFAULT_HUB_CAPACITY,
 };
 
@@ -43,7 +42,7 @@ pub struct InMemoryHandle {
 #[derive(Debug)]
 struct Shared {
     /// `None` once closed: subscriptions end.
-    hub: RwLock<Option<SignalHub>>,
+    hub: ClosableHub,
     published: AtomicU64,
     lost: AtomicU64,
     /// Events still to drop silently (an undetected loss, for checker tests).
@@ -60,7 +59,7 @@ impl InMemorySource {
     /// they get a [`GapReason::Lagged`] gap.
     pub fn with_capacity(capacity: usize) -> (InMemorySource, InMemoryHandle) {
         let shared = Arc::new(Shared {
-            hub: RwLock::new(Some(SignalHub::new(capacity))),
+            hub: ClosableHub::new(SignalHub::new(capacity)),
             published: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             to_lose: AtomicU64::new(0),
@@ -76,38 +75,21 @@ impl InMemorySource {
 
 impl EventSource for InMemorySource {
     fn subscribe(&self) -> Subscription {
-        match &*self.shared.hub.read() {
-            Some(hub) => hub.subscribe(),
-            None => Subscription::from_stream(futures::stream::empty()),
-        }
+        self.shared.hub.subscribe()
     }
 
     fn health(&self) -> Health {
-        match &*self.shared.hub.read() {
-            Some(hub) => hub.health(),
-            None => Health::Unhealthy,
-        }
+        self.shared.hub.health()
     }
 
     fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
-        // A closed source still accepts the handler, and drops it at once: that
-        // tells the dispatcher its source has ended.
-        let hub = self.shared.hub.read().clone();
-        match hub {
-            Some(hub) => Some(hub.attach_inline(handler)),
-            None => {
-                let mut handler = handler;
-                handler(&pgcachewatch_core::Signal::Health(Health::Unhealthy));
-                drop(handler);
-                Some(InlineAttachment::new(()))
-            }
-        }
+        Some(self.shared.hub.attach_inline(handler))
     }
 }
 
 impl InMemoryHandle {
     fn with_hub<R>(&self, f: impl FnOnce(&SignalHub) -> R) -> Option<R> {
-        self.shared.hub.read().as_ref().map(f)
+        self.shared.hub.with(f)
     }
 
     /// Publishes an event to every subscriber. While disconnected (or after
@@ -170,7 +152,7 @@ impl InMemoryHandle {
 
     /// Shuts the source down: every subscription ends, later ones end at once.
     pub fn close(&self) {
-        self.shared.hub.write().take();
+        self.shared.hub.close();
     }
 
     /// How many subscriptions are alive.

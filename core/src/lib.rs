@@ -37,6 +37,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 mod cache;
+mod closable_hub;
 mod dispatcher;
 mod error;
 mod event;
@@ -47,6 +48,7 @@ mod source;
 mod strategy;
 
 pub use cache::{Cache, CacheBuilder, CacheStats, InvalidationTarget, WhileUnhealthy};
+pub use closable_hub::ClosableHub;
 pub use dispatcher::{Dispatcher, DispatcherHandle, DispatcherStats};
 pub use error::{BoxError, Error, Result};
 pub use event::{Event, Operation, RowKey, TableRef, UnknownOperation};

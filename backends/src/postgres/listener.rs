@@ -42,9 +42,10 @@ mod task;
 use std::fmt;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use pgcachewatch_core::{
-    Error, EventSource, Health, InlineAttachment, InlineHandler, Signal, SignalHub, Subscription,
+    ClosableHub, Error, EventSource, Health, InlineAttachment, InlineHandler, SignalHub,
+    Subscription,
 };
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -93,7 +94,7 @@ pub struct PgListenerSource {
 
 struct Inner {
     /// `None` after shutdown: new subscriptions end at once.
-    hub: RwLock<Option<SignalHub>>,
+    hub: ClosableHub,
     counters: Arc<Counters>,
     settings: Arc<Settings>,
     /// Sending (or dropping, with the last handle) stops the task.
@@ -166,7 +167,7 @@ impl PgListenerSource {
         let handle = tokio::spawn(task.run(first));
         Ok(PgListenerSource {
             inner: Arc::new(Inner {
-                hub: RwLock::new(Some(hub)),
+                hub: ClosableHub::new(hub),
                 counters,
                 settings,
                 stop: stop_tx,
@@ -213,7 +214,7 @@ impl PgListenerSource {
     /// Stops listening: subscriptions end, the task and its connection are gone
     /// when this returns. Later calls (on any clone) return at once.
     pub async fn shutdown(&self) {
-        self.inner.hub.write().take();
+        self.inner.hub.close();
         self.inner.stop.send_replace(true);
         let task = self.inner.task.lock().take();
         if let Some(task) = task {
@@ -228,32 +229,16 @@ impl PgListenerSource {
 
 impl EventSource for PgListenerSource {
     fn subscribe(&self) -> Subscription {
-        match &*self.inner.hub.read() {
-            Some(hub) => hub.subscribe(),
-            None => Subscription::from_stream(futures::stream::empty()),
-        }
+        self.inner.hub.subscribe()
     }
 
     fn health(&self) -> Health {
-        match &*self.inner.hub.read() {
-            Some(hub) => hub.health(),
-            None => Health::Unhealthy,
-        }
+        self.inner.hub.health()
     }
 
+    /// Decisions are then applied in the listener task as each notification is
+    /// parsed: the lowest write → invalidation latency.
     fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
-        // Decisions are then applied in the listener task as each notification is
-        // parsed: the lowest write → invalidation latency. A shut-down source takes
-        // the handler and drops it at once, which tells the dispatcher it ended.
-        let hub = self.inner.hub.read().clone();
-        match hub {
-            Some(hub) => Some(hub.attach_inline(handler)),
-            None => {
-                let mut handler = handler;
-                handler(&Signal::Health(Health::Unhealthy));
-                drop(handler);
-                Some(InlineAttachment::new(()))
-            }
-        }
+        Some(self.inner.hub.attach_inline(handler))
     }
 }
