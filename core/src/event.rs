@@ -6,6 +6,8 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::position::Lsn;
+
 /// The kind of write that produced an [`Event`].
 ///
 /// Serialized in lower case (`"insert"`, `"update"`, …), which is what both
@@ -135,6 +137,10 @@ pub struct Event {
     /// The writing transaction's id (`txid_current()`), when sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub txid: Option<i64>,
+    /// The commit's position in the write-ahead log, from a lossless source (the
+    /// logical-replication source, or a relay of it); `None` from `LISTEN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<Lsn>,
 }
 
 impl Event {
@@ -154,6 +160,7 @@ impl Event {
             received_at: Utc::now(),
             keys: None,
             txid: None,
+            lsn: None,
         }
     }
 
@@ -172,6 +179,12 @@ impl Event {
     /// Sets the transaction id (builder style).
     pub fn with_txid(mut self, txid: i64) -> Self {
         self.txid = Some(txid);
+        self
+    }
+
+    /// Sets the commit position (builder style).
+    pub fn with_lsn(mut self, lsn: Lsn) -> Self {
+        self.lsn = Some(lsn);
         self
     }
 

@@ -104,6 +104,7 @@ pub fn parse_payload(
         received_at,
         keys,
         txid,
+        lsn: None,
     })
 }
 

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::event::Event;
+use crate::position::Lsn;
 
 /// One item of a [`Subscription`](crate::Subscription): an event, a gap, or a health change.
 ///
@@ -18,6 +19,12 @@ pub enum Signal {
     /// The source became healthy (listening; events will arrive) or unhealthy
     /// (not listening; writes may go unnoticed until the next `Gap` + `Healthy`).
     Health(Health),
+    /// Sent by a lossless source (one whose events carry an [`Lsn`]): every change
+    /// committed before this position has now been emitted. It moves a
+    /// dispatcher's applied position forward while the watched tables are quiet,
+    /// so a read-your-writes wait for a position ends even when the write itself
+    /// produced no event. Strategies never see it.
+    Progress(Lsn),
 }
 
 impl Signal {

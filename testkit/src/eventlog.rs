@@ -53,7 +53,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use pgcachewatch_core::{Event, GapReason, Health, Signal};
+use pgcachewatch_core::{Event, GapReason, Health, Lsn, Signal};
 use serde::{Deserialize, Serialize};
 
 /// The format version this crate writes and the highest it reads.
@@ -182,6 +182,8 @@ pub enum RecordKind {
     Gap(GapReason),
     /// The source's health changed.
     Health(Health),
+    /// A lossless source passed this position (see [`Signal::Progress`]).
+    Progress(Lsn),
 }
 
 /// One line of a log after the header: what happened, and when.
@@ -205,6 +207,7 @@ impl LogRecord {
             Signal::Event(e) => RecordKind::Event((**e).clone()),
             Signal::Gap(reason) => RecordKind::Gap(reason.clone()),
             Signal::Health(h) => RecordKind::Health(*h),
+            Signal::Progress(lsn) => RecordKind::Progress(*lsn),
             // A signal kind newer than this format: the safe reading is "something
             // may have been lost".
             other => RecordKind::Gap(GapReason::Injected {
@@ -220,6 +223,7 @@ impl LogRecord {
             RecordKind::Event(e) => Signal::Event(Arc::new(e.clone())),
             RecordKind::Gap(reason) => Signal::Gap(reason.clone()),
             RecordKind::Health(h) => Signal::Health(*h),
+            RecordKind::Progress(lsn) => Signal::Progress(*lsn),
         }
     }
 }
@@ -308,6 +312,8 @@ struct WireRecord {
     gap: Option<WireGap>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     health: Option<WireHealth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    progress: Option<Lsn>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -373,6 +379,7 @@ fn to_wire(record: &LogRecord) -> WireRecord {
         event: None,
         gap: None,
         health: None,
+        progress: None,
     };
     match &record.kind {
         RecordKind::Event(e) => wire.event = Some(e.clone()),
@@ -384,26 +391,29 @@ fn to_wire(record: &LogRecord) -> WireRecord {
                 WireHealth::Unhealthy
             })
         }
+        RecordKind::Progress(lsn) => wire.progress = Some(*lsn),
     }
     wire
 }
 
 fn from_wire(wire: WireRecord) -> Result<LogRecord, String> {
     let offset = Duration::from_micros(wire.offset_us);
-    let kind = match (wire.event, wire.gap, wire.health) {
-        (Some(e), None, None) => RecordKind::Event(e),
-        (None, Some(g), None) => RecordKind::Gap(g.into()),
-        (None, None, Some(h)) => RecordKind::Health(match h {
+    const FIELDS: &str = "`event`, `gap`, `health`, `progress`";
+    let kind = match (wire.event, wire.gap, wire.health, wire.progress) {
+        (Some(e), None, None, None) => RecordKind::Event(e),
+        (None, Some(g), None, None) => RecordKind::Gap(g.into()),
+        (None, None, Some(h), None) => RecordKind::Health(match h {
             WireHealth::Healthy => Health::Healthy,
             WireHealth::Unhealthy => Health::Unhealthy,
         }),
-        (None, None, None) => {
-            return Err("expected one of the fields `event`, `gap`, `health`; found none".into())
+        (None, None, None, Some(lsn)) => RecordKind::Progress(lsn),
+        (None, None, None, None) => {
+            return Err(format!("expected one of the fields {FIELDS}; found none"))
         }
         _ => {
-            return Err(
-                "expected exactly one of the fields `event`, `gap`, `health`; found several".into(),
-            )
+            return Err(format!(
+                "expected exactly one of the fields {FIELDS}; found several"
+            ))
         }
     };
     Ok(LogRecord { offset, kind })

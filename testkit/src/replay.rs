@@ -418,6 +418,8 @@ impl<'r, K: 'static, S: InvalidationStrategy<K>> Run<'r, K, S> {
                     Decision::Nothing,
                 )
             }
+            // A position mark moves no strategy.
+            RecordKind::Progress(_) => return,
         };
         self.apply(cause, decision);
     }

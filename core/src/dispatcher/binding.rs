@@ -37,6 +37,7 @@ where
                 self.target.set_healthy(health.is_healthy());
                 return;
             }
+            Signal::Progress(_) => return,
         };
         if !decision.is_nothing() {
             self.target.apply(&decision);
@@ -85,6 +86,7 @@ pub(super) struct Counters {
     gaps: AtomicU64,
     health_changes: AtomicU64,
     ticks: AtomicU64,
+    progress: AtomicU64,
 }
 
 impl Counters {
@@ -119,6 +121,7 @@ impl Bindings {
                 tracing::info!(healthy = (*h == Health::Healthy), "source health changed");
                 &self.counters.health_changes
             }
+            Signal::Progress(_) => &self.counters.progress,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         for b in &mut self.list {
