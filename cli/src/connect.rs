@@ -59,7 +59,7 @@ impl Target {
 
     /// `user@host:port/database`, without the password.
     pub(crate) fn describe(&self) -> String {
-        pgcachewatch_backends::postgres::describe_target(&self.options)
+        pgcachewatch::postgres::describe_target(&self.options)
     }
 
     /// One connection: commands run a handful of statements, and connecting once

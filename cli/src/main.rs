@@ -25,8 +25,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use pgcachewatch_backends::postgres::install::{Installer, DEFAULT_FUNCTION_NAME, DEFAULT_SCHEMA};
-use pgcachewatch_backends::postgres::DEFAULT_CHANNEL;
+use pgcachewatch::postgres::install::{Installer, DEFAULT_FUNCTION_NAME, DEFAULT_SCHEMA};
+use pgcachewatch::postgres::DEFAULT_CHANNEL;
 
 /// Keep in-process caches consistent with PostgreSQL: manage the triggers that
 /// NOTIFY on writes, and watch what they send.

@@ -9,8 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use pgcachewatch_testkit::env::{database_url, unique_name as unique};
-use pgcachewatch_testkit::eventlog::{EventLogReader, RecordKind};
+use pgcachewatch::testkit::env::{database_url, unique_name as unique};
+use pgcachewatch::testkit::eventlog::{EventLogReader, RecordKind};
 use sqlx::PgPool;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgcachewatch");

@@ -1,7 +1,7 @@
 //! `install` and `uninstall`: print the plan; apply it only with `--commit`.
 
 use anyhow::{Context as _, Result};
-use pgcachewatch_backends::postgres::install::TableName;
+use pgcachewatch::postgres::install::TableName;
 
 use crate::connect::Target;
 use crate::TriggerArgs;

@@ -4,8 +4,8 @@
 use std::fmt;
 
 use anyhow::{anyhow, Result};
-use pgcachewatch_backends::postgres::listener::PgListenerSource;
-use pgcachewatch_core::{EventSource, Signal};
+use pgcachewatch::postgres::listener::PgListenerSource;
+use pgcachewatch::{EventSource, Signal};
 
 use crate::connect::Target;
 use crate::StopArgs;
