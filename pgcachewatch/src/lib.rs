@@ -6,6 +6,7 @@
 //! the [`strategies`], the in-memory source ([`memory`]), the PostgreSQL backend
 //! (`postgres`, feature `postgres`, on by default) and, with feature `testkit`,
 //! the test kit (`testkit`).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
@@ -23,12 +24,14 @@ pub mod memory {
 
 /// The PostgreSQL backend: LISTEN source, trigger SQL and installer.
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres {
     pub use pgcachewatch_backends::postgres::*;
 }
 
 /// Record/replay, generators, the staleness model checker and the conformance suite.
 #[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit {
     pub use pgcachewatch_testkit::*;
 }

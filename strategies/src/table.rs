@@ -9,8 +9,8 @@ use pgcachewatch_core::{Event, Operation, TableRef};
 /// any schema. For names that themselves contain a dot, pass a [`TableRef`] or a pair.
 ///
 /// ```
-/// use pgcachewatch_core::TableRef;
-/// use pgcachewatch_strategies::IntoTableRef;
+/// use pgcachewatch::TableRef;
+/// use pgcachewatch::strategies::IntoTableRef;
 /// assert_eq!("public.users".into_table_ref(), TableRef::new("public", "users"));
 /// assert_eq!("users".into_table_ref(), TableRef::unqualified("users"));
 /// assert_eq!(("app", "a.b").into_table_ref(), TableRef::new("app", "a.b"));
@@ -78,8 +78,8 @@ pub(crate) fn event_is_about(event: &Event, table: &TableRef) -> bool {
 ///
 /// ```
 /// use std::time::Instant;
-/// use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation};
-/// use pgcachewatch_strategies::{Greedy, TableFilter};
+/// use pgcachewatch::{Decision, Event, InvalidationStrategy, Operation};
+/// use pgcachewatch::strategies::{Greedy, TableFilter};
 ///
 /// let writes_to_users = TableFilter::new()
 ///     .tables(["public.users"])
