@@ -53,7 +53,11 @@ async fn in_memory_dispatcher_keeps_its_source_after_the_local_handle_is_dropped
     assert_eq!(users.get(&1).as_deref(), Some("ann"));
     assert!(handle.publish(Event::new("ch", Operation::Update, "public", "users")));
     dispatcher.sync().await;
-    assert_eq!(users.get(&1), None, "the inline dispatcher still invalidates");
+    assert_eq!(
+        users.get(&1),
+        None,
+        "the inline dispatcher still invalidates"
+    );
 
     // Even with every source and handle gone, the dispatchers still hold it: they
     // stay attached and the cache keeps caching instead of bypassing.
@@ -90,7 +94,11 @@ mod postgres {
     }
 
     /// What a newcomer writes: connect, spawn, return the handle, drop the source.
-    async fn setup(pool: &PgPool, channel: &str, users: &Cache<u32, String>) -> (DispatcherHandle, u32) {
+    async fn setup(
+        pool: &PgPool,
+        channel: &str,
+        users: &Cache<u32, String>,
+    ) -> (DispatcherHandle, u32) {
         let source = PgListenerSource::from_pool(pool)
             .channel(channel)
             .connect()
@@ -150,7 +158,10 @@ mod postgres {
         let keeper = source.clone();
         drop(source);
         drop(keeper);
-        assert!(matches!(sub.recv().await, Some(pgcachewatch_core::Signal::Health(_))));
+        assert!(matches!(
+            sub.recv().await,
+            Some(pgcachewatch_core::Signal::Health(_))
+        ));
         notify(&db, &channel).await;
         let signal = tokio::time::timeout(PATIENCE, sub.recv())
             .await
@@ -167,7 +178,8 @@ mod postgres {
         let mut sub = source.subscribe();
         source.shutdown().await;
         drop(source);
-        let ended = tokio::time::timeout(PATIENCE, async { while sub.recv().await.is_some() {} }).await;
+        let ended =
+            tokio::time::timeout(PATIENCE, async { while sub.recv().await.is_some() {} }).await;
         assert!(ended.is_ok(), "subscription did not end after shutdown");
     }
 }

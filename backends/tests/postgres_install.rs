@@ -524,7 +524,10 @@ async fn reinstalling_never_silently_changes_a_tables_mode() {
         .channel(&channel)
         .function_schema(&s.schema);
     let row_keys = table_level.clone().row_keys(true);
-    row_keys.install(&s.db, std::slice::from_ref(&a)).await.unwrap();
+    row_keys
+        .install(&s.db, std::slice::from_ref(&a))
+        .await
+        .unwrap();
     let installed = s.triggers().await;
 
     // Re-running the install without row keys, as a forgotten `--row-keys` does:
@@ -541,7 +544,10 @@ async fn reinstalling_never_silently_changes_a_tables_mode() {
     assert_eq!(changes[0].table, a);
     assert!(changes[0].installed_row_keys && !changes[0].requested_row_keys);
     let text = err.to_string();
-    assert!(text.contains("row-key events -> table-level events"), "{text}");
+    assert!(
+        text.contains("row-key events -> table-level events"),
+        "{text}"
+    );
     assert!(text.contains("allow_mode_change"), "{text}");
     assert_eq!(s.triggers().await, installed);
     // The dry-run check says the same, also with a pool, and changes nothing.
@@ -551,15 +557,24 @@ async fn reinstalling_never_silently_changes_a_tables_mode() {
     ));
     // The same mode again is no change; a new table is no change either.
     assert_eq!(
-        row_keys.preflight(&s.db, &[a.clone(), b.clone()]).await.unwrap(),
+        row_keys
+            .preflight(&s.db, &[a.clone(), b.clone()])
+            .await
+            .unwrap(),
         vec![]
     );
 
     // Allowed explicitly: reported, then applied.
     let allowed = table_level.clone().allow_mode_change(true);
-    let reported = allowed.preflight(&s.db, std::slice::from_ref(&a)).await.unwrap();
+    let reported = allowed
+        .preflight(&s.db, std::slice::from_ref(&a))
+        .await
+        .unwrap();
     assert_eq!(reported.len(), 1);
-    allowed.install(&s.db, std::slice::from_ref(&a)).await.unwrap();
+    allowed
+        .install(&s.db, std::slice::from_ref(&a))
+        .await
+        .unwrap();
     assert!(s
         .triggers()
         .await

@@ -758,7 +758,10 @@ async fn dropping_the_last_handle_stops_the_task() {
     drop(source);
     assert!(backend_alive(&db, pid).await, "a clone keeps it running");
     drop(clone);
-    assert!(backend_alive(&db, pid).await, "a subscription keeps it running");
+    assert!(
+        backend_alive(&db, pid).await,
+        "a subscription keeps it running"
+    );
     drop(sub);
     wait_backend_gone(&db, pid).await;
 }

@@ -3,7 +3,10 @@
 //! self-signed "snakeoil" certificate `/etc/ssl/certs/ssl-cert-snakeoil.pem`:
 //! `sslmode=require` and `sslmode=verify-ca` connect (and really use TLS), a
 //! root certificate that did not sign the server's is a clear, permanent error.
-#![cfg(all(feature = "postgres", any(feature = "tls-rustls", feature = "tls-native-tls")))]
+#![cfg(all(
+    feature = "postgres",
+    any(feature = "tls-rustls", feature = "tls-native-tls")
+))]
 
 use std::path::Path;
 
@@ -47,7 +50,10 @@ async fn sslmode_require_connects_over_tls() {
         .await
         .expect("sslmode=require connects to a server with ssl = on");
     let pid = source.stats().backend_pid.unwrap();
-    assert!(uses_tls(&db, pid).await, "the listener's connection is not TLS");
+    assert!(
+        uses_tls(&db, pid).await,
+        "the listener's connection is not TLS"
+    );
     source.shutdown().await;
 
     // The installer and status (any pool) honour it too.
@@ -79,7 +85,11 @@ async fn sslmode_verify_ca_with_the_servers_root_certificate_connects() {
     source.shutdown().await;
 
     // From a pool with the same options: the listener inherits the TLS settings.
-    let pool = PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
     let source = PgListenerSource::from_pool(&pool)
         .channel(unique("pgcw_tls_pool"))
         .connect()
@@ -103,7 +113,10 @@ async fn a_wrong_root_certificate_is_a_clear_permanent_error() {
     // A root file that did not sign the server's certificate: the system's CA
     // bundle (public CAs only), or, failing that, a certificate of our own.
     let wrong = wrong_root_certificate();
-    let url = url_with(&format!("sslmode=verify-ca&sslrootcert={}", wrong.display()));
+    let url = url_with(&format!(
+        "sslmode=verify-ca&sslrootcert={}",
+        wrong.display()
+    ));
     let err = PgListenerSource::builder(&url)
         .channel(unique("pgcw_tls_bad"))
         .connect()
@@ -132,7 +145,17 @@ fn wrong_root_certificate() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
     let ok = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=not-the-server"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=not-the-server",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")

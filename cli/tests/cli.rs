@@ -423,7 +423,10 @@ fn fails(cmd: &mut Command, code: Option<i32>) -> (String, String) {
     if let Some(code) = code {
         assert_eq!(out.status.code(), Some(code), "{stderr}");
     }
-    assert!(stderr.starts_with("error: "), "the error is not first:\n{stderr}");
+    assert!(
+        stderr.starts_with("error: "),
+        "the error is not first:\n{stderr}"
+    );
     (stdout, stderr)
 }
 
@@ -438,7 +441,10 @@ fn failures_exit_non_zero_with_the_error_first_and_no_sql() {
         pgcachewatch().args([&["install", &missing][..], &schema].concat()),
         Some(1),
     );
-    assert!(stdout.is_empty(), "SQL printed despite the error:\n{stdout}");
+    assert!(
+        stdout.is_empty(),
+        "SQL printed despite the error:\n{stdout}"
+    );
     assert!(stderr.contains("does not exist"), "{stderr}");
 
     // --commit: the error alone, no SQL before it.
@@ -470,13 +476,19 @@ fn argument_errors_speak_the_command_lines_words() {
         &["record", "out.jsonl", "--channel", ""],
     ] {
         let (_, stderr) = fails(pgcachewatch().args(args), Some(2));
-        assert!(stderr.contains("--channel must not be empty"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("--channel must not be empty"),
+            "{args:?}: {stderr}"
+        );
         assert!(!stderr.contains(".channel("), "builder words: {stderr}");
         assert!(!stderr.contains("DATABASE_URL"), "unrelated hint: {stderr}");
     }
     let long = "c".repeat(64);
     let (_, stderr) = fails(pgcachewatch().args(["listen", "--channel", &long]), Some(2));
-    assert!(stderr.contains("--channel must be at most 63 bytes"), "{stderr}");
+    assert!(
+        stderr.contains("--channel must be at most 63 bytes"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -507,8 +519,14 @@ fn install_never_silently_switches_a_tables_mode() {
             Some(1),
         );
         assert!(stdout.is_empty(), "{stdout}");
-        assert!(stderr.contains("row-key events -> table-level events"), "{stderr}");
-        assert!(stderr.contains("--row-keys") && stderr.contains("--change-mode"), "{stderr}");
+        assert!(
+            stderr.contains("row-key events -> table-level events"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("--row-keys") && stderr.contains("--change-mode"),
+            "{stderr}"
+        );
         assert_eq!(row_mode_triggers(), 4);
     }
     // The same mode again is fine.
@@ -517,8 +535,15 @@ fn install_never_silently_switches_a_tables_mode() {
     let (_, stderr) = ok(&[&["install", &table, "--change-mode"][..], &schema].concat());
     assert!(stderr.contains("would change"), "{stderr}");
     assert_eq!(row_mode_triggers(), 4);
-    let (_, stderr) = ok(&[&["install", &table, "--change-mode", "--commit"][..], &schema].concat());
-    assert!(stderr.contains("changed") && stderr.contains("table-level"), "{stderr}");
+    let (_, stderr) = ok(&[
+        &["install", &table, "--change-mode", "--commit"][..],
+        &schema,
+    ]
+    .concat());
+    assert!(
+        stderr.contains("changed") && stderr.contains("table-level"),
+        "{stderr}"
+    );
     assert_eq!(row_mode_triggers(), 0);
     assert_eq!(s.trigger_count(), 4);
 }

@@ -69,7 +69,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use self::config::Settings;
-use crate::keep_alive;
 pub use self::config::{
     MalformedPolicy, PgListenerBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN,
@@ -77,6 +76,7 @@ pub use self::config::{
 use self::stats::Counters;
 pub use self::stats::ListenerStats;
 use self::task::{Command, Task};
+use crate::keep_alive;
 
 /// An [`EventSource`] fed by PostgreSQL `LISTEN`, with reconnect and heartbeat.
 ///

@@ -136,7 +136,9 @@ async fn dry_run(
                 target.describe()
             );
             for change in &changes {
-                note.push_str(&format!("\n-- --commit would change {change} (--change-mode)"));
+                note.push_str(&format!(
+                    "\n-- --commit would change {change} (--change-mode)"
+                ));
             }
             note
         }

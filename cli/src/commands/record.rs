@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
-use pgcachewatch::Signal;
 use pgcachewatch::testkit::eventlog::{EventLogWriter, LogHeader};
+use pgcachewatch::Signal;
 
 use super::watch;
 use crate::StopArgs;

@@ -122,7 +122,11 @@ async fn run(args: Args) -> Result<()> {
     cleaned
 }
 
-async fn serve(args: &Args, db: &sqlx::PgPool, table: &pgcachewatch::postgres::TableName) -> Result<()> {
+async fn serve(
+    args: &Args,
+    db: &sqlx::PgPool,
+    table: &pgcachewatch::postgres::TableName,
+) -> Result<()> {
     // The source, the cache, and the dispatcher that ties them together. The
     // listener connects where the pool connects.
     let source = Arc::new(
