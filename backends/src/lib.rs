@@ -9,11 +9,31 @@
 //!   heartbeat, the trigger SQL and its installer.
 //!
 //! Both pass the conformance suite in `pgcachewatch-testkit`.
+//!
+//! Applications depend on the facade crate `pgcachewatch`, which re-exports this
+//! crate as `pgcachewatch::memory` and `pgcachewatch::postgres`; the examples here
+//! are written that way.
+//!
+//! ## Features
+//!
+//! * `postgres`: the PostgreSQL source and installer (sqlx).
+//! * `tls-rustls` (default): TLS to PostgreSQL through rustls (`sslmode`,
+//!   `sslrootcert`).
+//! * `tls-native-tls`: TLS through the platform's library instead.
+//!
+//! ## A source outlives its local handle
+//!
+//! Each source's subscriptions and inline attachments keep it running: a
+//! [`Dispatcher`](pgcachewatch_core::Dispatcher) spawned on a source keeps
+//! invalidating after the code that built it dropped its `source` variable.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+mod keep_alive;
 pub mod memory;
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
 
 pub use memory::{InMemoryHandle, InMemorySource};

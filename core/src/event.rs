@@ -75,8 +75,8 @@ impl FromStr for Operation {
 
 /// The primary-key values of one affected row, column name → JSON value.
 ///
-/// Row-level triggers send one `RowKey` per affected row (see DESIGN.md,
-/// "Row-level events"). Keyed strategies map them to cache keys.
+/// Row-level triggers send one `RowKey` per affected row (see ARCHITECTURE.md,
+/// "Payload format"). Keyed strategies map them to cache keys.
 ///
 /// ```
 /// use pgcachewatch_core::RowKey;

@@ -12,8 +12,8 @@ use pgcachewatch_core::{Event, Operation, TableRef};
 /// is logged and taken literally as a table name. A pair is taken verbatim.
 ///
 /// ```
-/// use pgcachewatch_core::TableRef;
-/// use pgcachewatch_strategies::IntoTableRef;
+/// use pgcachewatch::TableRef;
+/// use pgcachewatch::strategies::IntoTableRef;
 /// assert_eq!("public.Users".into_table_ref(), TableRef::new("public", "users"));
 /// assert_eq!("users".into_table_ref(), TableRef::unqualified("users"));
 /// assert_eq!(r#""App"."a.b""#.into_table_ref(), TableRef::new("App", "a.b"));
@@ -82,8 +82,8 @@ pub(crate) fn event_is_about(event: &Event, table: &TableRef) -> bool {
 ///
 /// ```
 /// use std::time::Instant;
-/// use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation};
-/// use pgcachewatch_strategies::{Greedy, TableFilter};
+/// use pgcachewatch::{Decision, Event, InvalidationStrategy, Operation};
+/// use pgcachewatch::strategies::{Greedy, TableFilter};
 ///
 /// let writes_to_users = TableFilter::new()
 ///     .tables(["public.users"])

@@ -8,11 +8,11 @@
 //! and reported as a [`ReplayStep`] naming its cause. The result prints as a table.
 //!
 //! ```
-//! use pgcachewatch_core::{Decision, Event, Health, Operation};
-//! use pgcachewatch_testkit::eventlog::{EventLog, LogHeader, LogRecord, RecordKind};
-//! use pgcachewatch_testkit::replay::{replay, Cause};
+//! use pgcachewatch::{Decision, Event, Health, Operation};
+//! use pgcachewatch::testkit::eventlog::{EventLog, LogHeader, LogRecord, RecordKind};
+//! use pgcachewatch::testkit::replay::{replay, Cause};
 //! # use std::time::{Duration, Instant};
-//! # use pgcachewatch_core::InvalidationStrategy;
+//! # use pgcachewatch::InvalidationStrategy;
 //! # #[derive(Debug)] struct DropAll;
 //! # impl<K> InvalidationStrategy<K> for DropAll {
 //! #     fn on_event(&mut self, _: &Event, _: Instant) -> Decision<K> { Decision::All }
@@ -261,9 +261,9 @@ const MAX_TICKS_IN_A_ROW: usize = 100_000;
 /// then [`run`](Self::run).
 ///
 /// ```
-/// use pgcachewatch_core::{Cache, Decision, Event, Operation, InvalidationStrategy};
-/// use pgcachewatch_testkit::eventlog::{EventLog, LogHeader, LogRecord, RecordKind};
-/// use pgcachewatch_testkit::replay::{Replayer, Speed};
+/// use pgcachewatch::{Cache, Decision, Event, Operation, InvalidationStrategy};
+/// use pgcachewatch::testkit::eventlog::{EventLog, LogHeader, LogRecord, RecordKind};
+/// use pgcachewatch::testkit::replay::{Replayer, Speed};
 /// # #[derive(Debug)] struct DropAll;
 /// # impl<K> InvalidationStrategy<K> for DropAll {
 /// #     fn on_event(&mut self, _: &Event, _: std::time::Instant) -> Decision<K> { Decision::All }

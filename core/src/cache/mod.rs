@@ -9,7 +9,7 @@
 //! through its admission/eviction bookkeeping), is bounded by capacity, and needs no
 //! background maintenance. TTL and staleness are checked by the engine itself, so the
 //! store needs no time-based features. Single-flight and invalidation are the engine's
-//! own too: neither crate closes the stale-set race (DESIGN.md decision 3).
+//! own too: neither crate closes the stale-set race (ARCHITECTURE.md, decision 3).
 
 mod flight;
 mod generations;

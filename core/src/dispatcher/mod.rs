@@ -22,7 +22,7 @@ use crate::signal::Health;
 use crate::source::{EventSource, InlineAttachment, Subscription};
 use crate::strategy::InvalidationStrategy;
 
-/// Ties strategies and caches to one [`EventSource`] (DESIGN.md decisions 1 and 2).
+/// Ties strategies and caches to one [`EventSource`] (ARCHITECTURE.md, decisions 1 and 2).
 ///
 /// Build it with [`attach`](Dispatcher::attach), then [`spawn`](Dispatcher::spawn) it
 /// on a source. It applies each signal as it arrives (push, not pull): inline, in

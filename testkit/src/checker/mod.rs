@@ -8,7 +8,7 @@
 //! [`Op`] at a time, so a load can read the table before a write and return after
 //! that write's invalidation: the stale-set race, on demand.
 //!
-//! Every read is checked against DESIGN.md's guarantee:
+//! Every read is checked against the guarantee (ARCHITECTURE.md, "The guarantee"):
 //!
 //! 1. **Notified writes are never served stale.** Once the notification covering a
 //!    write has been processed (its event, or a gap after it), no read that
@@ -53,7 +53,7 @@
 //! # Example
 //!
 //! ```
-//! use pgcachewatch_testkit::checker::{ModelChecker, Op, Schedule};
+//! use pgcachewatch::testkit::checker::{ModelChecker, Op, Schedule};
 //!
 //! let race = Schedule::new(vec![
 //!     Op::StartRead { slot: 0, row: 0 }, // the load reads v0 ...
@@ -188,7 +188,7 @@ impl ModelChecker {
     /// A passing schedule comes back unchanged.
     ///
     /// ```
-    /// use pgcachewatch_testkit::checker::{ModelChecker, Op, Schedule};
+    /// use pgcachewatch::testkit::checker::{ModelChecker, Op, Schedule};
     /// let s = Schedule::new(vec![Op::Write { row: 0 }, Op::Deliver { source: 0 }]);
     /// assert_eq!(ModelChecker::new().minimize(s.clone()), s);
     /// ```
@@ -280,16 +280,18 @@ impl std::error::Error for Violation {}
 /// use proptest::strategy::{Strategy, ValueTree};
 /// use proptest::test_runner::TestRunner;
 /// let mut runner = TestRunner::deterministic();
-/// let s = pgcachewatch_testkit::checker::schedules(20).new_tree(&mut runner).unwrap().current();
+/// let s = pgcachewatch::testkit::checker::schedules(20).new_tree(&mut runner).unwrap().current();
 /// assert!((1..=20).contains(&s.ops.len()));
 /// ```
 #[cfg(feature = "proptest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proptest")))]
 pub fn schedules(max_len: usize) -> impl proptest::strategy::Strategy<Value = Schedule> {
     schedule::generate::schedules(max_len)
 }
 
 /// How an exploration went (feature `proptest`).
 #[cfg(feature = "proptest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proptest")))]
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Exploration {
@@ -301,6 +303,7 @@ pub struct Exploration {
 
 /// A minimal failing schedule and its violation (feature `proptest`).
 #[cfg(feature = "proptest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proptest")))]
 #[derive(Debug, Clone)]
 pub struct Counterexample {
     /// The shrunk schedule.
@@ -312,6 +315,7 @@ pub struct Counterexample {
 }
 
 #[cfg(feature = "proptest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proptest")))]
 impl fmt::Display for Counterexample {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "minimal failing schedule:{:?}", self.schedule)?;
@@ -323,13 +327,14 @@ impl fmt::Display for Counterexample {
 }
 
 #[cfg(feature = "proptest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proptest")))]
 impl ModelChecker {
     /// Runs `config.cases` generated schedules of up to `max_len` steps with
     /// proptest's runner; on failure, shrinks (proptest, then [`minimize`](Self::minimize))
     /// and returns the minimal schedule.
     ///
     /// ```
-    /// use pgcachewatch_testkit::checker::ModelChecker;
+    /// use pgcachewatch::testkit::checker::ModelChecker;
     /// use proptest::test_runner::Config;
     /// let done = ModelChecker::new().explore(Config::with_cases(100), 30).unwrap();
     /// assert_eq!(done.cases, 100);

@@ -134,7 +134,7 @@ impl fmt::Debug for Op {
 /// failing case reads as a short story.
 ///
 /// ```
-/// use pgcachewatch_testkit::checker::{Op, Schedule};
+/// use pgcachewatch::testkit::checker::{Op, Schedule};
 /// let s = Schedule::new(vec![Op::Write { row: 1 }, Op::Deliver { source: 1 }]);
 /// assert_eq!(format!("{s:?}"), "\n  1: write row 1\n  2: deliver next signal of source 1\n");
 /// ```
