@@ -1,7 +1,8 @@
 //! The synchronisation primitives the dispatcher's shared state is built on:
 //! `parking_lot` and tokio in normal builds; `loom`'s model-checked versions when
 //! built with `--cfg pgcachewatch_loom`, so the interleaving tests in
-//! `dispatcher/shared.rs` explore every schedule of the real code.
+//! `dispatcher/shared.rs` (deadline timer) and `cache/loom_tests.rs` (the
+//! load / invalidate / store protocol) explore every schedule of the real code.
 //!
 //! Run them with:
 //!
@@ -13,7 +14,7 @@
 #[cfg(not(pgcachewatch_loom))]
 mod imp {
     pub(crate) use parking_lot::{Mutex, MutexGuard};
-    pub(crate) use std::sync::atomic::AtomicBool;
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64};
 
     /// Wakes the deadline timer; a wake-up sent while nobody waits is kept.
     #[derive(Debug, Default)]
@@ -32,11 +33,11 @@ mod imp {
 
 #[cfg(pgcachewatch_loom)]
 mod imp {
-    pub(crate) use loom::sync::atomic::AtomicBool;
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64};
     pub(crate) use loom::sync::MutexGuard;
 
     /// loom's mutex with `parking_lot`'s signature (no poisoning).
-    #[derive(Debug)]
+    #[derive(Debug, Default)]
     pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
 
     impl<T> Mutex<T> {
@@ -61,6 +62,7 @@ mod imp {
         }
 
         /// Blocks (in the model) until notified.
+        #[cfg(test)]
         pub(crate) fn wait(&self) {
             self.0.wait();
         }

@@ -1,12 +1,13 @@
 //! Single-flight: concurrent misses on one key share one load.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::watch;
 
 use super::generations::Stamp;
+use crate::sync::AtomicBool;
 
 /// What a load ended with, shared by every waiter.
 pub(crate) type Outcome<V> = Result<V, Failure>;

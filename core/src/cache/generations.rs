@@ -6,12 +6,13 @@
 //! Invalidate-all is a single atomic increment.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 
 use crate::event::TableRef;
+use crate::sync::AtomicU64;
 
 /// The generation counters of one cache.
 #[derive(Debug, Default)]

@@ -118,7 +118,7 @@ where
         &self.inner.flights[shard]
     }
 
-    fn join_or_lead(&self, key: &K, tables: &[TableRef], may_join: bool) -> Role<V> {
+    pub(super) fn join_or_lead(&self, key: &K, tables: &[TableRef], may_join: bool) -> Role<V> {
         let inner = &*self.inner;
         let mut flights = self.flight_shard(key).lock();
         // A flight may have finished between the first lookup and this lock.
@@ -160,7 +160,7 @@ where
     }
 
     /// Publishes a finished load: stores it if still valid, then wakes the waiters.
-    fn finish(&self, key: &K, flight: &Arc<Flight<V>>, outcome: Outcome<V>) {
+    pub(super) fn finish(&self, key: &K, flight: &Arc<Flight<V>>, outcome: Outcome<V>) {
         let inner = &*self.inner;
         let mut replaced = None;
         {

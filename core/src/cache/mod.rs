@@ -25,6 +25,9 @@ mod stats;
 mod store;
 mod target;
 
+#[cfg(all(test, pgcachewatch_loom))]
+mod loom_tests;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -33,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 pub use self::builder::CacheBuilder;
 use self::flight::{Failure, Flight};

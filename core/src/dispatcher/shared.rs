@@ -80,7 +80,7 @@ impl Shared {
         self.rearm.notified().await;
     }
 
-    #[cfg(pgcachewatch_loom)]
+    #[cfg(all(test, pgcachewatch_loom))]
     fn wait_rearmed(&self) {
         self.rearm.wait();
     }
