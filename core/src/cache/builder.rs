@@ -142,6 +142,9 @@ where
     /// you invalidate by hand); once a dispatcher feeds it, its health follows the
     /// rules of [`HealthBoard`].
     pub fn build(self) -> Cache<K, V> {
+        // Entries keep their times relative to a process-wide origin, set before
+        // any load of this cache starts.
+        let _ = super::store::epoch();
         let evictions = Evictions(self.listener.clone());
         let (estimated, weight, weigher) = match self.weigher {
             Some((max_weight, f)) => (self.capacity, max_weight, Weigher(Some(f))),
@@ -159,6 +162,7 @@ where
                 hasher: Default::default(),
                 ttl: self.ttl,
                 tti: self.tti,
+                timed: self.ttl.is_some() || self.tti.is_some(),
                 listener: self.listener,
                 serial: AtomicU64::new(0),
                 while_unhealthy: self.while_unhealthy,

@@ -34,17 +34,17 @@ pub(crate) struct Generations {
 pub(crate) const MAX_TAGGED_TABLES: usize = 4096;
 
 /// A table's counter and its value when a load started.
-type TableStamp = (Arc<AtomicU64>, u64);
+pub(crate) type TableStamp = (Arc<AtomicU64>, u64);
 
 /// The generations a load depended on when it started.
 #[derive(Debug, Clone)]
 pub(crate) struct Stamp {
     /// `untagged` for untagged loads, `all` for tagged ones.
-    gen: u64,
+    pub(crate) gen: u64,
     /// `all` when the load started (tells a flush from an invalidation).
-    all: u64,
+    pub(crate) all: u64,
     /// For tagged loads: each table's counter and its value at the start.
-    tags: Option<Arc<[TableStamp]>>,
+    pub(crate) tags: Option<Arc<[TableStamp]>>,
 }
 
 impl Generations {
@@ -79,10 +79,17 @@ impl Generations {
     /// Whether nothing the stamp depends on was invalidated since it was taken.
     #[inline]
     pub(crate) fn is_current(&self, stamp: &Stamp) -> bool {
-        match &stamp.tags {
-            None => stamp.gen == self.untagged.load(Ordering::Acquire),
+        self.is_current_parts(stamp.gen, stamp.tags.as_deref())
+    }
+
+    /// [`is_current`](Self::is_current) for a stamp kept in parts (an entry keeps
+    /// its tags out of line, so an untagged entry is small to clone).
+    #[inline]
+    pub(crate) fn is_current_parts(&self, gen: u64, tags: Option<&[TableStamp]>) -> bool {
+        match tags {
+            None => gen == self.untagged.load(Ordering::Acquire),
             Some(tags) => {
-                stamp.gen == self.all.load(Ordering::Acquire)
+                gen == self.all.load(Ordering::Acquire)
                     && tags.iter().all(|(c, v)| c.load(Ordering::Acquire) == *v)
             }
         }
@@ -90,8 +97,8 @@ impl Generations {
 
     /// Whether a stamp that is no longer current died in a flush (rather than in
     /// an invalidation of its key's tables).
-    pub(crate) fn flushed_since(&self, stamp: &Stamp) -> bool {
-        stamp.all != self.all.load(Ordering::Acquire)
+    pub(crate) fn flushed_since(&self, all: u64) -> bool {
+        all != self.all.load(Ordering::Acquire)
     }
 
     /// Invalidates everything.

@@ -45,7 +45,7 @@ use self::load::resolve_tags;
 pub use self::stats::CacheStats;
 use self::stats::{bump, Counters};
 pub use self::store::RemovalCause;
-use self::store::{nanos_since_epoch, Entry, Listener, Store};
+use self::store::{Entry, Listener, Store};
 pub use self::target::InvalidationTarget;
 use crate::error::{BoxError, Error};
 use crate::event::{IntoTableRef, TableRef};
@@ -131,6 +131,8 @@ struct Inner<K, V> {
     health: HealthBoard,
     ttl: Option<Duration>,
     tti: Option<Duration>,
+    /// `ttl` or `tti` is set: hits check the clock.
+    timed: bool,
     listener: Option<Listener<K, V>>,
     serial: AtomicU64,
     while_unhealthy: WhileUnhealthy,
@@ -486,11 +488,11 @@ where
             return self.lookup_unhealthy(key);
         }
         let entry = inner.store.get(key)?;
-        if !inner.gens.is_current(&entry.stamp) {
+        if !entry.is_current(&inner.gens) {
             self.drop_dead(key, &entry, None);
             return None;
         }
-        if inner.ttl.is_some() || inner.tti.is_some() {
+        if inner.timed {
             if self.expired(&entry) {
                 self.drop_dead(key, &entry, Some(RemovalCause::Expired));
                 return None;
@@ -507,7 +509,7 @@ where
             return None;
         };
         let entry = inner.store.get(key)?;
-        if !inner.gens.is_current(&entry.stamp) {
+        if !entry.is_current(&inner.gens) {
             self.drop_dead(key, &entry, None);
             return None;
         }
@@ -515,7 +517,7 @@ where
             self.drop_dead(key, &entry, Some(RemovalCause::Expired));
             return None;
         }
-        if entry.loaded_at.elapsed() > bound {
+        if entry.age() > bound {
             return None;
         }
         entry.touch();
@@ -524,15 +526,15 @@ where
 
     fn expired(&self, entry: &Entry<V>) -> bool {
         let inner = &*self.inner;
-        inner.ttl.is_some_and(|ttl| entry.loaded_at.elapsed() > ttl)
+        inner.ttl.is_some_and(|ttl| entry.age() > ttl)
             || inner.tti.is_some_and(|tti| entry.idle_longer_than(tti))
     }
 
     /// Why `entry` may no longer be served, if it may not.
     fn stale_cause(&self, entry: &Entry<V>) -> Option<RemovalCause> {
         let gens = &self.inner.gens;
-        if !gens.is_current(&entry.stamp) {
-            return Some(if gens.flushed_since(&entry.stamp) {
+        if !entry.is_current(gens) {
+            return Some(if entry.flushed(gens) {
                 RemovalCause::Flushed
             } else {
                 RemovalCause::Invalidated
@@ -548,8 +550,8 @@ where
         if self.inner.listener.is_none() {
             return;
         }
-        let serial = entry.serial;
-        if let Some((key, dead)) = self.inner.store.remove_if(key, |e| e.serial == serial) {
+        let serial = entry.serial();
+        if let Some((key, dead)) = self.inner.store.remove_if(key, |e| e.serial() == serial) {
             let cause = cause
                 .or_else(|| self.stale_cause(&dead))
                 .unwrap_or(RemovalCause::Invalidated);
@@ -566,15 +568,11 @@ where
 
     fn new_entry(&self, value: V, stamp: Stamp, loaded_at: Instant) -> Entry<V> {
         let inner = &*self.inner;
-        Entry {
-            value,
-            stamp,
-            loaded_at,
-            last_read: inner
-                .tti
-                .map(|_| Arc::new(AtomicU64::new(nanos_since_epoch()))),
-            serial: inner.serial.fetch_add(1, Ordering::Relaxed),
-        }
+        let serial = inner
+            .listener
+            .as_ref()
+            .map(|_| inner.serial.fetch_add(1, Ordering::Relaxed));
+        Entry::new(value, stamp, loaded_at, serial, inner.tti.is_some())
     }
 
     fn bypassing(&self) -> bool {

@@ -1,5 +1,6 @@
 //! Cache statistics.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A snapshot of a [`Cache`](crate::Cache)'s counters, readable at any time.
@@ -37,14 +38,22 @@ pub struct CacheStats {
 }
 
 /// A counter bumped from many threads at once (the hit counter): one cache line per
-/// stripe, each thread on its own stripe, so hits on different cores do not fight
-/// over one line. Read by summing the stripes.
+/// stripe, so hits on different cores do not fight over one line. Read by summing
+/// the stripes.
+///
+/// The first [`OWNED`] threads that ever bump a counter of this kind get a stripe
+/// of their own, which only they write: a plain load and store, no atomic
+/// read-modify-write on the hit path. Later threads share the other stripes with
+/// `fetch_add`. Either way no increment is lost.
 #[derive(Debug, Default)]
 pub(crate) struct StripedCounter {
-    stripes: [Stripe; STRIPES],
+    stripes: [Stripe; OWNED + SHARED],
 }
 
-const STRIPES: usize = 16;
+/// Stripes owned by one thread each.
+const OWNED: usize = 16;
+/// Stripes shared (with atomic increments) by every later thread.
+const SHARED: usize = 8;
 
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -54,13 +63,28 @@ impl StripedCounter {
     #[inline]
     pub(crate) fn bump(&self) {
         thread_local! {
-            static STRIPE: usize = {
-                static NEXT: AtomicU64 = AtomicU64::new(0);
-                NEXT.fetch_add(1, Ordering::Relaxed) as usize % STRIPES
-            };
+            /// This thread's stripe (+1, 0 until assigned) and whether it owns it.
+            static STRIPE: Cell<(usize, bool)> = const { Cell::new((0, false)) };
         }
-        let i = STRIPE.with(|s| *s);
-        self.stripes[i].0.fetch_add(1, Ordering::Relaxed);
+        let (mut i, mut owned) = STRIPE.get();
+        if i == 0 {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed) as usize;
+            (i, owned) = if n < OWNED {
+                (n + 1, true)
+            } else {
+                (OWNED + n % SHARED + 1, false)
+            };
+            STRIPE.set((i, owned));
+        }
+        let i = i - 1;
+        let stripe = &self.stripes[i].0;
+        if owned {
+            // Only this thread writes this stripe.
+            stripe.store(stripe.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        } else {
+            stripe.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn sum(&self) -> u64 {

@@ -4,9 +4,9 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::generations::Stamp;
+use super::generations::{Generations, Stamp, TableStamp};
 
 /// Why an entry left the cache, as told to an
 /// [eviction listener](super::CacheBuilder::eviction_listener).
@@ -42,42 +42,112 @@ pub(crate) type Listener<K, V> = Arc<dyn Fn(&K, V, RemovalCause) + Send + Sync>;
 pub(crate) type WeighFn<K, V> = Arc<dyn Fn(&K, &V) -> u64 + Send + Sync>;
 
 /// One cached value and what decides whether it may still be served.
+///
+/// Kept small, because a hit clones it: an untagged entry of a cache without
+/// time-to-idle or eviction listener is the value and two numbers; everything
+/// else lives out of line in [`Meta`], shared by its clones.
 #[derive(Clone)]
 pub(crate) struct Entry<V> {
     pub(crate) value: V,
-    /// The generations when its load started.
-    pub(crate) stamp: Stamp,
-    /// When its load started (TTL and the unhealthy bound count from here).
-    pub(crate) loaded_at: Instant,
-    /// Last read, in nanoseconds since [`epoch`]; only with a time-to-idle.
-    pub(crate) last_read: Option<Arc<AtomicU64>>,
+    /// The generation its load started in (`untagged`, or `all` when tagged).
+    gen: u64,
+    /// When its load started, in nanoseconds since [`epoch`] (TTL and the
+    /// unhealthy bound count from here).
+    born: u64,
+    meta: Option<Arc<Meta>>,
+}
+
+/// What only some entries need: tags, idleness, identity for the listener.
+struct Meta {
+    tags: Option<Arc<[TableStamp]>>,
+    /// `all` when the load started (tells a flush from an invalidation).
+    all: u64,
     /// Tells this entry apart from a later one for the same key.
-    pub(crate) serial: u64,
+    serial: u64,
+    /// Last read, in nanoseconds since [`epoch`]; with a time-to-idle.
+    last_read: Option<AtomicU64>,
 }
 
 impl<V> Entry<V> {
+    /// An entry for a load stamped `stamp` that started at `loaded_at`.
+    /// `serial` is given when a listener needs to tell entries apart.
+    pub(crate) fn new(
+        value: V,
+        stamp: Stamp,
+        loaded_at: Instant,
+        serial: Option<u64>,
+        idle_tracking: bool,
+    ) -> Self {
+        let born = nanos_of(loaded_at);
+        let meta = (stamp.tags.is_some() || serial.is_some() || idle_tracking).then(|| {
+            Arc::new(Meta {
+                tags: stamp.tags,
+                all: stamp.all,
+                serial: serial.unwrap_or(0),
+                last_read: idle_tracking.then(|| AtomicU64::new(nanos_since_epoch())),
+            })
+        });
+        Entry {
+            value,
+            gen: stamp.gen,
+            born,
+            meta,
+        }
+    }
+
+    /// Whether nothing it depends on was invalidated since its load started.
+    #[inline]
+    pub(crate) fn is_current(&self, gens: &Generations) -> bool {
+        let tags = self.meta.as_ref().and_then(|m| m.tags.as_deref());
+        gens.is_current_parts(self.gen, tags)
+    }
+
+    /// For a stale entry: whether a flush (rather than an invalidation) killed it.
+    pub(crate) fn flushed(&self, gens: &Generations) -> bool {
+        self.meta
+            .as_ref()
+            .is_some_and(|m| gens.flushed_since(m.all))
+    }
+
+    /// How long ago its load started.
+    pub(crate) fn age(&self) -> Duration {
+        Duration::from_nanos(nanos_since_epoch().saturating_sub(self.born))
+    }
+
+    pub(crate) fn serial(&self) -> Option<u64> {
+        self.meta.as_ref().map(|m| m.serial)
+    }
+
     pub(crate) fn touch(&self) {
-        if let Some(last) = &self.last_read {
+        if let Some(last) = self.meta.as_ref().and_then(|m| m.last_read.as_ref()) {
             last.store(nanos_since_epoch(), Ordering::Relaxed);
         }
     }
 
-    pub(crate) fn idle_longer_than(&self, tti: std::time::Duration) -> bool {
-        self.last_read.as_ref().is_some_and(|last| {
-            let idle = nanos_since_epoch().saturating_sub(last.load(Ordering::Relaxed));
-            u128::from(idle) > tti.as_nanos()
-        })
+    pub(crate) fn idle_longer_than(&self, tti: Duration) -> bool {
+        self.meta
+            .as_ref()
+            .and_then(|m| m.last_read.as_ref())
+            .is_some_and(|last| {
+                let idle = nanos_since_epoch().saturating_sub(last.load(Ordering::Relaxed));
+                u128::from(idle) > tti.as_nanos()
+            })
     }
 }
 
-/// A process-wide origin for compact timestamps.
-fn epoch() -> Instant {
+/// A process-wide origin for compact timestamps; set when the first cache is
+/// built, before any of its loads starts.
+pub(crate) fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
 }
 
 pub(crate) fn nanos_since_epoch() -> u64 {
-    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+    nanos_of(Instant::now())
+}
+
+fn nanos_of(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The weigher handed to `quick_cache`: the user's, or one per entry.
@@ -129,8 +199,8 @@ pub(crate) type Store<K, V> = quick_cache::sync::Cache<
 impl<V> fmt::Debug for Entry<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Entry")
-            .field("loaded_at", &self.loaded_at)
-            .field("serial", &self.serial)
+            .field("age", &self.age())
+            .field("serial", &self.serial())
             .finish_non_exhaustive()
     }
 }
