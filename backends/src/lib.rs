@@ -15,5 +15,7 @@
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "replication")]
+pub mod replication;
 
 pub use memory::{InMemoryHandle, InMemorySource};
