@@ -27,6 +27,13 @@ pub mod postgres {
     pub use pgcachewatch_backends::postgres::*;
 }
 
+/// The logical-replication source: lossless across reconnects, with commit
+/// positions for read-your-writes; and the setup of its publication and slot.
+#[cfg(feature = "replication")]
+pub mod replication {
+    pub use pgcachewatch_backends::replication::*;
+}
+
 /// Record/replay, generators, the staleness model checker and the conformance suite.
 #[cfg(feature = "testkit")]
 pub mod testkit {

@@ -26,8 +26,6 @@ const INT_TYPES: [u32; 4] = [21, 23, 20, 26];
 pub(crate) enum Committed {
     /// The transaction's events (possibly none: it touched no published table).
     Events {
-        /// The transaction id.
-        xid: u32,
         /// The end of the commit record.
         end_lsn: Lsn,
         /// One event per (table, operation).
@@ -118,6 +116,7 @@ impl Assembler {
     }
 
     /// Keys buffered in the open transaction.
+    #[cfg(test)]
     pub(crate) fn buffered_keys(&self) -> usize {
         self.tx.as_ref().map_or(0, |t| t.keys)
     }
@@ -352,7 +351,6 @@ impl Assembler {
             })
             .collect();
         Committed::Events {
-            xid: tx.begin.xid,
             end_lsn: commit.end_lsn,
             events,
             degraded: tx.degraded,
