@@ -20,7 +20,8 @@
 //! `Gap(Lagged)`, as with any source. An external consumer that needs its own
 //! durability (a relay) holds confirmation back with a [`ConfirmGate`]. On an
 //! idle stream, a server keepalive outside a transaction becomes
-//! [`Signal::Progress`](pgcachewatch_core::Signal::Progress), confirmed too.
+//! [`Signal::Progress`](pgcachewatch_core::Signal::Progress) (at most one per
+//! 10 ms), confirmed too.
 //!
 //! **Reconnect without loss.** A broken stream makes the source `Unhealthy`; it
 //! reconnects with capped jittered backoff and resumes from the slot, which kept
@@ -192,6 +193,8 @@ impl PgReplicationSource {
             progress: progress.clone(),
             stop: stop_rx,
             assembler: Assembler::new(settings.builder.slot.clone(), settings.builder.key_cap),
+            progress_sent: None,
+            progress_pending: None,
         };
         let handle = tokio::spawn(task.run(first));
         Ok(PgReplicationSource {

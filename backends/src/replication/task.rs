@@ -15,6 +15,7 @@ use std::time::Duration;
 use chrono::Utc;
 use pgcachewatch_core::{GapReason, Health, Lsn, Signal, SignalHub};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::assembler::{Assembler, Committed};
 use super::client::{self, Session, SlotOutcome, Wire};
@@ -26,6 +27,14 @@ use crate::postgres::listener::backoff::Backoff;
 
 /// How long closing a session (CopyDone) may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// At most one `Signal::Progress` per this interval. The server sends a
+/// keepalive each time it has read WAL we have not confirmed, which on a busy
+/// server (writes to unwatched tables) is once per commit anywhere; relayed
+/// one for one they would fill subscribers' buffers (and make them lag).
+/// Coalesced, a read-your-writes wait after a write that produced no event
+/// ends at most this much later.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Why a session ended.
 enum Ended {
@@ -42,6 +51,9 @@ pub(crate) struct Task {
     pub(crate) progress: Arc<Progress>,
     pub(crate) stop: watch::Receiver<bool>,
     pub(crate) assembler: Assembler,
+    /// When the last `Progress` was sent, and a newer position not sent yet.
+    pub(crate) progress_sent: Option<Instant>,
+    pub(crate) progress_pending: Option<Lsn>,
 }
 
 impl Task {
@@ -121,10 +133,16 @@ impl Task {
                 tracing::info!(position = %self.progress.emitted(), "caught up with the server");
                 self.hub.set_health(Health::Healthy);
             }
+            let progress_due = self
+                .progress_sent
+                .map_or_else(Instant::now, |t| t + PROGRESS_INTERVAL);
             tokio::select! {
                 biased;
                 _ = self.stop.changed() => return Ended::Stop,
                 () = self.progress.changed.notified() => self.confirm(session),
+                () = tokio::time::sleep_until(progress_due), if self.progress_pending.is_some() => {
+                    self.send_progress();
+                }
                 item = session.recv() => match item {
                     Ok(Some(wire)) => self.wire(session, wire),
                     Ok(None) => return Ended::Lost("the server ended the replication stream".into()),
@@ -153,10 +171,24 @@ impl Task {
                 // With no transaction open, everything before wal_end was sent.
                 if !self.assembler.in_transaction() && wal_end > self.progress.emitted() {
                     self.emitted(wal_end);
-                    self.hub.send(Signal::Progress(wal_end));
+                    self.progress_pending = Some(wal_end);
+                    if self
+                        .progress_sent
+                        .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL)
+                    {
+                        self.send_progress();
+                    }
                     self.confirm(session);
                 }
             }
+        }
+    }
+
+    /// Sends the pending `Progress`, if any.
+    fn send_progress(&mut self) {
+        if let Some(lsn) = self.progress_pending.take() {
+            self.progress_sent = Some(Instant::now());
+            self.hub.send(Signal::Progress(lsn));
         }
     }
 
@@ -199,8 +231,13 @@ impl Task {
                     self.counters.event_published(Utc::now());
                     self.hub.publish(event);
                 }
+                // Events carry their position; a pending Progress before it is moot.
+                if self.progress_pending.is_some_and(|p| p <= end) {
+                    self.progress_pending = None;
+                }
                 if empty {
-                    self.hub.send(Signal::Progress(end));
+                    self.progress_pending = Some(end);
+                    self.send_progress();
                 }
             }
             Committed::Unreadable { detail, .. } => {
