@@ -63,7 +63,7 @@ mod client;
 mod config;
 mod gate;
 mod pgoutput;
-
+mod setup;
 mod stats;
 mod task;
 
@@ -87,6 +87,7 @@ pub use self::config::{
 };
 pub use self::gate::ConfirmGate;
 use self::gate::Progress;
+pub use self::setup::{ReplicationSetup, SetupError, SlotStatus};
 
 use self::stats::Counters;
 pub use self::stats::ReplicationStats;
