@@ -30,7 +30,10 @@ async fn setup_status_and_teardown() {
         .publication(&publication);
     let mut conn = sqlx::PgConnection::connect(&database_url()).await.unwrap();
 
-    let plan = setup.plan_setup(&mut conn, &[table.clone()]).await.unwrap();
+    let plan = setup
+        .plan_setup(&mut conn, std::slice::from_ref(&table))
+        .await
+        .unwrap();
     assert!(plan.contains("CREATE PUBLICATION"), "{plan}");
     assert!(plan.contains(r#""Odd ""Name""""#), "{plan}");
     assert!(
@@ -52,13 +55,19 @@ async fn setup_status_and_teardown() {
     assert!(matches!(
         ReplicationSetup::new()
             .slot("Bad-Slot")
-            .plan_setup(&mut conn, &[table.clone()])
+            .plan_setup(&mut conn, std::slice::from_ref(&table))
             .await,
         Err(SetupError::InvalidName { what: "slot", .. })
     ));
 
-    setup.setup(&mut conn, &[table.clone()]).await.unwrap();
-    let again = setup.setup(&mut conn, &[table.clone()]).await.unwrap();
+    setup
+        .setup(&mut conn, std::slice::from_ref(&table))
+        .await
+        .unwrap();
+    let again = setup
+        .setup(&mut conn, std::slice::from_ref(&table))
+        .await
+        .unwrap();
     assert!(
         again.contains("ALTER PUBLICATION") && again.contains("exists already"),
         "{again}"
