@@ -7,15 +7,41 @@
 //!   cache tests run without a database.
 //! * `postgres` (feature `postgres`): a `LISTEN` connection with reconnect and
 //!   heartbeat, the trigger SQL and its installer.
+//! * `replication` (feature `replication`): a logical-replication source,
+//!   lossless across reconnects, and the setup of its publication and slot.
 //!
-//! Both pass the conformance suite in `pgcachewatch-testkit`.
+//! All pass the conformance suite in `pgcachewatch-testkit`.
+//!
+//! Applications depend on the facade crate `pgcachewatch`, which re-exports this
+//! crate as `pgcachewatch::memory` and `pgcachewatch::postgres`; the examples here
+//! are written that way.
+//!
+//! ## Features
+//!
+//! * `postgres`: the PostgreSQL source and installer (sqlx).
+//! * `tls-rustls` (default): TLS to PostgreSQL through rustls (`sslmode`,
+//!   `sslrootcert`).
+//! * `tls-native-tls`: TLS through the platform's library instead.
+//! * `replication`: [`PgReplicationSource`](replication::PgReplicationSource) and
+//!   `ReplicationSetup` (implies `postgres`; its connection is pgwire-replication
+//!   with rustls, whatever the TLS feature; needs Rust 1.88).
+//!
+//! ## A source outlives its local handle
+//!
+//! Each source's subscriptions and inline attachments keep it running: a
+//! [`Dispatcher`](pgcachewatch_core::Dispatcher) spawned on a source keeps
+//! invalidating after the code that built it dropped its `source` variable.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+mod keep_alive;
 pub mod memory;
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
 #[cfg(feature = "replication")]
+#[cfg_attr(docsrs, doc(cfg(feature = "replication")))]
 pub mod replication;
 
 pub use memory::{InMemoryHandle, InMemorySource};

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::keep_alive;
 use pgcachewatch_core::{
     ClosableHub, Event, EventSource, GapReason, Health, InlineAttachment, InlineHandler, SignalHub,
     Subscription, DEFAULT_HUB_CAPACITY,
@@ -13,9 +14,13 @@ use pgcachewatch_core::{
 /// Built as a pair, like `tower-test`'s mock: the source goes to the code under
 /// test, the handle stays with the test to publish events and inject faults.
 ///
+/// Subscriptions and inline attachments (a spawned
+/// [`Dispatcher`](pgcachewatch_core::Dispatcher)) keep the source's state alive,
+/// so dropping the local `InMemorySource` after spawning changes nothing.
+///
 /// ```
-/// use pgcachewatch_backends::InMemorySource;
-/// use pgcachewatch_core::{Event, EventSource, Operation, Signal};
+/// use pgcachewatch::memory::InMemorySource;
+/// use pgcachewatch::{Event, EventSource, Operation, Signal};
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let (source, handle) = InMemorySource::pair();
 /// let mut sub = source.subscribe();
@@ -29,6 +34,7 @@ use pgcachewatch_core::{
 /// # });
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "an event source does nothing unless a Dispatcher is spawned on it or it is subscribed to"]
 pub struct InMemorySource {
     shared: Arc<Shared>,
 }
@@ -74,16 +80,21 @@ impl InMemorySource {
 }
 
 impl EventSource for InMemorySource {
+    /// A subscription that keeps the source's state alive while it exists.
     fn subscribe(&self) -> Subscription {
-        self.shared.hub.subscribe()
+        keep_alive::subscription(self.shared.hub.subscribe(), self.shared.clone())
     }
 
     fn health(&self) -> Health {
         self.shared.hub.health()
     }
 
+    /// The attachment keeps the source's state alive while it exists.
     fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
-        Some(self.shared.hub.attach_inline(handler))
+        Some(keep_alive::attachment(
+            self.shared.hub.attach_inline(handler),
+            self.shared.clone(),
+        ))
     }
 }
 

@@ -493,16 +493,100 @@ async fn install_is_idempotent() {
     assert_eq!(e.operation, Operation::Insert);
     assert_nothing_pending(&s.db, &mut raw, &channel).await;
 
-    // Switching modes replaces the triggers rather than adding to them.
-    installer
-        .clone()
-        .row_keys(true)
+    // Switching modes is refused unless allowed, and then replaces the triggers
+    // rather than adding to them.
+    let rows = installer.clone().row_keys(true);
+    assert!(matches!(
+        rows.install(&s.db, std::slice::from_ref(&table)).await,
+        Err(InstallError::ModeChange(_))
+    ));
+    assert_eq!(s.triggers().await, triggers);
+    rows.clone()
+        .allow_mode_change(true)
         .install(&s.db, std::slice::from_ref(&table))
         .await
         .unwrap();
     let after = s.triggers().await;
     assert_eq!(after.len(), 4);
     assert!(after.iter().any(|(_, _, def)| def.contains("REFERENCING")));
+}
+
+#[tokio::test]
+async fn reinstalling_never_silently_changes_a_tables_mode() {
+    let s = Scratch::new(unique("pgcw_mode")).await;
+    let channel = unique("pgcw_mode");
+    let (a, b) = (s.table("a"), s.table("b"));
+    s.exec(&format!(
+        "CREATE TABLE {a} (id int PRIMARY KEY); CREATE TABLE {b} (id int PRIMARY KEY)"
+    ))
+    .await;
+    let table_level = Installer::new()
+        .channel(&channel)
+        .function_schema(&s.schema);
+    let row_keys = table_level.clone().row_keys(true);
+    row_keys
+        .install(&s.db, std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    let installed = s.triggers().await;
+
+    // Re-running the install without row keys, as a forgotten `--row-keys` does:
+    // an error naming the table and both modes, and nothing changed (not even on
+    // the other, new table).
+    let err = table_level
+        .install(&s.db, &[a.clone(), b.clone()])
+        .await
+        .unwrap_err();
+    let InstallError::ModeChange(changes) = &err else {
+        panic!("expected ModeChange, got {err:?}")
+    };
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].table, a);
+    assert!(changes[0].installed_row_keys && !changes[0].requested_row_keys);
+    let text = err.to_string();
+    assert!(
+        text.contains("row-key events -> table-level events"),
+        "{text}"
+    );
+    assert!(text.contains("allow_mode_change"), "{text}");
+    assert_eq!(s.triggers().await, installed);
+    // The dry-run check says the same, also with a pool, and changes nothing.
+    assert!(matches!(
+        table_level.preflight(&s.db, std::slice::from_ref(&a)).await,
+        Err(InstallError::ModeChange(_))
+    ));
+    // The same mode again is no change; a new table is no change either.
+    assert_eq!(
+        row_keys
+            .preflight(&s.db, &[a.clone(), b.clone()])
+            .await
+            .unwrap(),
+        vec![]
+    );
+
+    // Allowed explicitly: reported, then applied.
+    let allowed = table_level.clone().allow_mode_change(true);
+    let reported = allowed
+        .preflight(&s.db, std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    assert_eq!(reported.len(), 1);
+    allowed
+        .install(&s.db, std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    assert!(s
+        .triggers()
+        .await
+        .iter()
+        .all(|(_, _, def)| !def.contains("REFERENCING")));
+
+    // A missing table fails the preflight check as it fails the install.
+    let missing = s.table("missing");
+    assert!(matches!(
+        row_keys.preflight(&s.db, &[missing]).await,
+        Err(InstallError::TableNotFound(_))
+    ));
 }
 
 #[tokio::test]

@@ -59,7 +59,7 @@ impl Target {
 
     /// `user@host:port/database`, without the password.
     pub(crate) fn describe(&self) -> String {
-        pgcachewatch_backends::postgres::describe_target(&self.options)
+        pgcachewatch::postgres::describe_target(&self.options)
     }
 
     /// One connection: commands run a handful of statements, and connecting once
@@ -67,6 +67,15 @@ impl Target {
     pub(crate) async fn connect(&self) -> Result<PgConnection> {
         match tokio::time::timeout(CONNECT_TIMEOUT, self.options.connect()).await {
             Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) if pgcachewatch::postgres::is_tls_error(&e) => Err(anyhow!(
+                "could not connect to PostgreSQL at {} over TLS (sslmode={}, settings from {}): {e}\n\
+                 hint: check sslmode and sslrootcert (in the URL, or PGSSLMODE / PGSSLROOTCERT): \
+                 sslrootcert must name the certificate of the CA that signed the server's \
+                 certificate, and verify-full also needs the host name to match it",
+                self.describe(),
+                pgcachewatch::postgres::ssl_mode_name(&self.options),
+                self.origin
+            )),
             Ok(Err(e)) => Err(anyhow!(self.failure(&e.to_string()))),
             Err(_) => Err(anyhow!(self.failure(&format!(
                 "no answer within {} s",

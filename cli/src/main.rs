@@ -2,7 +2,7 @@
 //! watch or record the events they send.
 //!
 //! ```text
-//! pgcachewatch install public.users 'app."Orders"'          # prints the SQL, applies nothing
+//! pgcachewatch install public.users 'app."Orders"'          # checks, prints the SQL, applies nothing
 //! pgcachewatch install public.users --row-keys --commit     # applies it, in one transaction
 //! pgcachewatch status                                       # triggers, listeners, queue usage
 //! pgcachewatch listen                                       # live events with their latency
@@ -14,7 +14,15 @@
 //! ```
 //!
 //! The connection comes from `--database-url`, else `DATABASE_URL`, else libpq's
-//! `PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`.
+//! `PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE` (and `PGSSLMODE`,
+//! `PGSSLROOTCERT`). TLS: `?sslmode=require`, or `?sslmode=verify-ca&sslrootcert=ca.pem`.
+//!
+//! Every failure prints `error: …` on stderr first and exits non-zero (2 for a
+//! bad command line). `install` and `uninstall` print their SQL in dry runs, and
+//! with `--commit` only when asked (`-v`). A dry run of `install` that can reach
+//! the database runs the checks `--commit` would (tables exist, no foreign
+//! triggers, no silent switch between row-key and table-level events) and fails
+//! as `--commit` would.
 //!
 //! Dependencies: `clap` (derive) for the command line, `anyhow` for error chains
 //! printed to the user, `tracing-subscriber` so `RUST_LOG` shows the library's logs.
@@ -28,9 +36,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use pgcachewatch_backends::postgres::install::{Installer, DEFAULT_FUNCTION_NAME, DEFAULT_SCHEMA};
-use pgcachewatch_backends::postgres::DEFAULT_CHANNEL;
-use pgcachewatch_backends::replication::{ReplicationSetup, DEFAULT_PUBLICATION, DEFAULT_SLOT};
+use pgcachewatch::postgres::install::{Installer, DEFAULT_FUNCTION_NAME, DEFAULT_SCHEMA};
+use pgcachewatch::postgres::DEFAULT_CHANNEL;
+use pgcachewatch::replication::{ReplicationSetup, DEFAULT_PUBLICATION, DEFAULT_SLOT};
 
 /// Keep in-process caches consistent with PostgreSQL: manage the triggers that
 /// NOTIFY on writes, and watch what they send.
@@ -57,12 +65,18 @@ enum Command {
         #[arg(required = true, value_name = "TABLE")]
         tables: Vec<String>,
         /// The NOTIFY channel the triggers send on.
-        #[arg(long, default_value = DEFAULT_CHANNEL)]
+        #[arg(long, default_value = DEFAULT_CHANNEL, value_parser = channel_name)]
         channel: String,
-        /// Send the primary keys of affected rows (falls back to table-level events
-        /// above PostgreSQL's 8000-byte payload limit).
+        /// Send the primary keys of affected rows (row mode: what the Keyed strategy
+        /// needs to drop single rows; falls back to table-level events above
+        /// PostgreSQL's 8000-byte payload limit). Tables need a primary key.
         #[arg(long)]
         row_keys: bool,
+        /// Allow switching tables that already have pgcachewatch's triggers between
+        /// row-key and table-level events (without it, install refuses and says
+        /// which tables would change).
+        #[arg(long)]
+        change_mode: bool,
         #[command(flatten)]
         target: TriggerArgs,
     },
@@ -169,6 +183,9 @@ struct TriggerArgs {
     /// Apply the SQL. Without it nothing is changed: the SQL is only printed.
     #[arg(long)]
     commit: bool,
+    /// With --commit, also print the SQL that was applied.
+    #[arg(short, long)]
+    verbose: bool,
 }
 
 impl TriggerArgs {
@@ -182,7 +199,7 @@ impl TriggerArgs {
 #[derive(Debug, Args)]
 struct ChannelArgs {
     /// Channel to listen on; repeat for several.
-    #[arg(long = "channel", default_value = DEFAULT_CHANNEL)]
+    #[arg(long = "channel", default_value = DEFAULT_CHANNEL, value_parser = channel_name)]
     channels: Vec<String>,
 }
 
@@ -194,6 +211,24 @@ struct StopArgs {
     /// Stop after this long (500ms, 10s, 2m, 1h).
     #[arg(long, value_parser = duration::parse)]
     duration: Option<Duration>,
+}
+
+/// PostgreSQL truncates channel names, like every identifier, to 63 bytes.
+const MAX_CHANNEL_BYTES: usize = 63;
+
+/// Checks a `--channel` value, in the command line's words.
+fn channel_name(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        Err("--channel must not be empty (the triggers' default is \"pgcachewatch\")".into())
+    } else if value.len() > MAX_CHANNEL_BYTES {
+        Err(format!(
+            "--channel must be at most {MAX_CHANNEL_BYTES} bytes (PostgreSQL would truncate it)"
+        ))
+    } else if value.contains('\0') {
+        Err("--channel must not contain a NUL character".into())
+    } else {
+        Ok(value.to_owned())
+    }
 }
 
 fn main() -> ExitCode {

@@ -9,8 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use pgcachewatch_testkit::env::{database_url, unique_name as unique};
-use pgcachewatch_testkit::eventlog::{EventLogReader, RecordKind};
+use pgcachewatch::testkit::env::{database_url, unique_name as unique};
+use pgcachewatch::testkit::eventlog::{EventLogReader, RecordKind};
 use sqlx::PgPool;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgcachewatch");
@@ -414,4 +414,154 @@ fn record_writes_a_replayable_log_and_flushes_on_ctrl_c() {
     let text = std::fs::read_to_string(&file).unwrap();
     let _ = std::fs::remove_file(&file);
     assert_eq!(text.matches("\"truncate\"").count(), 1, "{text}");
+}
+
+/// Runs and expects failure: exit code `code` (None: any non-zero), `error: ` first.
+fn fails(cmd: &mut Command, code: Option<i32>) -> (String, String) {
+    let (out, stdout, stderr) = run(cmd);
+    assert!(!out.status.success(), "succeeded:\n{stdout}\n{stderr}");
+    if let Some(code) = code {
+        assert_eq!(out.status.code(), Some(code), "{stderr}");
+    }
+    assert!(
+        stderr.starts_with("error: "),
+        "the error is not first:\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
+#[test]
+fn failures_exit_non_zero_with_the_error_first_and_no_sql() {
+    let s = Scratch::new("pgcw_cli_fail");
+    let missing = format!("{}.missing", s.schema);
+    let schema = ["--function-schema", s.schema.as_str()];
+
+    // A dry run that can connect checks the tables, as --commit would.
+    let (stdout, stderr) = fails(
+        pgcachewatch().args([&["install", &missing][..], &schema].concat()),
+        Some(1),
+    );
+    assert!(
+        stdout.is_empty(),
+        "SQL printed despite the error:\n{stdout}"
+    );
+    assert!(stderr.contains("does not exist"), "{stderr}");
+
+    // --commit: the error alone, no SQL before it.
+    let (stdout, stderr) = fails(
+        pgcachewatch().args([&["install", &missing, "--commit"][..], &schema].concat()),
+        Some(1),
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(!stderr.contains("COMMIT;"), "{stderr}");
+    assert_eq!((s.trigger_count(), s.function_count()), (0, 0));
+
+    // Success with --commit prints no SQL either, unless -v.
+    let table = s.table();
+    let (stdout, stderr) = ok(&[&["install", &table, "--commit"][..], &schema].concat());
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(stderr.contains("installed"), "{stderr}");
+    let (stdout, _) = ok(&[&["install", &table, "--commit", "-v"][..], &schema].concat());
+    assert!(stdout.contains("CREATE TRIGGER"), "{stdout}");
+    let (stdout, _) = ok(&[&["uninstall", &table, "--commit"][..], &schema].concat());
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(s.trigger_count(), 0);
+}
+
+#[test]
+fn argument_errors_speak_the_command_lines_words() {
+    for args in [
+        &["install", "t", "--channel", ""][..],
+        &["listen", "--channel", ""],
+        &["record", "out.jsonl", "--channel", ""],
+    ] {
+        let (_, stderr) = fails(pgcachewatch().args(args), Some(2));
+        assert!(
+            stderr.contains("--channel must not be empty"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains(".channel("), "builder words: {stderr}");
+        assert!(!stderr.contains("DATABASE_URL"), "unrelated hint: {stderr}");
+    }
+    let long = "c".repeat(64);
+    let (_, stderr) = fails(pgcachewatch().args(["listen", "--channel", &long]), Some(2));
+    assert!(
+        stderr.contains("--channel must be at most 63 bytes"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn install_never_silently_switches_a_tables_mode() {
+    let s = Scratch::new("pgcw_cli_mode");
+    let table = s.table();
+    let schema = ["--function-schema", s.schema.as_str()];
+    ok(&[&["install", &table, "--row-keys", "--commit"][..], &schema].concat());
+    let row_mode_triggers = || {
+        s.rt.block_on(
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                  JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND pg_get_triggerdef(t.oid) LIKE '%''rows''%'",
+            )
+            .bind(&s.schema)
+            .fetch_one(&s.db),
+        )
+        .unwrap()
+    };
+    assert_eq!(row_mode_triggers(), 4);
+
+    // Forgetting --row-keys: refused, in a dry run and with --commit, saying what
+    // would change and how to allow it; nothing changes.
+    for commit in [&[][..], &["--commit"]] {
+        let (stdout, stderr) = fails(
+            pgcachewatch().args([&["install", &table][..], commit, &schema].concat()),
+            Some(1),
+        );
+        assert!(stdout.is_empty(), "{stdout}");
+        assert!(
+            stderr.contains("row-key events -> table-level events"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("--row-keys") && stderr.contains("--change-mode"),
+            "{stderr}"
+        );
+        assert_eq!(row_mode_triggers(), 4);
+    }
+    // The same mode again is fine.
+    ok(&[&["install", &table, "--row-keys", "--commit"][..], &schema].concat());
+    // Asked for explicitly: the dry run reports it, --commit applies and reports it.
+    let (_, stderr) = ok(&[&["install", &table, "--change-mode"][..], &schema].concat());
+    assert!(stderr.contains("would change"), "{stderr}");
+    assert_eq!(row_mode_triggers(), 4);
+    let (_, stderr) = ok(&[
+        &["install", &table, "--change-mode", "--commit"][..],
+        &schema,
+    ]
+    .concat());
+    assert!(
+        stderr.contains("changed") && stderr.contains("table-level"),
+        "{stderr}"
+    );
+    assert_eq!(row_mode_triggers(), 0);
+    assert_eq!(s.trigger_count(), 4);
+}
+
+#[test]
+fn tls_settings_in_the_url_are_honoured() {
+    let url = database_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let (out, stdout, stderr) = run(pgcachewatch()
+        .env("DATABASE_URL", format!("{url}{sep}sslmode=require"))
+        .arg("status"));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("NOTIFY queue usage"), "{stdout}");
+    let (out, _, stderr) = run(pgcachewatch()
+        .env(
+            "DATABASE_URL",
+            format!("{url}{sep}sslmode=verify-ca&sslrootcert=/etc/ssl/certs/ssl-cert-snakeoil.pem"),
+        )
+        .arg("status"));
+    assert!(out.status.success(), "{stderr}");
 }

@@ -75,8 +75,8 @@ impl FromStr for Operation {
 
 /// The primary-key values of one affected row, column name → JSON value.
 ///
-/// Row-level triggers send one `RowKey` per affected row (see DESIGN.md,
-/// "Row-level events"). Keyed strategies map them to cache keys.
+/// Row-level triggers send one `RowKey` per affected row (see ARCHITECTURE.md,
+/// "Payload format"). Keyed strategies map them to cache keys.
 ///
 /// ```
 /// use pgcachewatch_core::RowKey;
@@ -245,6 +245,82 @@ impl TableRef {
         }
     }
 
+    /// Parses `table` or `schema.table` with PostgreSQL's rules for identifiers:
+    /// unquoted parts fold to lower case (`Users` is `users`, as in SQL), quoted
+    /// parts keep their case and may contain dots (`""` is a literal quote). An
+    /// unqualified name has no schema (it matches the table in any schema).
+    ///
+    /// Every place that takes a table name as text (cache tags, strategies' table
+    /// filters, row-key mappers) parses it with this, so a name written like SQL
+    /// matches the events PostgreSQL sends.
+    ///
+    /// ```
+    /// use pgcachewatch_core::TableRef;
+    /// assert_eq!(TableRef::parse("public.Users")?, TableRef::new("public", "users"));
+    /// assert_eq!(TableRef::parse(r#""App"."Odd.Name""#)?, TableRef::new("App", "Odd.Name"));
+    /// assert_eq!(TableRef::parse("orders")?, TableRef::unqualified("orders"));
+    /// assert!(TableRef::parse("a.b.c").is_err());
+    /// # Ok::<_, pgcachewatch_core::InvalidTableName>(())
+    /// ```
+    pub fn parse(text: &str) -> Result<TableRef, InvalidTableName> {
+        let bad = |reason: &'static str| InvalidTableName {
+            text: text.to_owned(),
+            reason,
+        };
+        let mut parts: Vec<String> = Vec::with_capacity(2);
+        let mut chars = text.trim().chars().peekable();
+        loop {
+            let mut part = String::new();
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                loop {
+                    match chars.next() {
+                        Some('"') if chars.peek() == Some(&'"') => {
+                            chars.next();
+                            part.push('"');
+                        }
+                        Some('"') => break,
+                        Some(c) => part.push(c),
+                        None => return Err(bad("unterminated quoted identifier")),
+                    }
+                }
+                if part.is_empty() {
+                    return Err(bad("empty quoted identifier"));
+                }
+            } else {
+                while let Some(&c) = chars.peek() {
+                    if c == '.' {
+                        break;
+                    }
+                    if c == '"' || c.is_whitespace() {
+                        return Err(bad(
+                            "unexpected quote or space inside a name (quote the whole name)",
+                        ));
+                    }
+                    part.extend(c.to_lowercase());
+                    chars.next();
+                }
+                if part.is_empty() {
+                    return Err(bad("empty name"));
+                }
+            }
+            parts.push(part);
+            match chars.next() {
+                None => break,
+                Some('.') => continue,
+                Some(_) => return Err(bad("expected `.` or the end after a quoted name")),
+            }
+        }
+        let mut parts = parts.into_iter();
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(table), None, None) => Ok(TableRef::unqualified(table)),
+            (Some(schema), Some(table), None) => Ok(TableRef::new(schema, table)),
+            _ => Err(bad(
+                "expected `table` or `schema.table` (quote names containing dots)",
+            )),
+        }
+    }
+
     /// Whether two references may name the same table (an unknown schema matches any).
     pub fn matches(&self, other: &TableRef) -> bool {
         self.table == other.table
@@ -252,6 +328,81 @@ impl TableRef {
                 (Some(a), Some(b)) => a == b,
                 _ => true,
             }
+    }
+}
+
+impl FromStr for TableRef {
+    type Err = InvalidTableName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TableRef::parse(s)
+    }
+}
+
+/// Text that is not a table name (see [`TableRef::parse`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid table name {text:?}: {reason}")]
+pub struct InvalidTableName {
+    /// The text given.
+    pub text: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// Anything that names a table: a [`TableRef`], SQL-style text parsed by
+/// [`TableRef::parse`] (`"users"`, `"public.users"`), or a `(schema, table)` pair
+/// taken verbatim.
+///
+/// ```
+/// use pgcachewatch_core::{IntoTableRef, TableRef};
+/// assert_eq!("public.Users".into_table_ref()?, TableRef::new("public", "users"));
+/// assert_eq!(("public", "Users").into_table_ref()?, TableRef::new("public", "Users"));
+/// # Ok::<_, pgcachewatch_core::InvalidTableName>(())
+/// ```
+pub trait IntoTableRef {
+    /// The table this names.
+    fn into_table_ref(self) -> Result<TableRef, InvalidTableName>;
+}
+
+impl IntoTableRef for TableRef {
+    fn into_table_ref(self) -> Result<TableRef, InvalidTableName> {
+        Ok(self)
+    }
+}
+
+impl IntoTableRef for &TableRef {
+    fn into_table_ref(self) -> Result<TableRef, InvalidTableName> {
+        Ok(self.clone())
+    }
+}
+
+impl IntoTableRef for &str {
+    fn into_table_ref(self) -> Result<TableRef, InvalidTableName> {
+        TableRef::parse(self)
+    }
+}
+
+impl IntoTableRef for &&str {
+    fn into_table_ref(self) -> Result<TableRef, InvalidTableName> {
+        TableRef::parse(self)
+    }
+}
+
+impl IntoTableRef for String {
+    fn into_table_ref(self) -> Result<TableRef, InvalidTableName> {
+        TableRef::parse(&self)
+    }
+}
+
+impl IntoTableRef for &String {
+    fn into_table_ref(self) -> Result<TableRef, InvalidTableName> {
+        TableRef::parse(self)
+    }
+}
+
+impl IntoTableRef for (&str, &str) {
+    fn into_table_ref(self) -> Result<TableRef, InvalidTableName> {
+        Ok(TableRef::new(self.0, self.1))
     }
 }
 

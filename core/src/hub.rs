@@ -14,6 +14,10 @@ use crate::source::{InlineAttachment, InlineHandler, Subscription};
 /// The default per-subscriber buffer, in signals.
 pub const DEFAULT_HUB_CAPACITY: usize = 4096;
 
+/// The largest per-subscriber buffer a hub accepts, in signals (the buffer is
+/// allocated up front: about 50 MB at this size).
+pub const MAX_HUB_CAPACITY: usize = 1 << 20;
+
 /// Bounded broadcast of [`Signal`]s plus the source's current [`Health`].
 ///
 /// A source owns one hub, publishes into it, and hands out
@@ -90,8 +94,31 @@ impl Drop for HubAttachment {
 }
 
 impl SignalHub {
+    /// Checks a buffer size a user asked for: between 1 and [`MAX_HUB_CAPACITY`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`](crate::Error::Config) naming the limits.
+    ///
+    /// ```
+    /// use pgcachewatch_core::SignalHub;
+    /// assert!(SignalHub::check_capacity(4096).is_ok());
+    /// assert!(SignalHub::check_capacity(0).is_err());
+    /// assert!(SignalHub::check_capacity(usize::MAX).is_err());
+    /// ```
+    pub fn check_capacity(capacity: usize) -> Result<usize, crate::Error> {
+        if (1..=MAX_HUB_CAPACITY).contains(&capacity) {
+            Ok(capacity)
+        } else {
+            Err(crate::Error::Config(format!(
+                "buffer of {capacity} signals: it must be between 1 and {MAX_HUB_CAPACITY}"
+            )))
+        }
+    }
+
     /// A healthy hub whose subscribers may fall `capacity` signals behind before they
-    /// get a gap. A capacity of 0 is raised to 1.
+    /// get a gap. The capacity is clamped to 1..=[`MAX_HUB_CAPACITY`] (see
+    /// [`check_capacity`](Self::check_capacity) to reject instead).
     pub fn new(capacity: usize) -> Self {
         Self::with_health(capacity, Health::Healthy)
     }
@@ -99,7 +126,7 @@ impl SignalHub {
     /// A hub that starts with the given health (a network source starts unhealthy
     /// and turns healthy once it listens).
     pub fn with_health(capacity: usize, health: Health) -> Self {
-        let (tx, _) = broadcast::channel(capacity.max(1));
+        let (tx, _) = broadcast::channel(capacity.clamp(1, MAX_HUB_CAPACITY));
         SignalHub {
             tx,
             healthy: Arc::new(AtomicBool::new(health.is_healthy())),
@@ -144,7 +171,7 @@ impl SignalHub {
     /// A new subscription; its first signal is the current health.
     pub fn subscribe(&self) -> Subscription {
         let rx = self.tx.subscribe();
-        Subscription::from_hub(Signal::Health(self.health()), rx)
+        Subscription::from_hub(Signal::Health(self.health()), rx, self.healthy.clone())
     }
 
     /// The current health.

@@ -41,19 +41,25 @@ mod closable_hub;
 mod dispatcher;
 mod error;
 mod event;
+mod health;
 mod hub;
 mod payload;
 mod position;
+mod rate_limit;
 mod signal;
 mod source;
 mod strategy;
+mod sync;
 
 pub use cache::{Cache, CacheBuilder, CacheStats, InvalidationTarget, WhileUnhealthy};
 pub use closable_hub::ClosableHub;
-pub use dispatcher::{Dispatcher, DispatcherHandle, DispatcherStats};
+pub use dispatcher::{Dispatcher, DispatcherHandle, DispatcherStats, WaitError};
 pub use error::{BoxError, Error, Result};
-pub use event::{Event, Operation, RowKey, TableRef, UnknownOperation};
-pub use hub::{SignalHub, DEFAULT_HUB_CAPACITY};
+pub use event::{
+    Event, IntoTableRef, InvalidTableName, Operation, RowKey, TableRef, UnknownOperation,
+};
+pub use health::{HasHealthBoard, HealthBoard, HealthSummary, HealthVote};
+pub use hub::{SignalHub, DEFAULT_HUB_CAPACITY, MAX_HUB_CAPACITY};
 pub use payload::{parse_payload, PayloadError};
 pub use position::{Lsn, ParseLsnError};
 pub use signal::{GapReason, Health, Signal};

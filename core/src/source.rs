@@ -1,6 +1,7 @@
 //! The [`EventSource`] trait and the [`Subscription`] it hands out.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::stream::BoxStream;
@@ -24,9 +25,19 @@ use crate::signal::{GapReason, Health, Signal};
 ///    stays bounded whether or not anybody reads.
 /// 3. **Health first.** The first signal of a new subscription is
 ///    [`Signal::Health`] with the source's current health.
-/// 4. **Gap before healthy.** After any interruption the source emits a `Gap`
-///    *after* it is listening again and *before* it reports [`Health::Healthy`].
-/// 5. **End.** When the source shuts down, subscriptions end (`recv` returns `None`).
+/// 4. **Gap before healthy.** After any interruption that may have lost events the
+///    source emits a `Gap` *after* it is listening again and *before* it reports
+///    [`Health::Healthy`]. A *lossless* source (one that resumes from a position,
+///    such as a replication slot) may recover without a gap when it lost nothing:
+///    it reports `Healthy` only once it has replayed everything up to where the
+///    server was when it reconnected. A `Gap` always means events are really gone.
+/// 5. **Lagging subscribers are told the health.** A subscription that fell behind
+///    gets its `Gap(Lagged)` followed by the source's current health, since a
+///    health change may have been among what it missed.
+/// 6. **End.** When the source shuts down, subscriptions end (`recv` returns `None`),
+///    and inline handlers are dropped — which stops their dispatchers, whose caches
+///    then bypass. A source should keep running while an attachment or a
+///    subscription it handed out is alive.
 ///
 /// The trait is object-safe: `Box<dyn EventSource>` and `Arc<dyn EventSource>` work
 /// wherever a source is expected, so tests swap backends at run time.
@@ -145,14 +156,15 @@ pub struct Subscription {
 }
 
 enum Inner {
-    Hub(broadcast::Receiver<Signal>),
+    /// The hub's receiver and its health flag (told again after a lag).
+    Hub(broadcast::Receiver<Signal>, Arc<AtomicBool>),
     Stream(BoxStream<'static, Signal>),
 }
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.inner {
-            Inner::Hub(_) => "hub",
+            Inner::Hub(..) => "hub",
             Inner::Stream(_) => "stream",
         };
         f.debug_struct("Subscription").field("kind", &kind).finish()
@@ -160,11 +172,26 @@ impl fmt::Debug for Subscription {
 }
 
 impl Subscription {
-    pub(crate) fn from_hub(first: Signal, rx: broadcast::Receiver<Signal>) -> Self {
+    pub(crate) fn from_hub(
+        first: Signal,
+        rx: broadcast::Receiver<Signal>,
+        healthy: Arc<AtomicBool>,
+    ) -> Self {
         Subscription {
             first: Some(first),
-            inner: Inner::Hub(rx),
+            inner: Inner::Hub(rx, healthy),
         }
+    }
+
+    /// The gap for `missed` lost signals; the source's current health follows it,
+    /// since a health change may have been among them.
+    fn lagged(&mut self, missed: u64, healthy: bool) -> Signal {
+        self.first = Some(Signal::Health(if healthy {
+            Health::Healthy
+        } else {
+            Health::Unhealthy
+        }));
+        lagged(missed)
     }
 
     /// A subscription over any stream of signals, for sources that do not use a
@@ -183,9 +210,12 @@ impl Subscription {
             return Some(first);
         }
         match &mut self.inner {
-            Inner::Hub(rx) => match rx.recv().await {
+            Inner::Hub(rx, healthy) => match rx.recv().await {
                 Ok(signal) => Some(signal),
-                Err(broadcast::error::RecvError::Lagged(missed)) => Some(lagged(missed)),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    let healthy = healthy.load(Ordering::Acquire);
+                    Some(self.lagged(missed, healthy))
+                }
                 Err(broadcast::error::RecvError::Closed) => None,
             },
             Inner::Stream(s) => s.next().await,
@@ -198,9 +228,12 @@ impl Subscription {
             return Ok(first);
         }
         match &mut self.inner {
-            Inner::Hub(rx) => match rx.try_recv() {
+            Inner::Hub(rx, healthy) => match rx.try_recv() {
                 Ok(signal) => Ok(signal),
-                Err(broadcast::error::TryRecvError::Lagged(missed)) => Ok(lagged(missed)),
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                    let healthy = healthy.load(Ordering::Acquire);
+                    Ok(self.lagged(missed, healthy))
+                }
                 Err(broadcast::error::TryRecvError::Empty) => Err(TryRecvError::Empty),
                 Err(broadcast::error::TryRecvError::Closed) => Err(TryRecvError::Closed),
             },
@@ -222,9 +255,13 @@ impl Subscription {
 }
 
 fn lagged(missed: u64) -> Signal {
-    tracing::warn!(
-        missed,
-        "subscriber lagged behind the source; emitting a gap"
-    );
+    static LIMIT: crate::rate_limit::RateLimit = crate::rate_limit::RateLimit::new();
+    if let Some(suppressed) = LIMIT.check() {
+        tracing::warn!(
+            missed,
+            suppressed,
+            "subscriber lagged behind the source; emitting a gap (at most one such warning a second; `suppressed` were not logged)"
+        );
+    }
     Signal::Gap(GapReason::Lagged { missed })
 }

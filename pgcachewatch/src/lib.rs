@@ -6,6 +6,21 @@
 //! the [`strategies`], the in-memory source ([`memory`]), the PostgreSQL backend
 //! (`postgres`, feature `postgres`, on by default) and, with feature `testkit`,
 //! the test kit (`testkit`).
+//!
+//! ## Features
+//!
+//! | feature | default | what |
+//! |---|---|---|
+//! | `postgres` | yes | `pgcachewatch::postgres`: the LISTEN source and the trigger installer (sqlx) |
+//! | `tls-rustls` | yes | TLS to PostgreSQL through rustls (`sslmode`, `sslrootcert`) |
+//! | `tls-native-tls` | no | TLS through the platform's library instead (turn default features off, pick `postgres` and this) |
+//! | `replication` | no | `pgcachewatch::replication`: the logical-replication source (lossless, commit positions) and `ReplicationSetup` (pgwire-replication; Rust 1.88) |
+//! | `testkit` | no | `pgcachewatch::testkit`: event logs, replay, virtual clock, model checker, conformance suite, fault proxy |
+//!
+//! The architecture (the event flow, the design decisions, the PostgreSQL facts it
+//! rests on) is in
+//! [ARCHITECTURE.md](https://github.com/pgcachewatch/pgcachewatch/blob/main/ARCHITECTURE.md).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
@@ -23,6 +38,7 @@ pub mod memory {
 
 /// The PostgreSQL backend: LISTEN source, trigger SQL and installer.
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres {
     pub use pgcachewatch_backends::postgres::*;
 }
@@ -30,12 +46,14 @@ pub mod postgres {
 /// The logical-replication source: lossless across reconnects, with commit
 /// positions for read-your-writes; and the setup of its publication and slot.
 #[cfg(feature = "replication")]
+#[cfg_attr(docsrs, doc(cfg(feature = "replication")))]
 pub mod replication {
     pub use pgcachewatch_backends::replication::*;
 }
 
 /// Record/replay, generators, the staleness model checker and the conformance suite.
 #[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit {
     pub use pgcachewatch_testkit::*;
 }

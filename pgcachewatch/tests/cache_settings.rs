@@ -40,7 +40,9 @@ async fn serve_within_bound_serves_recent_entries_while_unhealthy() {
         .while_unhealthy(WhileUnhealthy::ServeWithin(Duration::from_millis(40)))
         .build();
     load(&cache, 1, 1).await;
-    cache.set_healthy(false);
+    // A feeding dispatcher's vote says the source is unhealthy.
+    let vote = cache.health_vote();
+    vote.set(false);
     assert_eq!(
         cache.get(&1),
         Some(1),
@@ -61,10 +63,11 @@ async fn serve_within_bound_serves_recent_entries_while_unhealthy() {
 #[tokio::test]
 async fn bypass_stores_nothing_while_unhealthy() {
     let cache: Cache<u32, u32> = Cache::new(10);
-    cache.set_healthy(false);
+    let vote = cache.health_vote();
+    vote.set(false);
     assert_eq!(load(&cache, 1, 1).await, 1);
     assert_eq!(cache.stats().entries, 0);
-    cache.set_healthy(true);
+    vote.set(true);
     assert_eq!(cache.get(&1), None);
 }
 

@@ -299,6 +299,11 @@ async fn memory_stays_bounded_while_nobody_reads() {
         }
         other => panic!("expected a lag gap, got {other:?}"),
     }
+    // After a lag, the subscriber is told the current health (it may have missed a change).
+    assert!(matches!(
+        idle.try_recv(),
+        Ok(Signal::Health(Health::Healthy))
+    ));
     let mut buffered = 0;
     while idle.try_recv().is_ok() {
         buffered += 1;

@@ -43,8 +43,8 @@ pub(crate) fn tick_due<'a, K: 'static>(
 ///
 /// ```
 /// use std::time::{Duration, Instant};
-/// use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation, RowKey};
-/// use pgcachewatch_strategies::{AnyOf, Keyed, Sequence};
+/// use pgcachewatch::{Decision, Event, InvalidationStrategy, Operation, RowKey};
+/// use pgcachewatch::strategies::{AnyOf, Keyed, Sequence};
 ///
 /// let mut s = AnyOf::new()
 ///     .with(Keyed::new(|_: &Event, row: &RowKey| row.get("id").and_then(|v| v.as_i64())))

@@ -24,8 +24,8 @@ use crate::table::{IntoTableRef, TableFilter};
 ///
 /// ```
 /// use std::time::{Duration, Instant};
-/// use pgcachewatch_core::{Decision, Event, GapReason, InvalidationStrategy, Operation};
-/// use pgcachewatch_strategies::{Filter, Windowed};
+/// use pgcachewatch::{Decision, Event, GapReason, InvalidationStrategy, Operation};
+/// use pgcachewatch::strategies::{Filter, Windowed};
 ///
 /// let mut s = Filter::new(Windowed::new(2, Duration::from_secs(1)))
 ///     .tables(["public.users"])

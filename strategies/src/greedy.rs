@@ -19,8 +19,8 @@ use pgcachewatch_core::{Decision, Event, InvalidationStrategy};
 ///
 /// ```
 /// use std::time::Instant;
-/// use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation};
-/// use pgcachewatch_strategies::Greedy;
+/// use pgcachewatch::{Decision, Event, InvalidationStrategy, Operation};
+/// use pgcachewatch::strategies::Greedy;
 ///
 /// let mut on_deletes = Greedy::with_predicate(|e: &Event| e.operation == Operation::Delete);
 /// let now = Instant::now();

@@ -28,10 +28,24 @@ pub enum OtherTables {
 /// that depend on those rows, so an update of one row drops only the entries
 /// built from it.
 ///
+/// # Row keys need row-mode triggers
+///
+/// Events carry row keys only from triggers installed in row mode:
+/// [`Installer::row_keys(true)`](https://docs.rs/pgcachewatch-backends/latest/pgcachewatch_backends/postgres/install/struct.Installer.html#method.row_keys)
+/// in code, `pgcachewatch install TABLE --row-keys --commit` on the command line.
+/// With the default table-level triggers every event is keyless, and `Keyed`
+/// drops the whole table on each one: correct, but no better than
+/// [`Greedy`](crate::Greedy). The table needs a primary key.
+///
+/// # Mappers
+///
 /// A mapper is `Fn(&Event, &RowKey) -> impl IntoIterator<Item = K>`, called once per
 /// affected row. **It must return every key whose value depends on that row**,
-/// including aggregate entries (a "list users" key depends on every user row; an
-/// insert changes it too, which is why the mapper sees the event and its operation).
+/// including aggregate entries: a "list users" entry showing names depends on
+/// every column of every user row, so every insert, update and delete of a user
+/// must drop it. (Only a list that shows nothing an update can change, say just the
+/// ids of an insert-only table, may skip updates; the mapper sees the event and its
+/// operation for such cases.)
 ///
 /// Mappers are given for every table ([`Keyed::new`]) or per table
 /// ([`Keyed::per_table`] + [`table`](Keyed::table)); an event about a table without a
@@ -47,7 +61,7 @@ pub enum OtherTables {
 ///
 /// ```text
 /// users: update id=7      insert id=9         update (no keys)     orders: delete
-/// drops: User(7)          User(9), AllUsers   table "users"        table "orders" (OtherTables::Table)
+/// drops: User(7), AllUsers User(9), AllUsers  table "users"        table "orders" (OtherTables::Table)
 /// ```
 ///
 /// Gaps answer [`Decision::All`] (the trait's default). `Keyed` holds no pending
@@ -57,24 +71,25 @@ pub enum OtherTables {
 ///
 /// ```
 /// use std::time::Instant;
-/// use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation, RowKey, TableRef};
-/// use pgcachewatch_strategies::{Keyed, OtherTables};
+/// use pgcachewatch::{Decision, Event, InvalidationStrategy, Operation, RowKey, TableRef};
+/// use pgcachewatch::strategies::{Keyed, OtherTables};
 ///
+/// // One cache for single users and the list of all users (with their names).
 /// #[derive(Debug, Clone, PartialEq)]
 /// enum Key { User(i64), AllUsers }
 ///
 /// let mut keyed = Keyed::per_table()
-///     .table("public.users", |e: &Event, row: &RowKey| {
+///     .table("public.users", |_: &Event, row: &RowKey| {
 ///         let id = row.get("id").and_then(|v| v.as_i64());
-///         let list = (e.operation != Operation::Update).then_some(Key::AllUsers);
-///         id.map(Key::User).into_iter().chain(list)
+///         // The list shows every user's name: any write to any user changes it.
+///         id.map(Key::User).into_iter().chain([Key::AllUsers])
 ///     })
 ///     .other_tables(OtherTables::Ignore);
 ///
 /// let now = Instant::now();
 /// let update = Event::new("ch", Operation::Update, "public", "users")
 ///     .with_keys(vec![RowKey::single("id", 7)]);
-/// assert_eq!(keyed.on_event(&update, now), Decision::keys([Key::User(7)]));
+/// assert_eq!(keyed.on_event(&update, now), Decision::keys([Key::User(7), Key::AllUsers]));
 ///
 /// let insert = Event::new("ch", Operation::Insert, "public", "users")
 ///     .with_keys(vec![RowKey::single("id", 9)]);

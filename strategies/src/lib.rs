@@ -38,8 +38,8 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use pgcachewatch_core::{Event, Operation, RowKey};
-//! use pgcachewatch_strategies::{AnyOf, Filter, Greedy, Keyed, Route, Timed, Windowed};
+//! use pgcachewatch::{Event, Operation, RowKey};
+//! use pgcachewatch::strategies::{AnyOf, Filter, Greedy, Keyed, Route, Timed, Windowed};
 //!
 //! // users: row-level, with a flush at most every 30 s as a safety net;
 //! // orders: batched; truncates anywhere: flush; other tables: ignored.

@@ -26,8 +26,8 @@ use pgcachewatch_core::{Decision, Event, GapReason, InvalidationStrategy};
 ///
 /// ```
 /// use std::time::Instant;
-/// use pgcachewatch_core::{Decision, GapReason, InvalidationStrategy};
-/// use pgcachewatch_strategies::{Greedy, OnGap};
+/// use pgcachewatch::{Decision, GapReason, InvalidationStrategy};
+/// use pgcachewatch::strategies::{Greedy, OnGap};
 ///
 /// let mut s = OnGap::keep_if(Greedy::new(), |r: &GapReason| matches!(r, GapReason::MalformedPayload));
 /// let now = Instant::now();

@@ -32,8 +32,8 @@ use crate::table::{event_is_about, IntoTableRef};
 ///
 /// ```
 /// use std::time::{Duration, Instant};
-/// use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation};
-/// use pgcachewatch_strategies::{Greedy, Route, Windowed};
+/// use pgcachewatch::{Decision, Event, InvalidationStrategy, Operation};
+/// use pgcachewatch::strategies::{Greedy, Route, Windowed};
 ///
 /// let mut s: Route<u32> = Route::new()
 ///     .table("public.users", Greedy::new())

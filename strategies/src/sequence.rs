@@ -32,8 +32,8 @@ use pgcachewatch_core::{Decision, Event, GapReason, InvalidationStrategy, Operat
 ///
 /// ```
 /// use std::time::Instant;
-/// use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation::*};
-/// use pgcachewatch_strategies::Sequence;
+/// use pgcachewatch::{Decision, Event, InvalidationStrategy, Operation::*};
+/// use pgcachewatch::strategies::Sequence;
 ///
 /// let mut s = Sequence::new([Insert, Update, Delete]);
 /// let now = Instant::now();

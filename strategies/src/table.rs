@@ -5,14 +5,18 @@ use pgcachewatch_core::{Event, Operation, TableRef};
 /// Anything that names a table: `"public.users"`, `"users"` (any schema), a
 /// `(schema, table)` pair or a [`TableRef`].
 ///
-/// A string is split at its first `.`; a string without a dot names the table in
-/// any schema. For names that themselves contain a dot, pass a [`TableRef`] or a pair.
+/// A string is parsed like SQL, by the same rules as cache tags
+/// ([`TableRef::parse`]): unquoted names fold to lower case (`"Users"` is `users`),
+/// quoted ones keep their case and may contain dots (`r#""App"."a.b""#`); a name
+/// without a schema names the table in any schema. Text that is not a valid name
+/// is logged and taken literally as a table name. A pair is taken verbatim.
 ///
 /// ```
-/// use pgcachewatch_core::TableRef;
-/// use pgcachewatch_strategies::IntoTableRef;
-/// assert_eq!("public.users".into_table_ref(), TableRef::new("public", "users"));
+/// use pgcachewatch::TableRef;
+/// use pgcachewatch::strategies::IntoTableRef;
+/// assert_eq!("public.Users".into_table_ref(), TableRef::new("public", "users"));
 /// assert_eq!("users".into_table_ref(), TableRef::unqualified("users"));
+/// assert_eq!(r#""App"."a.b""#.into_table_ref(), TableRef::new("App", "a.b"));
 /// assert_eq!(("app", "a.b").into_table_ref(), TableRef::new("app", "a.b"));
 /// ```
 pub trait IntoTableRef {
@@ -34,10 +38,10 @@ impl IntoTableRef for &TableRef {
 
 impl IntoTableRef for &str {
     fn into_table_ref(self) -> TableRef {
-        match self.split_once('.') {
-            Some((schema, table)) => TableRef::new(schema, table),
-            None => TableRef::unqualified(self),
-        }
+        TableRef::parse(self).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "taking the table name literally");
+            TableRef::unqualified(self)
+        })
     }
 }
 
@@ -78,8 +82,8 @@ pub(crate) fn event_is_about(event: &Event, table: &TableRef) -> bool {
 ///
 /// ```
 /// use std::time::Instant;
-/// use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation};
-/// use pgcachewatch_strategies::{Greedy, TableFilter};
+/// use pgcachewatch::{Decision, Event, InvalidationStrategy, Operation};
+/// use pgcachewatch::strategies::{Greedy, TableFilter};
 ///
 /// let writes_to_users = TableFilter::new()
 ///     .tables(["public.users"])

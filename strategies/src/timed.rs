@@ -39,8 +39,8 @@ use pgcachewatch_core::{Decision, Event, GapReason, InvalidationStrategy};
 ///
 /// ```
 /// use std::time::{Duration, Instant};
-/// use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation};
-/// use pgcachewatch_strategies::Timed;
+/// use pgcachewatch::{Decision, Event, InvalidationStrategy, Operation};
+/// use pgcachewatch::strategies::Timed;
 ///
 /// let second = Duration::from_secs(1);
 /// let mut t = Timed::new(second);

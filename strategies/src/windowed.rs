@@ -36,8 +36,8 @@ use pgcachewatch_core::{Decision, Event, GapReason, InvalidationStrategy};
 ///
 /// ```
 /// use std::time::{Duration, Instant};
-/// use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation};
-/// use pgcachewatch_strategies::Windowed;
+/// use pgcachewatch::{Decision, Event, InvalidationStrategy, Operation};
+/// use pgcachewatch::strategies::Windowed;
 ///
 /// let mut w = Windowed::new(3, Duration::from_secs(1));
 /// let t0 = Instant::now();

@@ -5,14 +5,14 @@ use std::time::{Duration, Instant};
 /// A clock for pure strategies: a fixed base [`Instant`] plus an offset that only
 /// [`advance`](Self::advance) and [`advance_to`](Self::advance_to) change.
 ///
-/// Strategies take `now` as an argument (DESIGN.md decision 5), so a replay or a
+/// Strategies take `now` as an argument (ARCHITECTURE.md, decision 5: pure strategies, injected clock), so a replay or a
 /// model checker hands them `clock.now()` and decides itself how fast time flows:
 /// a day of recorded traffic replays in milliseconds, and a test is deterministic.
 /// The clock never goes backwards.
 ///
 /// ```
 /// use std::time::Duration;
-/// use pgcachewatch_testkit::clock::VirtualClock;
+/// use pgcachewatch::testkit::clock::VirtualClock;
 ///
 /// let mut clock = VirtualClock::new();
 /// let t0 = clock.now();

@@ -16,10 +16,10 @@
 //! The in-memory source (see `backends/tests/memory_conformance.rs` for the real one):
 //!
 //! ```
-//! use pgcachewatch_testkit::conformance::async_trait; // re-exported: no extra dependency
-//! use pgcachewatch_backends::{InMemoryHandle, InMemorySource};
-//! use pgcachewatch_core::{BoxError, Event, Operation};
-//! use pgcachewatch_testkit::conformance::{run_all, Capabilities, SourceDriver, SourceHarness};
+//! use pgcachewatch::testkit::conformance::async_trait; // re-exported: no extra dependency
+//! use pgcachewatch::memory::{InMemoryHandle, InMemorySource};
+//! use pgcachewatch::{BoxError, Event, Operation};
+//! use pgcachewatch::testkit::conformance::{run_all, Capabilities, SourceDriver, SourceHarness};
 //!
 //! struct Driver(InMemoryHandle);
 //!
@@ -102,7 +102,7 @@ pub trait SourceHarness: Send + Sync {
 ///
 /// ```
 /// use std::time::Duration;
-/// use pgcachewatch_testkit::conformance::Capabilities;
+/// use pgcachewatch::testkit::conformance::Capabilities;
 /// let caps = Capabilities::new().lag_buffer(16).delivery_timeout(Duration::from_secs(30));
 /// assert_eq!(caps.lag_buffer, Some(16));
 /// assert!(caps.interrupt);

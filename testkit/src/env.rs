@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// `postgres://postgres@127.0.0.1:5432/test`.
 ///
 /// ```
-/// assert!(pgcachewatch_testkit::env::database_url().starts_with("postgres"));
+/// assert!(pgcachewatch::testkit::env::database_url().starts_with("postgres"));
 /// ```
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
@@ -22,7 +22,7 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test"
 /// is a valid unquoted SQL identifier if `prefix` is one.
 ///
 /// ```
-/// use pgcachewatch_testkit::env::unique_name;
+/// use pgcachewatch::testkit::env::unique_name;
 /// assert_ne!(unique_name("t"), unique_name("t"));
 /// ```
 pub fn unique_name(prefix: &str) -> String {

@@ -29,8 +29,8 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use pgcachewatch_core::{Event, Operation};
-//! use pgcachewatch_testkit::eventlog::{EventLogReader, EventLogWriter, LogHeader, LogRecord, RecordKind};
+//! use pgcachewatch::{Event, Operation};
+//! use pgcachewatch::testkit::eventlog::{EventLogReader, EventLogWriter, LogHeader, LogRecord, RecordKind};
 //!
 //! let mut buf = Vec::new();
 //! let mut writer = EventLogWriter::with_header(&mut buf, LogHeader::new().source("doc test"))?;
@@ -44,7 +44,7 @@
 //! assert_eq!(record.offset, Duration::from_millis(5));
 //! assert!(matches!(record.kind, RecordKind::Event(ref e) if e.table == "users"));
 //! assert!(reader.next().is_none());
-//! # Ok::<_, pgcachewatch_testkit::eventlog::LogError>(())
+//! # Ok::<_, pgcachewatch::testkit::eventlog::LogError>(())
 //! ```
 
 use std::fmt;
@@ -115,7 +115,7 @@ pub enum LogError {
 /// The first line of a log: the format version and where the recording came from.
 ///
 /// ```
-/// use pgcachewatch_testkit::eventlog::LogHeader;
+/// use pgcachewatch::testkit::eventlog::LogHeader;
 /// let h = LogHeader::new().source("postgres channel pgcachewatch");
 /// assert_eq!(h.version, 1);
 /// ```
@@ -231,12 +231,12 @@ impl LogRecord {
 /// A whole log in memory: header and records.
 ///
 /// ```
-/// use pgcachewatch_testkit::eventlog::EventLog;
+/// use pgcachewatch::testkit::eventlog::EventLog;
 /// let text = "{\"pgcachewatch_log\":1}\n{\"offset_us\":0,\"health\":\"healthy\"}\n";
 /// let log = EventLog::parse(text)?;
 /// assert_eq!(log.records.len(), 1);
 /// assert_eq!(EventLog::parse(&log.to_string())?, log);
-/// # Ok::<_, pgcachewatch_testkit::eventlog::LogError>(())
+/// # Ok::<_, pgcachewatch::testkit::eventlog::LogError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventLog {
@@ -428,8 +428,8 @@ fn from_wire(wire: WireRecord) -> Result<LogRecord, String> {
 ///
 /// ```
 /// use std::time::Instant;
-/// use pgcachewatch_core::{Health, Signal};
-/// use pgcachewatch_testkit::eventlog::{EventLog, EventLogWriter};
+/// use pgcachewatch::{Health, Signal};
+/// use pgcachewatch::testkit::eventlog::{EventLog, EventLogWriter};
 ///
 /// let start = Instant::now();
 /// let mut buf = Vec::new();
@@ -437,7 +437,7 @@ fn from_wire(wire: WireRecord) -> Result<LogRecord, String> {
 /// w.write_signal(&Signal::Health(Health::Healthy), start)?;
 /// w.flush()?;
 /// assert_eq!(EventLog::parse(std::str::from_utf8(&buf).unwrap())?.records.len(), 1);
-/// # Ok::<_, pgcachewatch_testkit::eventlog::LogError>(())
+/// # Ok::<_, pgcachewatch::testkit::eventlog::LogError>(())
 /// ```
 #[derive(Debug)]
 pub struct EventLogWriter<W: Write> {
@@ -546,7 +546,7 @@ impl<W: Write> EventLogWriter<W> {
 /// panics, whatever the input.
 ///
 /// ```
-/// use pgcachewatch_testkit::eventlog::{EventLogReader, LogError};
+/// use pgcachewatch::testkit::eventlog::{EventLogReader, LogError};
 /// let text = "{\"pgcachewatch_log\":1}\n{\"offset_us\":0,\"health\":\"sick\"}\n";
 /// let mut reader = EventLogReader::new(text.as_bytes())?;
 /// let err = reader.next().unwrap().unwrap_err();

@@ -8,8 +8,8 @@
 //!
 //! ```
 //! use proptest::prelude::*;
-//! use pgcachewatch_testkit::eventlog::{EventLog, RecordKind};
-//! use pgcachewatch_testkit::generators::event_logs;
+//! use pgcachewatch::testkit::eventlog::{EventLog, RecordKind};
+//! use pgcachewatch::testkit::generators::event_logs;
 //!
 //! proptest! {
 //!     #![proptest_config(ProptestConfig::with_cases(16))]

@@ -14,7 +14,8 @@
 //!   firing its deadlines, and get every decision with its cause as a table.
 //! * [`checker`]: the staleness model checker: simulated table, writers, lossy
 //!   delivery, health changes, and readers through the real
-//!   [`Cache`](pgcachewatch_core::Cache), checked against DESIGN.md's guarantee.
+//!   [`Cache`](pgcachewatch_core::Cache), checked against the guarantee in
+//!   [ARCHITECTURE.md](https://github.com/pgcachewatch/pgcachewatch/blob/main/ARCHITECTURE.md#the-guarantee).
 //! * `generators` (feature `proptest`): events, gap reasons, event logs with bursts,
 //!   transactions and outages, and checker schedules.
 //! * `proxy`: a TCP proxy that pauses or cuts connections on demand.
@@ -31,6 +32,7 @@
 //! * `tokio` (time, sync, rt): bounded waits in the conformance suite.
 //! * `async-trait`: the object-safe [`conformance::SourceDriver`].
 //! * `proptest` (optional): generators and the model checker.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 #![deny(rustdoc::broken_intra_doc_links)]
 pub mod proxy;
@@ -41,5 +43,6 @@ pub mod conformance;
 pub mod env;
 pub mod eventlog;
 #[cfg(feature = "proptest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proptest")))]
 pub mod generators;
 pub mod replay;

@@ -14,7 +14,7 @@
 //! Only tokio's networking: no root, no iptables.
 //!
 //! ```
-//! use pgcachewatch_testkit::proxy::FaultProxy;
+//! use pgcachewatch::testkit::proxy::FaultProxy;
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! // An echo server to stand in for PostgreSQL.

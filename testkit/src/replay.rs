@@ -8,11 +8,11 @@
 //! and reported as a [`ReplayStep`] naming its cause. The result prints as a table.
 //!
 //! ```
-//! use pgcachewatch_core::{Decision, Event, Health, Operation};
-//! use pgcachewatch_testkit::eventlog::{EventLog, LogHeader, LogRecord, RecordKind};
-//! use pgcachewatch_testkit::replay::{replay, Cause};
+//! use pgcachewatch::{Decision, Event, Health, Operation};
+//! use pgcachewatch::testkit::eventlog::{EventLog, LogHeader, LogRecord, RecordKind};
+//! use pgcachewatch::testkit::replay::{replay, Cause};
 //! # use std::time::{Duration, Instant};
-//! # use pgcachewatch_core::InvalidationStrategy;
+//! # use pgcachewatch::InvalidationStrategy;
 //! # #[derive(Debug)] struct DropAll;
 //! # impl<K> InvalidationStrategy<K> for DropAll {
 //! #     fn on_event(&mut self, _: &Event, _: Instant) -> Decision<K> { Decision::All }
@@ -35,7 +35,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use pgcachewatch_core::{
-    Decision, Event, GapReason, Health, InvalidationStrategy, InvalidationTarget,
+    Decision, Event, GapReason, Health, HealthVote, InvalidationStrategy, InvalidationTarget,
 };
 
 use crate::clock::VirtualClock;
@@ -261,9 +261,9 @@ const MAX_TICKS_IN_A_ROW: usize = 100_000;
 /// then [`run`](Self::run).
 ///
 /// ```
-/// use pgcachewatch_core::{Cache, Decision, Event, Operation, InvalidationStrategy};
-/// use pgcachewatch_testkit::eventlog::{EventLog, LogHeader, LogRecord, RecordKind};
-/// use pgcachewatch_testkit::replay::{Replayer, Speed};
+/// use pgcachewatch::{Cache, Decision, Event, Operation, InvalidationStrategy};
+/// use pgcachewatch::testkit::eventlog::{EventLog, LogHeader, LogRecord, RecordKind};
+/// use pgcachewatch::testkit::replay::{Replayer, Speed};
 /// # #[derive(Debug)] struct DropAll;
 /// # impl<K> InvalidationStrategy<K> for DropAll {
 /// #     fn on_event(&mut self, _: &Event, _: std::time::Instant) -> Decision<K> { Decision::All }
@@ -284,7 +284,8 @@ pub struct Replayer<K, S> {
     strategy: S,
     clock: VirtualClock,
     speed: Speed,
-    targets: Vec<Box<dyn InvalidationTarget<K>>>,
+    /// Each target with the replayer's vote on its health.
+    targets: Vec<(Box<dyn InvalidationTarget<K>>, HealthVote)>,
 }
 
 impl<K, S: fmt::Debug> fmt::Debug for Replayer<K, S> {
@@ -322,8 +323,13 @@ impl<K: 'static, S: InvalidationStrategy<K>> Replayer<K, S> {
     }
 
     /// Also applies every decision and health change to `target` (builder style).
+    /// The replayer feeds it like a dispatcher (one health vote, healthy until the
+    /// log says otherwise), without the flush a dispatcher makes when it attaches:
+    /// a replay starts where its log starts.
     pub fn target(mut self, target: impl InvalidationTarget<K>) -> Self {
-        self.targets.push(Box::new(target));
+        let vote = target.health_vote();
+        vote.set(true);
+        self.targets.push((Box::new(target), vote));
         self
     }
 
@@ -407,8 +413,8 @@ impl<'r, K: 'static, S: InvalidationStrategy<K>> Run<'r, K, S> {
             ),
             RecordKind::Health(health) => {
                 self.cache.set_health(*health, self.r.clock.elapsed());
-                for t in &self.r.targets {
-                    t.set_healthy(health.is_healthy());
+                for (_, vote) in &self.r.targets {
+                    vote.set(health.is_healthy());
                 }
                 (
                     Cause::Health {
@@ -449,7 +455,7 @@ impl<'r, K: 'static, S: InvalidationStrategy<K>> Run<'r, K, S> {
     fn apply(&mut self, cause: Cause, decision: Decision<K>) {
         self.cache.apply(&decision);
         if !decision.is_nothing() {
-            for t in &self.r.targets {
+            for (t, _) in &self.r.targets {
                 t.apply(&decision);
             }
         }

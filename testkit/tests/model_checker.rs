@@ -2,13 +2,15 @@
 //! in each mode, and a planted bug (a cache without generation stamps) is caught
 //! and shrunk to a readable counterexample.
 
-use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::LocalBoxFuture;
-use pgcachewatch_core::{Decision, WhileUnhealthy};
+use pgcachewatch_core::{
+    Cache, Decision, Dispatcher, HealthBoard, HealthVote, InvalidationStrategy, InvalidationTarget,
+    WhileUnhealthy,
+};
 use pgcachewatch_strategies::Greedy;
 use pgcachewatch_testkit::checker::{CheckedCache, Loader, ModelChecker, Op, Row, Schedule, Value};
 use proptest::test_runner::Config as ProptestConfig;
@@ -74,7 +76,7 @@ fn race() -> Schedule {
     Schedule::new(vec![
         Op::StartRead { slot: 0, row: 0 },
         Op::Write { row: 0 },
-        Op::Deliver,
+        Op::Deliver { source: 0 },
         Op::FinishLoad { slot: 0 },
         Op::StartRead { slot: 1, row: 0 },
         Op::FinishLoad { slot: 1 },
@@ -86,39 +88,46 @@ fn race() -> Schedule {
 /// A HashMap cache without generation stamps: it stores a load's result even
 /// when an invalidation arrived while the load ran (what `moka::get_with` and
 /// most hand-rolled caches do).
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct NoGenerationsCache {
-    map: Rc<RefCell<HashMap<Row, Value>>>,
-    healthy: Rc<Cell<bool>>,
+    map: Arc<Mutex<HashMap<Row, Value>>>,
+    board: Arc<HealthBoard>,
 }
 
 impl NoGenerationsCache {
     fn new() -> Self {
-        let cache = Self::default();
-        cache.healthy.set(true);
-        cache
+        Self::default()
     }
 }
 
 impl CheckedCache for NoGenerationsCache {
     fn read(&self, row: Row, loader: Loader) -> LocalBoxFuture<'static, Result<Value, String>> {
-        let map = self.map.clone();
-        let healthy = self.healthy.clone();
+        let this = self.clone();
         Box::pin(async move {
-            if !healthy.get() {
+            if !this.board.is_healthy() {
                 return Ok(loader().await);
             }
-            if let Some(v) = map.borrow().get(&row) {
+            if let Some(v) = this.map.lock().unwrap().get(&row) {
                 return Ok(*v);
             }
             let v = loader().await;
-            map.borrow_mut().insert(row, v); // the bug: no check that it is still valid
+            this.map.lock().unwrap().insert(row, v); // the bug: no check that it is still valid
             Ok(v)
         })
     }
 
+    fn attach(
+        &self,
+        dispatcher: Dispatcher,
+        strategy: Box<dyn InvalidationStrategy<Row>>,
+    ) -> Dispatcher {
+        dispatcher.attach(strategy, self.clone())
+    }
+}
+
+impl InvalidationTarget<Row> for NoGenerationsCache {
     fn apply(&self, decision: &Decision<Row>) {
-        let mut map = self.map.borrow_mut();
+        let mut map = self.map.lock().unwrap();
         match decision {
             Decision::Nothing => {}
             Decision::All => map.clear(),
@@ -131,8 +140,8 @@ impl CheckedCache for NoGenerationsCache {
         }
     }
 
-    fn set_healthy(&self, healthy: bool) {
-        self.healthy.set(healthy);
+    fn health_vote(&self) -> HealthVote {
+        HealthVote::new(self.board.clone())
     }
 }
 
@@ -169,22 +178,36 @@ fn checker_finds_and_shrinks_the_planted_bug() {
 }
 
 /// The real cache, deaf to health changes: it keeps serving while unhealthy.
-struct IgnoresHealth(pgcachewatch_core::Cache<Row, Value>);
+#[derive(Clone)]
+struct IgnoresHealth(Cache<Row, Value>, Arc<HealthBoard>);
 
 impl CheckedCache for IgnoresHealth {
     fn read(&self, row: Row, loader: Loader) -> LocalBoxFuture<'static, Result<Value, String>> {
         self.0.read(row, loader)
     }
-    fn apply(&self, decision: &Decision<Row>) {
-        CheckedCache::apply(&self.0, decision);
+    fn attach(
+        &self,
+        dispatcher: Dispatcher,
+        strategy: Box<dyn InvalidationStrategy<Row>>,
+    ) -> Dispatcher {
+        dispatcher.attach(strategy, self.clone())
     }
-    fn set_healthy(&self, _healthy: bool) {}
+}
+
+impl InvalidationTarget<Row> for IgnoresHealth {
+    fn apply(&self, decision: &Decision<Row>) {
+        InvalidationTarget::apply(&self.0, decision);
+    }
+    /// Votes on a board nobody reads.
+    fn health_vote(&self) -> HealthVote {
+        HealthVote::new(self.1.clone())
+    }
 }
 
 #[test]
 fn checker_catches_a_cache_that_serves_while_unhealthy() {
     let checker =
-        ModelChecker::new().cache(|_| Box::new(IgnoresHealth(pgcachewatch_core::Cache::new(64))));
+        ModelChecker::new().cache(|_| Box::new(IgnoresHealth(Cache::new(64), Arc::default())));
     let counterexample = checker
         .explore(config(10_000), MAX_LEN)
         .expect_err("the checker must notice reads served from cache while unhealthy");

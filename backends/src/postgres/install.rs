@@ -19,6 +19,13 @@
 //!   table has no primary key, or it is a `TRUNCATE`, the event is table-level (no
 //!   `keys`), which strategies treat as "any row". A statement that touched no row
 //!   sends `"keys": []`.
+//! * Row mode is what makes [`Keyed`](https://docs.rs/pgcachewatch-strategies/latest/pgcachewatch_strategies/struct.Keyed.html)
+//!   drop single rows: without it every event is table-level and `Keyed` drops
+//!   everything, like `Greedy`.
+//! * Installing never switches a table that already has pgcachewatch's triggers
+//!   between row and table mode behind your back: that is an
+//!   [`InstallError::ModeChange`] unless [`Installer::allow_mode_change`] says so
+//!   ([`Installer::preflight`] tells beforehand).
 //! * The channel and the mode are **trigger arguments**; the function body is
 //!   static, so one function serves every table and channel, and no name a user
 //!   supplies is spliced into PL/pgSQL.
@@ -48,7 +55,7 @@
 //! # Example
 //!
 //! ```no_run
-//! use pgcachewatch_backends::postgres::install::{status, Installer, TableName};
+//! use pgcachewatch::postgres::install::{status, Installer, TableName};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/test").await?;
@@ -90,7 +97,7 @@ pub const DEFAULT_FUNCTION_NAME: &str = "pgcachewatch_notify";
 /// `public.`[`pgcachewatch_notify`](DEFAULT_FUNCTION_NAME)`()`, table-level events.
 ///
 /// ```
-/// use pgcachewatch_backends::postgres::install::{Installer, TableName};
+/// use pgcachewatch::postgres::install::{Installer, TableName};
 ///
 /// let sql = Installer::new()
 ///     .channel("orders_changed")
@@ -99,7 +106,7 @@ pub const DEFAULT_FUNCTION_NAME: &str = "pgcachewatch_notify";
 /// assert!(sql.starts_with("BEGIN;"));
 /// assert!(sql.contains(r#"CREATE TRIGGER "pgcachewatch_update" AFTER UPDATE ON "shop"."orders""#));
 /// assert!(sql.contains(r#"EXECUTE FUNCTION "public"."pgcachewatch_notify"('orders_changed', 'table');"#));
-/// # Ok::<_, pgcachewatch_backends::postgres::install::InstallError>(())
+/// # Ok::<_, pgcachewatch::postgres::install::InstallError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Installer {
@@ -107,6 +114,56 @@ pub struct Installer {
     function_schema: String,
     function_name: String,
     row_keys: bool,
+    allow_mode_change: bool,
+}
+
+/// A table whose installed triggers send events in another mode than the
+/// installer would install: what [`Installer::preflight`] reports and
+/// [`InstallError::ModeChange`] lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ModeChange {
+    /// The table.
+    pub table: TableName,
+    /// Whether its installed triggers send row keys.
+    pub installed_row_keys: bool,
+    /// Whether the installer would make them send row keys.
+    pub requested_row_keys: bool,
+}
+
+fn mode_name(row_keys: bool) -> &'static str {
+    if row_keys {
+        "row-key"
+    } else {
+        "table-level"
+    }
+}
+
+impl std::fmt::Display for ModeChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} events -> {} events",
+            self.table,
+            mode_name(self.installed_row_keys),
+            mode_name(self.requested_row_keys)
+        )
+    }
+}
+
+impl ModeChange {
+    pub(crate) fn list(changes: &[ModeChange]) -> String {
+        changes
+            .iter()
+            .map(|c| c.table.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub(crate) fn details(changes: &[ModeChange]) -> String {
+        let details: Vec<String> = changes.iter().map(ToString::to_string).collect();
+        format!(" ({})", details.join("; "))
+    }
 }
 
 impl Default for Installer {
@@ -116,6 +173,7 @@ impl Default for Installer {
             function_schema: DEFAULT_SCHEMA.to_owned(),
             function_name: DEFAULT_FUNCTION_NAME.to_owned(),
             row_keys: false,
+            allow_mode_change: false,
         }
     }
 }
@@ -132,9 +190,31 @@ impl Installer {
         self
     }
 
-    /// Send primary keys of affected rows (see the [module docs](self)).
+    /// Send primary keys of affected rows (see the [module docs](self)): row mode,
+    /// which [`Keyed`](https://docs.rs/pgcachewatch-strategies/latest/pgcachewatch_strategies/struct.Keyed.html)
+    /// needs to drop single rows. Off by default: table-level events.
+    ///
+    /// ```
+    /// use pgcachewatch::postgres::install::{Installer, TableName};
+    /// let sql = Installer::new()
+    ///     .row_keys(true)
+    ///     .plan_install(&[TableName::parse("public.users")?])?
+    ///     .to_string();
+    /// assert!(sql.contains("REFERENCING NEW TABLE AS"));
+    /// # Ok::<_, pgcachewatch::postgres::install::InstallError>(())
+    /// ```
     pub fn row_keys(mut self, row_keys: bool) -> Self {
         self.row_keys = row_keys;
+        self
+    }
+
+    /// Whether [`install`](Self::install) may switch tables that already have
+    /// pgcachewatch's triggers between row-key and table-level events. Off by
+    /// default: re-running an install without [`row_keys`](Self::row_keys) on a
+    /// row-mode table is then an [`InstallError::ModeChange`], not a silent
+    /// downgrade that turns every `Keyed` strategy into a full flush.
+    pub fn allow_mode_change(mut self, allow: bool) -> Self {
+        self.allow_mode_change = allow;
         self
     }
 
@@ -208,10 +288,48 @@ impl Installer {
         let plan = self.plan_install(tables)?;
         let mut tx = conn.begin().await?;
         lock(&mut tx).await?;
-        if !catalog::schema_exists(&mut tx, &self.function_schema).await? {
+        let changes = self.checks(&mut tx, tables).await?;
+        for change in &changes {
+            tracing::warn!(%change, "changing the event mode of a table (allowed by allow_mode_change)");
+        }
+        sqlx::raw_sql(&plan.body()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        tracing::info!(tables = tables.len(), channel = %self.channel, row_keys = self.row_keys, "pgcachewatch triggers installed");
+        Ok(plan)
+    }
+
+    /// Runs every check [`install`](Self::install) runs, and changes nothing: the
+    /// tables exist and are tables, the function's schema exists, no same-named
+    /// function or trigger belongs to someone else, and no table would switch
+    /// between row-key and table-level events unless
+    /// [`allow_mode_change`](Self::allow_mode_change) allows it. Returns the mode
+    /// changes an install would make (empty unless allowed). For dry runs.
+    ///
+    /// # Errors
+    ///
+    /// What [`install`](Self::install) would fail with before applying anything.
+    pub async fn preflight<'c, A>(
+        &self,
+        conn: A,
+        tables: &[TableName],
+    ) -> Result<Vec<ModeChange>, InstallError>
+    where
+        A: Acquire<'c, Database = Postgres>,
+    {
+        self.plan_install(tables)?;
+        let mut conn = conn.acquire().await?;
+        self.checks(&mut conn, tables).await
+    }
+
+    async fn checks(
+        &self,
+        conn: &mut PgConnection,
+        tables: &[TableName],
+    ) -> Result<Vec<ModeChange>, InstallError> {
+        if !catalog::schema_exists(conn, &self.function_schema).await? {
             return Err(InstallError::SchemaNotFound(self.function_schema.clone()));
         }
-        if catalog::function_state(&mut tx, &self.function_schema, &self.function_name).await?
+        if catalog::function_state(conn, &self.function_schema, &self.function_name).await?
             == FunctionState::Foreign
         {
             return Err(InstallError::ForeignFunction(sql::function_signature(
@@ -220,19 +338,34 @@ impl Installer {
             )));
         }
         for table in tables {
-            catalog::check_table(&mut tx, table).await?;
-            catalog::check_no_foreign_trigger(&mut tx, table).await?;
-            if self.row_keys && !catalog::has_primary_key(&mut tx, table).await? {
+            catalog::check_table(conn, table).await?;
+            catalog::check_no_foreign_trigger(conn, table).await?;
+            if self.row_keys && !catalog::has_primary_key(conn, table).await? {
                 tracing::warn!(
                     %table,
                     "table has no primary key: its row-mode triggers will send table-level events"
                 );
             }
         }
-        sqlx::raw_sql(&plan.body()).execute(&mut *tx).await?;
-        tx.commit().await?;
-        tracing::info!(tables = tables.len(), channel = %self.channel, row_keys = self.row_keys, "pgcachewatch triggers installed");
-        Ok(plan)
+        let function = sql::qualified_function(&self.function_schema, &self.function_name);
+        let mut changes: Vec<ModeChange> = Vec::new();
+        for trigger in catalog::our_triggers(conn).await? {
+            if trigger.function == function
+                && trigger.row_keys != self.row_keys
+                && tables.contains(&trigger.table)
+                && !changes.iter().any(|c| c.table == trigger.table)
+            {
+                changes.push(ModeChange {
+                    table: trigger.table,
+                    installed_row_keys: trigger.row_keys,
+                    requested_row_keys: self.row_keys,
+                });
+            }
+        }
+        if !changes.is_empty() && !self.allow_mode_change {
+            return Err(InstallError::ModeChange(changes));
+        }
+        Ok(changes)
     }
 
     /// The SQL that [`uninstall`](Installer::uninstall) would run now: drops of the

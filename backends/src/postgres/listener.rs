@@ -25,11 +25,28 @@
 //! lives in its own one-connection pool with `eager_reconnect(false)`, and a loss
 //! ends that connection for good.
 //!
+//! # Lifetime
+//!
+//! The task runs while anything still depends on it: a [`PgListenerSource`]
+//! clone, a [`Subscription`] it handed out, or an inline attachment (a
+//! [`Dispatcher`](pgcachewatch_core::Dispatcher) spawned on it). So a setup
+//! function may return the dispatcher's handle and drop its local source: the
+//! caches keep being invalidated. Once the last of those is dropped, or on
+//! [`shutdown`](PgListenerSource::shutdown), the task stops and closes the
+//! connection.
+//!
+//! # TLS
+//!
+//! `sslmode` (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`) and
+//! `sslrootcert` are honoured, from the URL (`?sslmode=verify-ca&sslrootcert=/path/ca.pem`)
+//! or `PGSSLMODE`/`PGSSLROOTCERT`, with the crate's `tls-rustls` (default) or
+//! `tls-native-tls` feature. A certificate the root certificates do not vouch for
+//! fails [`connect`](PgListenerBuilder::connect) with an
+//! [`Error::Connection`] that says so and is not temporary.
+//!
 //! # Leaks
 //!
-//! Dropping the last [`PgListenerSource`] handle (or calling
-//! [`shutdown`](PgListenerSource::shutdown)) stops the task and closes the
-//! connection. One caveat comes from sqlx: dropping a `PgListener` whose
+//! One caveat comes from sqlx: dropping a `PgListener` whose
 //! connection is half-open leaves sqlx's own `UNLISTEN` clean-up task waiting on the
 //! dead socket until the operating system gives up on it.
 
@@ -47,7 +64,7 @@ use pgcachewatch_core::{
     ClosableHub, Error, EventSource, Health, InlineAttachment, InlineHandler, SignalHub,
     Subscription,
 };
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -59,22 +76,26 @@ pub use self::config::{
 use self::stats::Counters;
 pub use self::stats::ListenerStats;
 use self::task::{Command, Task};
+use crate::keep_alive;
 
 /// An [`EventSource`] fed by PostgreSQL `LISTEN`, with reconnect and heartbeat.
 ///
 /// Cheap to clone; clones share one connection and one task. The task stops when
-/// [`shutdown`](Self::shutdown) is called or the last clone is dropped; keep a
-/// handle alive for as long as caches depend on it (a
-/// [`Dispatcher`](pgcachewatch_core::Dispatcher) subscribed to the source does not
-/// keep it alive).
+/// [`shutdown`](Self::shutdown) is called, or when the last clone, the last
+/// [`Subscription`] and the last [`Dispatcher`](pgcachewatch_core::Dispatcher)
+/// spawned on it are all dropped: a dispatcher keeps its source running.
+///
+/// Build one from a URL ([`builder`](Self::builder)), from ready
+/// [`PgConnectOptions`] ([`builder_with_options`](Self::builder_with_options)), or
+/// from the [`PgPool`] the application already has ([`from_pool`](Self::from_pool)).
 ///
 /// # Example
 ///
 /// ```no_run
-/// use pgcachewatch_backends::postgres::listener::PgListenerSource;
-/// use pgcachewatch_core::{Cache, Dispatcher};
-/// use pgcachewatch_strategies::Greedy;
-/// # async fn run() -> Result<(), pgcachewatch_core::Error> {
+/// use pgcachewatch::postgres::PgListenerSource;
+/// use pgcachewatch::strategies::Greedy;
+/// use pgcachewatch::{Cache, Dispatcher};
+/// # async fn run() -> Result<(), pgcachewatch::Error> {
 /// let source = PgListenerSource::builder("postgres://postgres@127.0.0.1/test")
 ///     .channel("pgcachewatch")
 ///     .connect()
@@ -88,6 +109,7 @@ use self::task::{Command, Task};
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
+#[must_use = "the source stops when dropped unless a Dispatcher is spawned on it or it is subscribed to"]
 pub struct PgListenerSource {
     inner: Arc<Inner>,
 }
@@ -131,6 +153,22 @@ impl PgListenerSource {
     /// socket paths, and anything else sqlx lets you set).
     pub fn builder_with_options(options: PgConnectOptions) -> PgListenerBuilder {
         PgListenerBuilder::from_options(options)
+    }
+
+    /// A builder for a source that connects where `pool` connects, with its
+    /// options (host, user, password, database, TLS settings): the listener then
+    /// needs no URL of its own. The pool's connections are not used: listening
+    /// takes a dedicated connection.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
+    /// let source = PgListenerSource::from_pool(&pool).connect().await?;
+    /// # drop(source); Ok(()) }
+    /// ```
+    pub fn from_pool(pool: &PgPool) -> PgListenerBuilder {
+        PgListenerBuilder::from_options((*pool.connect_options()).clone())
     }
 
     /// Connects to `database_url` with every default (channel
@@ -228,8 +266,9 @@ impl PgListenerSource {
 }
 
 impl EventSource for PgListenerSource {
+    /// A subscription that keeps the listener running while it exists.
     fn subscribe(&self) -> Subscription {
-        self.inner.hub.subscribe()
+        keep_alive::subscription(self.inner.hub.subscribe(), self.inner.clone())
     }
 
     fn health(&self) -> Health {
@@ -237,8 +276,12 @@ impl EventSource for PgListenerSource {
     }
 
     /// Decisions are then applied in the listener task as each notification is
-    /// parsed: the lowest write → invalidation latency.
+    /// parsed: the lowest write → invalidation latency. The attachment keeps the
+    /// listener running while it exists.
     fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
-        Some(self.inner.hub.attach_inline(handler))
+        Some(keep_alive::attachment(
+            self.inner.hub.attach_inline(handler),
+            self.inner.clone(),
+        ))
     }
 }

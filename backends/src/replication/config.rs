@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use pgcachewatch_core::{Error, DEFAULT_HUB_CAPACITY};
+use pgcachewatch_core::{Error, SignalHub, DEFAULT_HUB_CAPACITY};
 use pgwire_replication::{SslMode, TlsConfig};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
@@ -275,11 +275,8 @@ impl PgReplicationBuilder {
         if self.key_cap == 0 {
             return Err(Error::Config(".key_cap(..) must be at least 1".into()));
         }
-        if self.buffer == 0 {
-            return Err(Error::Config(
-                ".buffer(..) must be at least 1 signal".into(),
-            ));
-        }
+        SignalHub::check_capacity(self.buffer)
+            .map_err(|e| Error::Config(format!(".buffer(..): {e}")))?;
         let password = self
             .password
             .clone()

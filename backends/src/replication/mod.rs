@@ -92,6 +92,7 @@ pub use self::setup::{ReplicationSetup, SetupError, SlotStatus};
 use self::stats::Counters;
 pub use self::stats::ReplicationStats;
 use self::task::Task;
+use crate::keep_alive;
 
 /// An [`EventSource`] fed by a logical-replication slot: lossless across
 /// reconnects, with commit positions for read-your-writes. See the
@@ -246,12 +247,7 @@ impl PgReplicationSource {
 impl EventSource for PgReplicationSource {
     /// The subscription keeps the source running while it lives.
     fn subscribe(&self) -> Subscription {
-        let sub = self.inner.hub.subscribe();
-        let keep = self.inner.clone();
-        Subscription::from_stream(futures::stream::unfold(
-            (sub, keep),
-            |(mut sub, keep)| async move { sub.recv().await.map(|s| (s, (sub, keep))) },
-        ))
+        keep_alive::subscription(self.inner.hub.subscribe(), self.inner.clone())
     }
 
     fn health(&self) -> Health {
@@ -261,7 +257,9 @@ impl EventSource for PgReplicationSource {
     /// Decisions are applied in the replication task before the transaction is
     /// confirmed. The attachment keeps the source running while it lives.
     fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
-        let attachment = self.inner.hub.attach_inline(handler);
-        Some(InlineAttachment::new((attachment, self.inner.clone())))
+        Some(keep_alive::attachment(
+            self.inner.hub.attach_inline(handler),
+            self.inner.clone(),
+        ))
     }
 }

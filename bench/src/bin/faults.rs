@@ -6,7 +6,7 @@
 //! row's event and for the dispatcher to apply it, then publishes the version as
 //! *processed*. Readers read through the cache as fast as they can; a read that
 //! returns a version older than the one processed when it started is stale (the
-//! guarantee in DESIGN.md). Each fault is measured from its injection to the source
+//! guarantee in ARCHITECTURE.md). Each fault is measured from its injection to the source
 //! reporting healthy again and to the first cache hit after that.
 //!
 //! `cargo run --release -p pgcachewatch-bench --bin faults [-- --kills 20 --pauses 5]`

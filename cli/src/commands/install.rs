@@ -1,7 +1,7 @@
 //! `install` and `uninstall`: print the plan; apply it only with `--commit`.
 
-use anyhow::{Context as _, Result};
-use pgcachewatch_backends::postgres::install::TableName;
+use anyhow::{anyhow, Context as _, Result};
+use pgcachewatch::postgres::install::{InstallError, Installer, TableName};
 
 use crate::connect::Target;
 use crate::TriggerArgs;
@@ -21,37 +21,140 @@ fn list(tables: &[TableName]) -> String {
         .join(", ")
 }
 
+/// How `install` treats row keys.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mode {
+    /// `--row-keys`.
+    pub(crate) row_keys: bool,
+    /// `--change-mode`.
+    pub(crate) change_mode: bool,
+}
+
+fn mode_name(row_keys: bool) -> &'static str {
+    if row_keys {
+        "row-key"
+    } else {
+        "table-level"
+    }
+}
+
+/// An install error in the command line's words.
+fn explain(error: InstallError, mode: Mode) -> anyhow::Error {
+    match error {
+        InstallError::ModeChange(changes) => {
+            let details: Vec<String> = changes.iter().map(ToString::to_string).collect();
+            let keep = if mode.row_keys {
+                "drop --row-keys to keep their table-level events"
+            } else {
+                "add --row-keys to keep their row-key events"
+            };
+            anyhow!(
+                "install would change how these tables send events: {}; nothing was changed. \
+                 To keep their mode, {keep}; to switch, add --change-mode",
+                details.join("; ")
+            )
+        }
+        other => other.into(),
+    }
+}
+
 pub(crate) async fn install(
     url: Option<&str>,
     tables: &[String],
     channel: &str,
-    row_keys: bool,
+    mode: Mode,
     args: &TriggerArgs,
 ) -> Result<()> {
     let tables = parse_tables(tables)?;
-    let installer = args.installer().channel(channel).row_keys(row_keys);
+    let installer = args
+        .installer()
+        .channel(channel)
+        .row_keys(mode.row_keys)
+        .allow_mode_change(mode.change_mode);
     let plan = installer.plan_install(&tables)?;
-    crate::output::print(&plan.to_string())?;
     if !args.commit {
-        eprintln!("-- dry run: nothing was applied; re-run with --commit to apply this SQL");
-        return Ok(());
+        return dry_run(url, &installer, &tables, &plan.to_string(), mode).await;
     }
     let target = Target::resolve(url)?;
     let mut conn = target.connect().await?;
+    let context = || format!("installing on {}", target.describe());
+    // The checks first (nothing is printed before an error), then the install.
+    let changes = installer
+        .preflight(&mut conn, &tables)
+        .await
+        .map_err(|e| explain(e, mode))
+        .with_context(context)?;
     installer
         .install(&mut conn, &tables)
         .await
-        .with_context(|| format!("installing on {}", target.describe()))?;
+        .map_err(|e| explain(e, mode))
+        .with_context(context)?;
+    sqlx::Connection::close(conn).await.ok();
+    if args.verbose {
+        crate::output::print(&plan.to_string())?;
+    }
+    for change in &changes {
+        eprintln!("-- changed {change}");
+    }
     eprintln!(
         "-- installed on {}: triggers for insert, update, delete, truncate on {} \
          (channel {:?}, {} events)",
         target.describe(),
         list(&tables),
         channel,
-        if row_keys { "row-key" } else { "table-level" }
+        mode_name(mode.row_keys)
     );
-    sqlx::Connection::close(conn).await.ok();
     Ok(())
+}
+
+/// Checks what `--commit` would check, if the database can be reached, then
+/// prints the SQL. A failed check is an error, as it would be with `--commit`.
+async fn dry_run(
+    url: Option<&str>,
+    installer: &Installer,
+    tables: &[TableName],
+    sql: &str,
+    mode: Mode,
+) -> Result<()> {
+    let connected = match Target::resolve(url) {
+        Ok(target) => match target.connect().await {
+            Ok(conn) => Ok((target, conn)),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    let note = match connected {
+        Ok((target, mut conn)) => {
+            let changes = installer
+                .preflight(&mut conn, tables)
+                .await
+                .map_err(|e| explain(e, mode))
+                .with_context(|| format!("checking the install on {}", target.describe()))?;
+            sqlx::Connection::close(conn).await.ok();
+            let mut note = format!(
+                "-- dry run: checked against {}; nothing was applied; re-run with --commit to apply this SQL",
+                target.describe()
+            );
+            for change in &changes {
+                note.push_str(&format!(
+                    "\n-- --commit would change {change} (--change-mode)"
+                ));
+            }
+            note
+        }
+        Err(e) => format!(
+            "-- dry run: nothing was applied; the tables were NOT checked (could not connect: {})\n\
+             -- re-run with --commit to apply this SQL",
+            first_line(&crate::output::describe(&e))
+        ),
+    };
+    crate::output::print(sql)?;
+    eprintln!("{note}");
+    Ok(())
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or_default()
 }
 
 pub(crate) async fn uninstall(
@@ -85,7 +188,9 @@ pub(crate) async fn uninstall(
         );
         return Ok(());
     }
-    crate::output::print(&plan.to_string())?;
+    if !args.commit || args.verbose {
+        crate::output::print(&plan.to_string())?;
+    }
     if args.commit {
         eprintln!("-- uninstalled from {}", target.describe());
     } else {

@@ -1,7 +1,7 @@
 //! `listen`: print events as they arrive, with their notification latency.
 
 use anyhow::Result;
-use pgcachewatch_core::{Event, Signal};
+use pgcachewatch::{Event, Signal};
 
 use super::watch::{self, Latencies};
 use crate::StopArgs;

@@ -18,8 +18,15 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             tables,
             channel,
             row_keys,
+            change_mode,
             target,
-        } => install::install(url, &tables, &channel, row_keys, &target).await,
+        } => {
+            let mode = install::Mode {
+                row_keys,
+                change_mode,
+            };
+            install::install(url, &tables, &channel, mode, &target).await
+        }
         Command::Uninstall { tables, target } => install::uninstall(url, &tables, &target).await,
         Command::Status { json } => status::status(url, json).await,
         Command::Listen {

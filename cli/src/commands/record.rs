@@ -1,5 +1,5 @@
 //! `record`: write received signals to a JSON-lines event log the testkit replays
-//! (format: `pgcachewatch_testkit::eventlog`).
+//! (format: `pgcachewatch::testkit::eventlog`).
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
-use pgcachewatch_core::Signal;
-use pgcachewatch_testkit::eventlog::{EventLogWriter, LogHeader};
+use pgcachewatch::testkit::eventlog::{EventLogWriter, LogHeader};
+use pgcachewatch::Signal;
 
 use super::watch;
 use crate::StopArgs;

@@ -3,8 +3,8 @@
 //! only with `--commit`.
 
 use anyhow::{Context as _, Result};
-use pgcachewatch_backends::postgres::install::TableName;
-use pgcachewatch_backends::replication::{ReplicationSetup, SlotStatus};
+use pgcachewatch::postgres::install::TableName;
+use pgcachewatch::replication::{ReplicationSetup, SlotStatus};
 use serde_json::json;
 
 use crate::connect::Target;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
-use pgcachewatch_backends::postgres::install::{self, InstalledTrigger, Status};
+use pgcachewatch::postgres::install::{self, InstalledTrigger, Status};
 use serde_json::json;
 
 use crate::connect::Target;

@@ -4,8 +4,8 @@
 use std::fmt;
 
 use anyhow::{anyhow, Result};
-use pgcachewatch_backends::postgres::listener::PgListenerSource;
-use pgcachewatch_core::{EventSource, Signal};
+use pgcachewatch::postgres::listener::PgListenerSource;
+use pgcachewatch::{Error, EventSource, Signal};
 
 use crate::connect::Target;
 use crate::StopArgs;
@@ -20,7 +20,13 @@ pub(crate) async fn connect(
         .channels(channels)
         .connect()
         .await
-        .map_err(|e| anyhow!("{e} (settings from {})\n{}", target.origin, Target::hint()))?;
+        .map_err(|e| match e {
+            // Where the settings came from matters for connection trouble only.
+            Error::Connection { .. } => {
+                anyhow!("{e} (settings from {})\n{}", target.origin, Target::hint())
+            }
+            other => anyhow!(other),
+        })?;
     Ok((source, target))
 }
 

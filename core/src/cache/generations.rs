@@ -21,9 +21,16 @@ pub(crate) struct Generations {
     /// Bumped by invalidate-all and by every table invalidation: entries loaded
     /// without tags depend on every table.
     untagged: AtomicU64,
-    /// One counter per tagged table name (schema ignored: over-invalidation is safe).
+    /// One counter per tagged table name (schema ignored: over-invalidation is
+    /// safe). Bounded by [`MAX_TAGGED_TABLES`].
     tables: RwLock<HashMap<String, Arc<AtomicU64>>>,
 }
+
+/// The most distinct table names a cache keeps counters for. Tags are table
+/// names, so real schemas stay far below it; past it (tags built from arbitrary
+/// strings) the map is cleared together with an invalidate-all, which keeps every
+/// existing stamp honest: they all become stale at once.
+pub(crate) const MAX_TAGGED_TABLES: usize = 4096;
 
 /// A table's counter and its value when a load started.
 type TableStamp = (Arc<AtomicU64>, u64);
@@ -39,7 +46,7 @@ pub(crate) struct Stamp {
 
 impl Generations {
     /// Stamps a load that starts now and depends on `tags` (none: every table).
-    pub(crate) fn stamp(&self, tags: &[&str]) -> Stamp {
+    pub(crate) fn stamp(&self, tags: &[TableRef]) -> Stamp {
         if tags.is_empty() {
             return Stamp {
                 gen: self.untagged.load(Ordering::Acquire),
@@ -49,7 +56,7 @@ impl Generations {
         let counters: Vec<TableStamp> = tags
             .iter()
             .map(|t| {
-                let counter = self.table_counter(t);
+                let counter = self.table_counter(&t.table);
                 let value = counter.load(Ordering::Acquire);
                 (counter, value)
             })
@@ -93,17 +100,44 @@ impl Generations {
         if let Some(c) = self.tables.read().get(table) {
             return c.clone();
         }
-        self.tables
-            .write()
-            .entry(table.to_owned())
-            .or_default()
-            .clone()
+        let mut map = self.tables.write();
+        if map.len() >= MAX_TAGGED_TABLES && !map.contains_key(table) {
+            // Counters dropped from the map are never bumped again, so every stamp
+            // holding one must die now: invalidate everything, then start over.
+            self.bump_all();
+            map.clear();
+            tracing::warn!(
+                limit = MAX_TAGGED_TABLES,
+                "more distinct table tags than the limit: flushed the cache and reset its tag counters"
+            );
+        }
+        map.entry(table.to_owned()).or_default().clone()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tag_map_is_bounded_and_clearing_it_kills_old_stamps() {
+        let g = Generations::default();
+        let first = g.stamp(&[TableRef::unqualified("t0")]);
+        for i in 1..MAX_TAGGED_TABLES {
+            let _ = g.stamp(&[TableRef::unqualified(format!("t{i}"))]);
+        }
+        assert!(g.is_current(&first));
+        let _ = g.stamp(&[TableRef::unqualified("one too many")]);
+        assert!(g.tables.read().len() <= MAX_TAGGED_TABLES);
+        assert!(
+            !g.is_current(&first),
+            "a stamp survived the reset of its counter"
+        );
+        // A write to t0 after the reset reaches new stamps.
+        let fresh = g.stamp(&[TableRef::unqualified("t0")]);
+        g.bump_tables(&[TableRef::unqualified("t0")]);
+        assert!(!g.is_current(&fresh));
+    }
 
     #[test]
     fn untagged_stamps_die_on_any_invalidation() {
@@ -120,7 +154,7 @@ mod tests {
     #[test]
     fn tagged_stamps_die_only_on_their_tables_or_all() {
         let g = Generations::default();
-        let s = g.stamp(&["users"]);
+        let s = g.stamp(&[TableRef::unqualified("users")]);
         g.bump_tables(&[TableRef::new("public", "orders")]);
         assert!(
             g.is_current(&s),
@@ -128,7 +162,10 @@ mod tests {
         );
         g.bump_tables(&[TableRef::new("public", "users")]);
         assert!(!g.is_current(&s));
-        let s = g.stamp(&["users", "orders"]);
+        let s = g.stamp(&[
+            TableRef::unqualified("users"),
+            TableRef::new("public", "orders"),
+        ]);
         g.bump_all();
         assert!(!g.is_current(&s));
     }

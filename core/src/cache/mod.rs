@@ -9,7 +9,7 @@
 //! through its admission/eviction bookkeeping), is bounded by capacity, and needs no
 //! background maintenance. TTL and staleness are checked by the engine itself, so the
 //! store needs no time-based features. Single-flight and invalidation are the engine's
-//! own too: neither crate closes the stale-set race (DESIGN.md decision 3).
+//! own too: neither crate closes the stale-set race (ARCHITECTURE.md, decision 3).
 
 mod flight;
 mod generations;
@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,7 +30,8 @@ use self::generations::{Generations, Stamp};
 pub use self::stats::CacheStats;
 use self::stats::{bump, Counters};
 use crate::error::{BoxError, Error};
-use crate::event::TableRef;
+use crate::event::{IntoTableRef, TableRef};
+use crate::health::{HasHealthBoard, HealthBoard, HealthVote};
 use crate::strategy::Decision;
 
 /// What a cache does with reads while its event source is unhealthy.
@@ -47,15 +47,44 @@ pub enum WhileUnhealthy {
     ServeWithin(Duration),
 }
 
-/// Anything a dispatcher can apply [`Decision`]s and health changes to.
+/// Anything a dispatcher can apply [`Decision`]s and health to.
 ///
 /// [`Cache`] implements it; implement it to drive another store from a strategy.
+///
+/// # Contract
+///
+/// * [`apply`](Self::apply) drops at least what the decision says (more is safe).
+/// * [`health_vote`](Self::health_vote) is called once per dispatcher that feeds
+///   the target, when it attaches; the dispatcher flushes the target right after
+///   (attaching is a gap: writes before it went unseen) and sets the vote from its
+///   source's health. While any vote is unhealthy, or a feeding dispatcher has
+///   stopped, the target must not serve what it holds — a [`HealthBoard`] keeps
+///   that rule for you.
+///
+/// ```
+/// use std::sync::Arc;
+/// use pgcachewatch_core::{Decision, HealthBoard, HealthVote, InvalidationTarget};
+///
+/// #[derive(Default)]
+/// struct Counter { flushes: std::sync::atomic::AtomicU64, board: Arc<HealthBoard> }
+///
+/// impl InvalidationTarget<u32> for Counter {
+///     fn apply(&self, decision: &Decision<u32>) {
+///         if *decision == Decision::All {
+///             self.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+///         }
+///     }
+///     fn health_vote(&self) -> HealthVote {
+///         HealthVote::new(self.board.clone())
+///     }
+/// }
+/// ```
 pub trait InvalidationTarget<K>: Send + Sync + 'static {
     /// Drops what the decision says.
     fn apply(&self, decision: &Decision<K>);
-    /// Told whenever the source's health changes; while unhealthy, do not trust
-    /// cached data.
-    fn set_healthy(&self, healthy: bool);
+    /// A new vote on the target's health, for one feeding dispatcher (see the
+    /// contract above).
+    fn health_vote(&self) -> HealthVote;
 }
 
 /// A cache whose entries are dropped by invalidation decisions and never outlive
@@ -111,7 +140,7 @@ struct Inner<K, V> {
     gens: Generations,
     flights: Box<[FlightShard<K, V>]>,
     hasher: RandomState,
-    healthy: AtomicBool,
+    health: HealthBoard,
     ttl: Option<Duration>,
     while_unhealthy: WhileUnhealthy,
     counters: Counters,
@@ -204,12 +233,12 @@ where
     pub fn build(self) -> Cache<K, V> {
         Cache {
             inner: Arc::new(Inner {
-                name: self.name,
+                name: self.name.clone(),
                 store: quick_cache::sync::Cache::new(self.capacity),
                 gens: Generations::default(),
                 flights: (0..FLIGHT_SHARDS).map(|_| Mutex::default()).collect(),
                 hasher: RandomState::new(),
-                healthy: AtomicBool::new(true),
+                health: HealthBoard::new(self.name.clone()),
                 ttl: self.ttl,
                 while_unhealthy: self.while_unhealthy,
                 counters: Counters::default(),
@@ -266,17 +295,24 @@ where
         Fut: Future<Output = Result<V, E>>,
         E: Into<BoxError>,
     {
-        self.get_or_load_tagged(key, &[], loader).await
+        self.load_through(key, Vec::new, loader).await
     }
 
     /// Like [`get_or_load`](Self::get_or_load), for a value that depends only on
-    /// `tables` (names, schema ignored): invalidations of other tables keep it.
+    /// `tables`: invalidations of other tables keep it.
+    ///
+    /// Tables are named as anywhere else ([`IntoTableRef`]): SQL-style text
+    /// (`"users"`, `"public.users"`, parsed by [`TableRef::parse`], so `"Users"` is
+    /// `users` as in SQL) or a [`TableRef`]. Entries are matched on the table name:
+    /// a write to `users` in any schema drops them (over-invalidation is safe). A
+    /// name that does not parse is logged and the entry depends on every table
+    /// instead, never on nothing.
     ///
     /// ```
     /// use pgcachewatch_core::{Cache, Decision, InvalidationTarget, TableRef};
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
     /// let cache: Cache<&str, u32> = Cache::new(10);
-    /// cache.get_or_load_tagged("n_users", &["users"], || async { Ok::<_, std::io::Error>(3) }).await?;
+    /// cache.get_or_load_tagged("n_users", &["public.users"], || async { Ok::<_, std::io::Error>(3) }).await?;
     /// cache.apply(&Decision::tables([TableRef::new("public", "orders")]));
     /// assert_eq!(cache.get(&"n_users"), Some(3)); // orders do not matter
     /// cache.apply(&Decision::tables([TableRef::new("public", "users")]));
@@ -284,10 +320,26 @@ where
     /// # Ok::<_, pgcachewatch_core::Error>(())
     /// # }).unwrap();
     /// ```
-    pub async fn get_or_load_tagged<F, Fut, E>(
+    pub async fn get_or_load_tagged<T, F, Fut, E>(
         &self,
         key: K,
-        tables: &[&str],
+        tables: &[T],
+        loader: F,
+    ) -> Result<V, Error>
+    where
+        T: IntoTableRef + Clone,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+        E: Into<BoxError>,
+    {
+        self.load_through(key, || resolve_tags(tables, self.name()), loader)
+            .await
+    }
+
+    async fn load_through<F, Fut, E>(
+        &self,
+        key: K,
+        tags: impl FnOnce() -> Vec<TableRef>,
         loader: F,
     ) -> Result<V, Error>
     where
@@ -310,6 +362,8 @@ where
             });
         }
         bump(&inner.counters.misses);
+        let tables = tags();
+        let tables = tables.as_slice();
 
         // Find a flight to join, or lead a new one.
         let flight = loop {
@@ -333,9 +387,12 @@ where
         };
         bump(&inner.counters.loads);
         let outcome: Outcome<V> = loader().await.map_err(|e| Arc::from(e.into()));
+        // The guard stays armed until the flight is published: if cloning or storing
+        // the value panics, the waiters are released (they retry) instead of hanging.
+        let result = outcome.clone();
+        self.finish(&key, &flight, outcome);
         guard.finished = true;
-        self.finish(&key, &flight, outcome.clone());
-        outcome.map_err(|source| Error::Load { source })
+        result.map_err(|source| Error::Load { source })
     }
 
     /// Drops `key`, and detaches a load of it in flight so its result is not stored.
@@ -368,19 +425,26 @@ where
 
     /// Whether the cache currently trusts its entries (its source is healthy).
     pub fn is_healthy(&self) -> bool {
-        self.inner.healthy.load(Ordering::Acquire)
+        self.inner.health.is_healthy()
+    }
+
+    /// Who feeds this cache, and whether it trusts its entries (see [`HealthBoard`]).
+    pub fn health(&self) -> crate::health::HealthSummary {
+        self.inner.health.summary()
     }
 
     /// The counters, now.
     pub fn stats(&self) -> CacheStats {
-        self.inner.counters.snapshot(self.inner.store.len() as u64)
+        self.inner
+            .counters
+            .snapshot(self.inner.store.len() as u64, self.inner.health.summary())
     }
 
     /// The fresh entry for `key`, if any; counts nothing.
     #[inline]
     fn lookup(&self, key: &K) -> Option<V> {
         let inner = &*self.inner;
-        if !inner.healthy.load(Ordering::Acquire) {
+        if !inner.health.is_healthy() {
             return self.lookup_unhealthy(key);
         }
         let entry = inner.store.get(key)?;
@@ -409,13 +473,20 @@ where
 
     /// While unhealthy (serving within a bound), a read may only share a load that
     /// started within the bound: the shared value may be as old as the load's start.
+    ///
+    /// With a TTL, a read may only share a load that started within the TTL, for the
+    /// same reason.
     fn may_join(&self, flight: &Flight<V>) -> bool {
-        match self.inner.while_unhealthy {
-            WhileUnhealthy::ServeWithin(bound) if !self.is_healthy() => {
-                flight.started_at.elapsed() <= bound
-            }
-            _ => true,
-        }
+        let inner = &*self.inner;
+        let bound = match inner.while_unhealthy {
+            WhileUnhealthy::ServeWithin(bound) if !self.is_healthy() => Some(bound),
+            _ => None,
+        };
+        let limit = match (bound, inner.ttl) {
+            (Some(b), Some(t)) => Some(b.min(t)),
+            (b, t) => b.or(t),
+        };
+        limit.is_none_or(|limit| flight.started_at.elapsed() <= limit)
     }
 
     fn bypassing(&self) -> bool {
@@ -427,7 +498,7 @@ where
         &self.inner.flights[shard]
     }
 
-    fn join_or_lead(&self, key: &K, tables: &[&str]) -> Role<V> {
+    fn join_or_lead(&self, key: &K, tables: &[TableRef]) -> Role<V> {
         let inner = &*self.inner;
         let mut flights = self.flight_shard(key).lock();
         // A flight may have finished between the first lookup and this lock.
@@ -443,7 +514,11 @@ where
             }
         }
         let flight = Flight::new(inner.gens.stamp(tables));
-        flights.insert(key.clone(), flight.clone());
+        if let Some(replaced) = flights.insert(key.clone(), flight.clone()) {
+            // Only the flight in the table may store: the one it replaces hands its
+            // result to the callers already waiting on it, and nothing else.
+            replaced.detach();
+        }
         Role::Lead(flight)
     }
 
@@ -452,7 +527,8 @@ where
         let inner = &*self.inner;
         {
             let mut flights = self.flight_shard(key).lock();
-            if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            let in_table = flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight));
+            if in_table {
                 flights.remove(key);
             }
             match &outcome {
@@ -461,7 +537,8 @@ where
                     // it either detached this flight already or removes the entry after.
                     // A concurrent invalidate-all bumps the generation, which `lookup`
                     // checks on every read.
-                    let storable = !flight.is_detached()
+                    let storable = in_table
+                        && !flight.is_detached()
                         && inner.gens.is_current(&flight.stamp)
                         && !self.bypassing();
                     if storable {
@@ -482,6 +559,25 @@ where
         }
         flight.finish(outcome);
     }
+}
+
+/// The tables a tagged load depends on; empty (every table) if any name is invalid.
+fn resolve_tags<T: IntoTableRef + Clone>(tables: &[T], cache: Option<&str>) -> Vec<TableRef> {
+    let mut out = Vec::with_capacity(tables.len());
+    for t in tables {
+        match t.clone().into_table_ref() {
+            Ok(t) => out.push(t),
+            Err(e) => {
+                tracing::warn!(
+                    cache,
+                    error = %e,
+                    "invalid table tag: the entry depends on every table instead"
+                );
+                return Vec::new();
+            }
+        }
+    }
+    out
 }
 
 enum Role<V> {
@@ -541,11 +637,18 @@ where
         }
     }
 
-    fn set_healthy(&self, healthy: bool) {
-        let was = self.inner.healthy.swap(healthy, Ordering::AcqRel);
-        if was != healthy {
-            tracing::info!(cache = self.name(), healthy, "cache health changed");
-        }
+    fn health_vote(&self) -> HealthVote {
+        HealthVote::new(self.inner.clone())
+    }
+}
+
+impl<K, V> HasHealthBoard for Inner<K, V>
+where
+    K: Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    fn health_board(&self) -> &HealthBoard {
+        &self.health
     }
 }
 
@@ -553,7 +656,7 @@ impl<K, V> fmt::Debug for Cache<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cache")
             .field("name", &self.inner.name)
-            .field("healthy", &self.inner.healthy.load(Ordering::Relaxed))
+            .field("healthy", &self.inner.health.is_healthy())
             .field("ttl", &self.inner.ttl)
             .field("while_unhealthy", &self.inner.while_unhealthy)
             .finish_non_exhaustive()

@@ -25,6 +25,15 @@ pub struct CacheStats {
     pub discarded_loads: u64,
     /// Entries currently held (fresh or not yet evicted stale ones).
     pub entries: u64,
+    /// Whether the cache trusts its entries now (see
+    /// [`HealthBoard`](crate::HealthBoard)); `false` means reads bypass it (or are
+    /// served within the configured bound).
+    pub healthy: bool,
+    /// Dispatchers feeding the cache now.
+    pub dispatchers: u64,
+    /// Dispatchers that fed the cache and stopped since the last attachment: while
+    /// this is not 0, nothing feeds the cache from their sources and it bypasses.
+    pub stopped_dispatchers: u64,
 }
 
 /// A counter bumped from many threads at once (the hit counter): one cache line per
@@ -80,7 +89,11 @@ pub(crate) fn bump(counter: &AtomicU64) {
 }
 
 impl Counters {
-    pub(crate) fn snapshot(&self, entries: u64) -> CacheStats {
+    pub(crate) fn snapshot(
+        &self,
+        entries: u64,
+        health: crate::health::HealthSummary,
+    ) -> CacheStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CacheStats {
             hits: self.hits.sum(),
@@ -92,6 +105,9 @@ impl Counters {
             flushes: get(&self.flushes),
             discarded_loads: get(&self.discarded_loads),
             entries,
+            healthy: health.healthy,
+            dispatchers: health.attached,
+            stopped_dispatchers: health.stopped,
         }
     }
 }

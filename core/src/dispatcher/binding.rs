@@ -1,25 +1,138 @@
 //! One (strategy, target) pair with its key type erased, and the set of them a
 //! dispatcher drives.
+//!
+//! A binding owns its target's [`HealthVote`]: the target is trusted only while
+//! the binding says its source is healthy and its strategy works. Dropping a
+//! binding — however its dispatcher stops — flushes the target and leaves the
+//! vote's board unhealthy.
 
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
+use super::applied::Applied;
 use crate::cache::InvalidationTarget;
-use crate::signal::{Health, Signal};
+use crate::health::HealthVote;
+use crate::signal::{GapReason, Health, Signal};
 use crate::strategy::{Decision, InvalidationStrategy};
 
 pub(super) trait Binding: Send {
-    fn on_signal(&mut self, signal: &Signal, now: Instant);
-    fn on_tick(&mut self, now: Instant);
+    /// Applies a signal; `false` if the strategy (or the target) panicked.
+    fn on_signal(&mut self, signal: &Signal, now: Instant) -> bool;
+    /// Fires the strategy's deadline if it has passed; `false` on a panic.
+    fn on_tick(&mut self, now: Instant) -> bool;
     fn deadline(&self) -> Option<Instant>;
-    fn set_healthy(&self, healthy: bool);
-    fn flush(&self);
+    /// Takes a health vote on the target and flushes it: attaching is a gap.
+    fn attach(&mut self);
 }
 
-pub(super) struct Bound<K, S, T> {
-    pub(super) strategy: S,
-    pub(super) target: T,
-    pub(super) _key: std::marker::PhantomData<fn(K)>,
+pub(super) struct Bound<K, S, T>
+where
+    T: InvalidationTarget<K>,
+{
+    strategy: S,
+    target: T,
+    vote: Option<HealthVote>,
+    source_healthy: bool,
+    /// The strategy panicked and has not handled a signal since.
+    poisoned: bool,
+    _key: std::marker::PhantomData<fn(K)>,
+}
+
+impl<K, S, T> Bound<K, S, T>
+where
+    T: InvalidationTarget<K>,
+{
+    pub(super) fn new(strategy: S, target: T) -> Self {
+        Bound {
+            strategy,
+            target,
+            vote: None,
+            source_healthy: false,
+            poisoned: false,
+            _key: std::marker::PhantomData,
+        }
+    }
+
+    fn publish_health(&self) {
+        if let Some(vote) = &self.vote {
+            vote.set(self.source_healthy && !self.poisoned);
+        }
+    }
+
+    /// Flushes the target; `false` if even that panicked.
+    fn flush(&self) -> bool {
+        catch_unwind(AssertUnwindSafe(|| self.target.apply(&Decision::All))).is_ok()
+    }
+}
+
+impl<K, S, T> Bound<K, S, T>
+where
+    K: 'static,
+    S: InvalidationStrategy<K>,
+    T: InvalidationTarget<K>,
+{
+    /// Runs `f` (strategy and target work), catching a panic: the target is then
+    /// flushed (that covers the signal the strategy failed on) and marked
+    /// unhealthy until the strategy handles a signal again.
+    fn guarded(&mut self, now: Instant, f: impl FnOnce(&mut S, &T)) -> bool {
+        let recovering = self.poisoned;
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            if recovering {
+                // The strategy's state is unknown after a panic: reset it the way a
+                // gap does, before it sees anything else.
+                let reset = self.strategy.on_gap(
+                    &GapReason::Injected {
+                        detail: "resetting the strategy after a panic".into(),
+                    },
+                    now,
+                );
+                apply(&self.target, &reset);
+            }
+            f(&mut self.strategy, &self.target);
+        }));
+        match outcome {
+            Ok(()) => {
+                if recovering {
+                    self.poisoned = false;
+                    tracing::warn!("invalidation strategy works again after a panic; its cache trusts its entries again");
+                    self.publish_health();
+                }
+                true
+            }
+            Err(payload) => {
+                self.poisoned = true;
+                self.publish_health();
+                let flushed = self.flush();
+                if !recovering {
+                    tracing::error!(
+                        panic = panic_message(payload.as_ref()),
+                        flushed,
+                        "invalidation strategy panicked: its cache was flushed and bypasses until the strategy handles a signal without panicking"
+                    );
+                }
+                false
+            }
+        }
+    }
+}
+
+fn apply<K, T: InvalidationTarget<K>>(target: &T, decision: &Decision<K>) {
+    if !decision.is_nothing() {
+        target.apply(decision);
+    }
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "(not a string)"
+    }
 }
 
 impl<K, S, T> Binding for Bound<K, S, T>
@@ -29,40 +142,50 @@ where
     T: InvalidationTarget<K>,
 {
     #[inline]
-    fn on_signal(&mut self, signal: &Signal, now: Instant) {
-        let decision = match signal {
-            Signal::Event(event) => self.strategy.on_event(event, now),
-            Signal::Gap(reason) => self.strategy.on_gap(reason, now),
+    fn on_signal(&mut self, signal: &Signal, now: Instant) -> bool {
+        match signal {
+            Signal::Event(event) => self.guarded(now, |s, t| apply(t, &s.on_event(event, now))),
+            Signal::Gap(reason) => self.guarded(now, |s, t| apply(t, &s.on_gap(reason, now))),
             Signal::Health(health) => {
-                self.target.set_healthy(health.is_healthy());
-                return;
+                self.source_healthy = *health == Health::Healthy;
+                self.publish_health();
+                true
             }
-            Signal::Progress(_) => return,
-        };
-        if !decision.is_nothing() {
-            self.target.apply(&decision);
+            Signal::Progress(_) => true,
         }
     }
 
-    fn on_tick(&mut self, now: Instant) {
+    fn on_tick(&mut self, now: Instant) -> bool {
         if self.strategy.next_deadline().is_some_and(|d| d <= now) {
-            let decision = self.strategy.on_tick(now);
-            if !decision.is_nothing() {
-                self.target.apply(&decision);
-            }
+            return self.guarded(now, |s, t| apply(t, &s.on_tick(now)));
         }
+        true
     }
 
     fn deadline(&self) -> Option<Instant> {
-        self.strategy.next_deadline()
+        if self.poisoned {
+            return None;
+        }
+        catch_unwind(AssertUnwindSafe(|| self.strategy.next_deadline())).unwrap_or(None)
     }
 
-    fn set_healthy(&self, healthy: bool) {
-        self.target.set_healthy(healthy);
+    fn attach(&mut self) {
+        self.vote = Some(self.target.health_vote());
+        self.flush();
+        self.publish_health();
     }
+}
 
-    fn flush(&self) {
-        self.target.apply(&Decision::All);
+impl<K, S, T> Drop for Bound<K, S, T>
+where
+    T: InvalidationTarget<K>,
+{
+    fn drop(&mut self) {
+        // Nothing invalidates the target any more: flush it, then the vote's drop
+        // leaves its board unhealthy (it bypasses) until a dispatcher attaches.
+        if self.vote.is_some() {
+            self.flush();
+        }
     }
 }
 
@@ -78,6 +201,10 @@ pub struct DispatcherStats {
     pub health_changes: u64,
     /// Deadline ticks delivered to strategies.
     pub ticks: u64,
+    /// Progress marks of a lossless source applied.
+    pub progress: u64,
+    /// Panics caught in strategies (or targets); each flushed its cache.
+    pub strategy_panics: u64,
 }
 
 #[derive(Debug, Default)]
@@ -87,6 +214,7 @@ pub(super) struct Counters {
     health_changes: AtomicU64,
     ticks: AtomicU64,
     progress: AtomicU64,
+    panics: AtomicU64,
 }
 
 impl Counters {
@@ -97,17 +225,41 @@ impl Counters {
             gaps: get(&self.gaps),
             health_changes: get(&self.health_changes),
             ticks: get(&self.ticks),
+            progress: get(&self.progress),
+            strategy_panics: get(&self.panics),
         }
     }
 }
 
 /// The bindings of one dispatcher and what it did; driven by a task or inline.
+///
+/// Dropping (or [`close`](Self::close)-ing) it flushes every target and marks it
+/// unhealthy, whatever stopped the dispatcher.
 pub(super) struct Bindings {
-    pub(super) list: Vec<Box<dyn Binding>>,
-    pub(super) counters: std::sync::Arc<Counters>,
+    list: Vec<Box<dyn Binding>>,
+    pub(super) counters: Arc<Counters>,
+    pub(super) applied: Arc<Applied>,
 }
 
 impl Bindings {
+    pub(super) fn new(list: Vec<Box<dyn Binding>>) -> Self {
+        Bindings {
+            list,
+            counters: Arc::default(),
+            applied: Arc::default(),
+        }
+    }
+
+    /// Takes each target's health vote and flushes it (attaching is a gap), then
+    /// sets the votes from the source's current health.
+    pub(super) fn attach(&mut self, health: Health) {
+        let now = tokio::time::Instant::now().into_std();
+        for b in &mut self.list {
+            b.attach();
+            b.on_signal(&Signal::Health(health), now);
+        }
+    }
+
     #[inline]
     pub(super) fn apply(&mut self, signal: &Signal) {
         let now = tokio::time::Instant::now().into_std();
@@ -125,7 +277,16 @@ impl Bindings {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         for b in &mut self.list {
-            b.on_signal(signal, now);
+            if !b.on_signal(signal, now) {
+                self.counters.panics.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Recorded after every cache applied it: a read-your-writes waiter woken now
+        // reads through caches that already dropped what the event changed.
+        match signal {
+            Signal::Event(e) => self.applied.record(e.lsn, e.txid),
+            Signal::Progress(lsn) => self.applied.progress(*lsn),
+            _ => {}
         }
     }
 
@@ -135,7 +296,9 @@ impl Bindings {
         for b in &mut self.list {
             if b.deadline().is_some_and(|d| d <= now) {
                 self.counters.ticks.fetch_add(1, Ordering::Relaxed);
-                b.on_tick(now);
+                if !b.on_tick(now) {
+                    self.counters.panics.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -145,17 +308,16 @@ impl Bindings {
         self.list.iter().filter_map(|b| b.deadline()).min()
     }
 
-    pub(super) fn set_healthy(&self, healthy: bool) {
-        for b in &self.list {
-            b.set_healthy(healthy);
-        }
+    /// Nothing will invalidate these targets any more: flush them and leave them
+    /// unhealthy (they bypass); wake every read-your-writes waiter.
+    pub(super) fn close(&mut self) {
+        self.list.clear();
+        self.applied.stop();
     }
+}
 
-    /// Nothing will invalidate these targets any more: make them bypass.
-    pub(super) fn close(&self) {
-        for b in &self.list {
-            b.set_healthy(false);
-            b.flush();
-        }
+impl Drop for Bindings {
+    fn drop(&mut self) {
+        self.close();
     }
 }

@@ -1,33 +1,53 @@
 //! The dispatcher: pushes every signal of a source through strategies into caches.
 
+mod applied;
 mod binding;
 mod inline;
+mod shared;
 mod task;
 
 use std::fmt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 pub use self::binding::DispatcherStats;
-use self::binding::{Binding, Bindings, Bound, Counters};
+use self::binding::{Binding, Bindings, Bound};
+use self::shared::Shared;
 use crate::cache::InvalidationTarget;
+use crate::position::Lsn;
+use crate::signal::Health;
 use crate::source::{EventSource, InlineAttachment, Subscription};
 use crate::strategy::InvalidationStrategy;
 
-/// Ties strategies and caches to one [`EventSource`] (DESIGN.md decisions 1 and 2).
+/// Ties strategies and caches to one [`EventSource`] (ARCHITECTURE.md, decisions 1 and 2).
 ///
 /// Build it with [`attach`](Dispatcher::attach), then [`spawn`](Dispatcher::spawn) it
 /// on a source. It applies each signal as it arrives (push, not pull): inline, in
 /// the source's own task, when the source offers it (every built-in source does),
 /// else from a task reading a subscription. It fires time-based strategies at their
 /// deadlines, and stops when the returned [`DispatcherHandle`] is dropped or shut
-/// down, or when the source ends. When it stops, its caches are marked unhealthy:
-/// without invalidations they can no longer be trusted, so they bypass.
+/// down, or when the source ends.
+///
+/// # What keeps the caches honest
+///
+/// * **Attaching is a gap.** [`spawn`](Self::spawn) flushes every cache it feeds:
+///   nothing watched the source for them before.
+/// * **Stopping is loud.** However a dispatcher stops — handle dropped or shut
+///   down, task aborted, source ended — its caches are flushed and stop trusting
+///   their entries (they bypass, or serve within their bound) before anything else
+///   can happen, and one error is logged. A new dispatcher attached to the cache
+///   takes the stopped one's place.
+/// * **A strategy panic is contained.** It is caught per attachment: that cache is
+///   flushed (which covers the event the strategy failed on) and bypasses until
+///   its strategy — reset with a gap — handles a signal again; other attachments,
+///   the source and its other subscribers go on. Counted in
+///   [`DispatcherStats::strategy_panics`], logged once.
+/// * **Health is per attachment.** A cache fed by several dispatchers trusts its
+///   entries only while every one of their sources is healthy (see
+///   [`HealthBoard`](crate::HealthBoard)).
 ///
 /// # Example
 ///
@@ -79,11 +99,7 @@ impl Dispatcher {
         S: InvalidationStrategy<K>,
         T: InvalidationTarget<K>,
     {
-        self.bindings.push(Box::new(Bound {
-            strategy,
-            target,
-            _key: std::marker::PhantomData,
-        }));
+        self.bindings.push(Box::new(Bound::new(strategy, target)));
         self
     }
 
@@ -99,13 +115,10 @@ impl Dispatcher {
     /// # Panics
     ///
     /// Outside a tokio runtime (it spawns a task).
+    #[must_use = "dropping the handle stops dispatching at once (the caches then bypass); keep it for as long as the caches are used"]
     pub fn spawn<S: EventSource + ?Sized>(self, source: &S) -> DispatcherHandle {
-        let counters = Arc::new(Counters::default());
-        let shared = inline::Shared::new(Bindings {
-            list: self.bindings,
-            counters: counters.clone(),
-        });
-        let mut handler = inline::Handler(shared.clone());
+        let shared = self.attach_to(source);
+        let mut handler = inline::Handler::new(shared.clone());
         if let Some(attachment) =
             source.attach_inline(Box::new(move |signal| handler.on_signal(signal)))
         {
@@ -114,22 +127,14 @@ impl Dispatcher {
             return DispatcherHandle {
                 stop: Some(stop_tx),
                 task: Some(task),
-                counters,
+                shared,
                 mode: Mode::Inline {
                     attachment: Some(attachment),
-                    shared,
                 },
             };
         }
-        // Refused: the handler was dropped without running; take the bindings back.
-        let bindings = std::mem::replace(
-            &mut *shared.bindings.lock(),
-            Bindings {
-                list: Vec::new(),
-                counters: counters.clone(),
-            },
-        );
-        Self::spawn_task(bindings, source, counters)
+        // Refused: the handler was dropped without running; a task reads instead.
+        Self::spawn_task(shared, source)
     }
 
     /// Like [`spawn`](Self::spawn), but always on a task of its own reading a
@@ -140,50 +145,44 @@ impl Dispatcher {
     /// # Panics
     ///
     /// Outside a tokio runtime (it spawns a task).
+    #[must_use = "dropping the handle stops dispatching at once (the caches then bypass); keep it for as long as the caches are used"]
     pub fn spawn_subscribed<S: EventSource + ?Sized>(self, source: &S) -> DispatcherHandle {
-        let counters = Arc::new(Counters::default());
-        let bindings = Bindings {
-            list: self.bindings,
-            counters: counters.clone(),
-        };
-        Self::spawn_task(bindings, source, counters)
+        let shared = self.attach_to(source);
+        Self::spawn_task(shared, source)
     }
 
-    fn spawn_task<S: EventSource + ?Sized>(
-        bindings: Bindings,
-        source: &S,
-        counters: Arc<Counters>,
-    ) -> DispatcherHandle {
+    /// Attaches every binding (a health vote and a flush per target: attaching is
+    /// a gap, since nothing watched the source for these caches before) and takes
+    /// the source's current health.
+    fn attach_to<S: EventSource + ?Sized>(self, source: &S) -> Arc<Shared> {
+        let mut bindings = Bindings::new(self.bindings);
+        bindings.attach(source.health());
+        Shared::new(bindings)
+    }
+
+    fn spawn_task<S: EventSource + ?Sized>(shared: Arc<Shared>, source: &S) -> DispatcherHandle {
         let subscription = source.subscribe();
-        bindings.set_healthy(source.health().is_healthy());
         let (stop_tx, stop_rx) = oneshot::channel();
         let (sync_tx, sync_rx) = mpsc::unbounded_channel();
-        let bindings = Arc::new(Mutex::new(bindings));
-        let task = tokio::spawn(task::run(bindings, subscription, stop_rx, sync_rx));
+        let task = tokio::spawn(task::run(shared.clone(), subscription, stop_rx, sync_rx));
         DispatcherHandle {
             stop: Some(stop_tx),
             task: Some(task),
-            counters,
+            shared,
             mode: Mode::Task { sync: sync_tx },
         }
     }
 
     /// Runs on the current task until `subscription` ends; for callers that drive
-    /// the dispatcher themselves (benchmarks, custom executors).
+    /// the dispatcher themselves (benchmarks, custom executors). The caches are
+    /// attached (flushed, health taken from the subscription's first signal) and
+    /// left bypassing when it returns.
     pub async fn run(self, subscription: Subscription) {
         let (_stop_tx, stop_rx) = oneshot::channel();
         let (_sync_tx, sync_rx) = mpsc::unbounded_channel();
-        let bindings = Bindings {
-            list: self.bindings,
-            counters: Arc::default(),
-        };
-        task::run(
-            Arc::new(Mutex::new(bindings)),
-            subscription,
-            stop_rx,
-            sync_rx,
-        )
-        .await;
+        let mut bindings = Bindings::new(self.bindings);
+        bindings.attach(Health::Unhealthy);
+        task::run(Shared::new(bindings), subscription, stop_rx, sync_rx).await;
     }
 }
 
@@ -194,13 +193,52 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Controls a spawned [`Dispatcher`]. Dropping it stops dispatching; the caches
-/// are then marked unhealthy (they bypass), since nothing invalidates them any more.
-#[derive(Debug)]
+/// Controls a spawned [`Dispatcher`]. Dropping it stops dispatching at once; the
+/// handle is `#[must_use]`, so discarding it by mistake is a warning:
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// # use pgcachewatch_core::{Cache, Dispatcher, SignalHub, EventSource, Health, Subscription};
+/// # #[derive(Debug)] struct Source(SignalHub);
+/// # impl EventSource for Source { fn subscribe(&self) -> Subscription { self.0.subscribe() } fn health(&self) -> Health { self.0.health() } }
+/// # #[derive(Debug)] struct All;
+/// # impl pgcachewatch_core::InvalidationStrategy<u32> for All { fn on_event(&mut self, _: &pgcachewatch_core::Event, _: std::time::Instant) -> pgcachewatch_core::Decision<u32> { pgcachewatch_core::Decision::All } }
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let source = Source(SignalHub::new(64));
+/// let cache: Cache<u32, String> = Cache::new(100);
+/// Dispatcher::new().attach(All, cache.clone()).spawn(&source); // error: unused `DispatcherHandle`
+/// # });
+/// ```
+///
+/// The same code, keeping the handle, compiles:
+///
+/// ```
+/// #![deny(unused_must_use)]
+/// # use pgcachewatch_core::{Cache, Dispatcher, SignalHub, EventSource, Health, Subscription};
+/// # #[derive(Debug)] struct Source(SignalHub);
+/// # impl EventSource for Source { fn subscribe(&self) -> Subscription { self.0.subscribe() } fn health(&self) -> Health { self.0.health() } }
+/// # #[derive(Debug)] struct All;
+/// # impl pgcachewatch_core::InvalidationStrategy<u32> for All { fn on_event(&mut self, _: &pgcachewatch_core::Event, _: std::time::Instant) -> pgcachewatch_core::Decision<u32> { pgcachewatch_core::Decision::All } }
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let source = Source(SignalHub::new(64));
+/// let cache: Cache<u32, String> = Cache::new(100);
+/// let _dispatcher = Dispatcher::new().attach(All, cache.clone()).spawn(&source);
+/// # });
+/// ```
+///
+/// Dropping it stops dispatching; the
+/// caches are then flushed and marked unhealthy (they bypass), since nothing
+/// invalidates them any more.
+///
+/// Whatever stops a dispatcher — this handle dropped or shut down, its task
+/// aborted, a panic, its source ending — its caches stop trusting their entries
+/// before anything else can happen: no cache is left serving values nobody
+/// invalidates.
+#[must_use = "dropping the handle stops dispatching at once (the caches then bypass); keep it for as long as the caches are used"]
 pub struct DispatcherHandle {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
     mode: Mode,
 }
 
@@ -212,23 +250,43 @@ enum Mode {
     /// The source runs the bindings as it emits; a task fires deadlines.
     Inline {
         attachment: Option<InlineAttachment>,
-        shared: Arc<inline::Shared>,
     },
 }
 
-impl fmt::Debug for Mode {
+impl fmt::Debug for DispatcherHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Mode::Task { .. } => "Task",
-            Mode::Inline { .. } => "Inline",
-        })
+        f.debug_struct("DispatcherHandle")
+            .field("inline", &self.is_inline())
+            .field("finished", &self.is_finished())
+            .field("stats", &self.stats())
+            .finish()
     }
+}
+
+/// Why a read-your-writes wait ([`DispatcherHandle::wait_for_lsn`],
+/// [`DispatcherHandle::wait_for_txid`]) ended without its write applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WaitError {
+    /// The write was not applied within the timeout. The caches may still hold
+    /// what it changed: invalidate the keys you wrote, or read around the cache.
+    #[error("the write was not applied within {waited:?} (applied up to {applied:?})")]
+    Timeout {
+        /// How long the wait lasted.
+        waited: Duration,
+        /// The highest position applied when it gave up, if any.
+        applied: Option<Lsn>,
+    },
+    /// The dispatcher stopped; its caches bypass, so reads are fresh anyway.
+    #[error("the dispatcher stopped before the write was applied")]
+    Stopped,
 }
 
 impl DispatcherHandle {
     /// Stops dispatching and waits for the task; its caches are left unhealthy
     /// (bypassing).
     pub async fn shutdown(mut self) {
+        self.shared.close();
         self.detach();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -244,10 +302,7 @@ impl DispatcherHandle {
 
     /// Whether dispatching has stopped (shut down, or its source ended).
     pub fn is_finished(&self) -> bool {
-        match &self.mode {
-            Mode::Inline { shared, .. } => shared.closed.load(Ordering::Acquire),
-            Mode::Task { .. } => self.task.as_ref().is_none_or(|t| t.is_finished()),
-        }
+        self.shared.is_closed()
     }
 
     /// Whether decisions are applied inline, in the source's task (see
@@ -258,7 +313,7 @@ impl DispatcherHandle {
 
     /// The counters, now.
     pub fn stats(&self) -> DispatcherStats {
-        self.counters.snapshot()
+        self.shared.counters.snapshot()
     }
 
     /// Waits until the dispatcher has applied every signal its source emitted
@@ -268,7 +323,7 @@ impl DispatcherHandle {
     pub async fn sync(&self) {
         match &self.mode {
             // Applied as emitted; the lock waits out an emission in progress.
-            Mode::Inline { shared, .. } => drop(shared.bindings.lock()),
+            Mode::Inline { .. } => drop(self.shared.lock()),
             Mode::Task { sync } => {
                 let (tx, rx) = oneshot::channel();
                 if sync.send(tx).is_ok() {
@@ -278,8 +333,62 @@ impl DispatcherHandle {
         }
     }
 
+    /// The highest commit position this dispatcher has applied (from events of a
+    /// lossless source, or its progress marks); `None` before the first.
+    pub fn applied_lsn(&self) -> Option<Lsn> {
+        self.shared.applied.lsn()
+    }
+
+    /// Read-your-writes over a lossless source (the logical-replication source,
+    /// or a relay of it): waits until every change committed at or before `lsn`
+    /// has been applied to the caches, so a read through them that starts after
+    /// this returns sees the write. Positions are ordered like commits, so this
+    /// is exact.
+    ///
+    /// Take `lsn` from `SELECT pg_current_wal_lsn()` after your `COMMIT` (or
+    /// `pg_current_wal_insert_lsn()` inside the transaction).
+    ///
+    /// # Errors
+    ///
+    /// [`WaitError::Timeout`] if it was not applied within `timeout`;
+    /// [`WaitError::Stopped`] if the dispatcher stopped (its caches bypass).
+    pub async fn wait_for_lsn(&self, lsn: Lsn, timeout: Duration) -> Result<(), WaitError> {
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(timeout, self.shared.applied.wait_for_lsn(lsn)).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(WaitError::Stopped),
+            Err(_) => Err(WaitError::Timeout {
+                waited: started.elapsed(),
+                applied: self.applied_lsn(),
+            }),
+        }
+    }
+
+    /// Read-your-writes over the `LISTEN` source: waits until an event of
+    /// transaction `txid` has been applied to the caches (pgcachewatch's triggers
+    /// send `txid_current()`; read it in your transaction). Transaction ids are not
+    /// ordered like commits, so this waits for that transaction's own event: a
+    /// transaction that changed no watched table never produces one (the wait
+    /// times out). The last 4096 transactions applied are remembered, so a wait
+    /// that starts after its event was applied returns at once.
+    ///
+    /// # Errors
+    ///
+    /// As [`wait_for_lsn`](Self::wait_for_lsn).
+    pub async fn wait_for_txid(&self, txid: i64, timeout: Duration) -> Result<(), WaitError> {
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(timeout, self.shared.applied.wait_for_txid(txid)).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(WaitError::Stopped),
+            Err(_) => Err(WaitError::Timeout {
+                waited: started.elapsed(),
+                applied: self.applied_lsn(),
+            }),
+        }
+    }
+
     fn detach(&mut self) {
-        if let Mode::Inline { attachment, .. } = &mut self.mode {
+        if let Mode::Inline { attachment } = &mut self.mode {
             // Dropping the attachment drops the handler, which closes the bindings.
             drop(attachment.take());
         }
@@ -288,6 +397,9 @@ impl DispatcherHandle {
 
 impl Drop for DispatcherHandle {
     fn drop(&mut self) {
+        // First, synchronously: the caches stop trusting their entries before any
+        // further write could go unapplied.
+        self.shared.close();
         self.detach();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

@@ -2,53 +2,57 @@
 
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use super::binding::Bindings;
+use super::shared::{CloseOnDrop, Shared};
 use super::sleep_until;
 use crate::source::{Subscription, TryRecvError};
 
 /// How many ready signals are applied before the task yields to the runtime.
 const BURST: usize = 1024;
 
-/// Runs until `stop`, or until the subscription ends; then closes the bindings.
+/// Runs until `stop`, or until the subscription ends; closes the dispatcher when
+/// it ends for any reason (including abort and panic).
 pub(super) async fn run(
-    bindings: Arc<Mutex<Bindings>>,
+    shared: Arc<Shared>,
     mut sub: Subscription,
     mut stop: oneshot::Receiver<()>,
     mut sync: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
+    let _close = CloseOnDrop(shared.clone());
     loop {
-        let deadline = bindings.lock().deadline();
+        if shared.is_closed() {
+            return;
+        }
+        let deadline = shared.lock().bindings.deadline();
         let next = tokio::select! {
             biased;
-            _ = &mut stop => break,
+            _ = &mut stop => return,
             s = sub.recv() => s,
             Some(reply) = sync.recv() => {
                 // Everything emitted before the request is buffered by now.
-                let closed = drain(&bindings, &mut sub);
+                let closed = drain(&shared, &mut sub);
                 let _ = reply.send(());
                 if closed {
-                    break;
+                    return;
                 }
                 continue;
             }
             _ = sleep_until(deadline) => {
-                bindings.lock().tick();
+                shared.tick();
                 continue;
             }
         };
         let Some(mut signal) = next else {
             tracing::warn!("event source ended; caches will bypass from now on");
-            break;
+            return;
         };
         // Apply this signal and whatever else is already buffered, in one burst.
         let mut n = 0;
         {
-            let mut b = bindings.lock();
+            let mut state = shared.lock();
             loop {
-                b.apply(&signal);
+                state.bindings.apply(&signal);
                 n += 1;
                 if n == BURST {
                     break;
@@ -58,21 +62,20 @@ pub(super) async fn run(
                     Err(TryRecvError::Empty | TryRecvError::Closed) => break,
                 }
             }
-            b.tick();
+            state.bindings.tick();
         }
         if n == BURST {
             tokio::task::yield_now().await;
         }
     }
-    bindings.lock().close();
 }
 
 /// Applies every buffered signal; `true` if the subscription has ended.
-fn drain(bindings: &Mutex<Bindings>, sub: &mut Subscription) -> bool {
-    let mut b = bindings.lock();
+fn drain(shared: &Shared, sub: &mut Subscription) -> bool {
+    let mut state = shared.lock();
     loop {
         match sub.try_recv() {
-            Ok(signal) => b.apply(&signal),
+            Ok(signal) => state.bindings.apply(&signal),
             Err(TryRecvError::Empty) => return false,
             Err(TryRecvError::Closed) => return true,
         }

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run -p pgcachewatch-examples --bin demo                     # drive, then serve until Ctrl-C
 //! cargo run -p pgcachewatch-examples --bin demo -- --drive-and-exit # drive, print, exit (CI)
+//! cargo run -p pgcachewatch-examples --bin demo -- --keep           # leave the table and triggers behind
 //! ```
 //!
 //! An axum app whose `GET /users/{id}` returns a row through a [`pgcachewatch::Cache`].
@@ -11,7 +12,8 @@
 //! (drop everything on every change of the table). On start the demo creates its
 //! table if missing and installs its triggers, then drives itself (reads and writes
 //! over HTTP and through the cache) and prints hits, misses and the write →
-//! fresh-read latency; then it serves on 127.0.0.1 until Ctrl-C.
+//! fresh-read latency; then it serves on 127.0.0.1 until Ctrl-C. On exit (also after
+//! a failure) it removes its triggers and drops its table, unless `--keep`.
 //!
 //! Connection: `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`.
 
@@ -58,8 +60,11 @@ struct Args {
     /// NOTIFY channel for the demo table's triggers.
     #[arg(long, default_value = "pgcachewatch_demo")]
     channel: String,
-    /// On exit, remove the demo's triggers and drop its table.
+    /// Keep the demo's table and triggers on exit (by default they are removed).
     #[arg(long)]
+    keep: bool,
+    /// Accepted for compatibility: cleaning up on exit is the default now.
+    #[arg(long, hide = true)]
     cleanup: bool,
 }
 
@@ -90,11 +95,42 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<()> {
     let db = setup::connect(&args.database_url).await?;
-    let table = setup::prepare(&db, &args.channel).await?;
+    let _ = args.cleanup; // the default now; see --keep
+    let prepared = setup::prepare(&db, &args.channel).await;
+    let result = match &prepared {
+        Ok(table) => serve(&args, &db, table).await,
+        Err(_) => Ok(()),
+    };
+    // Clean up whatever happened, unless asked to keep: the table may exist even
+    // if installing its triggers failed.
+    let cleaned = if args.keep {
+        if prepared.is_ok() {
+            println!("kept the demo table {TABLE} and its triggers (--keep)");
+        }
+        Ok(())
+    } else {
+        let table = pgcachewatch::postgres::TableName::new("public", TABLE)?;
+        let cleaned = setup::cleanup(&db, &args.channel, &table).await;
+        if cleaned.is_ok() {
+            println!("removed the demo triggers and table (--keep keeps them)");
+        }
+        cleaned
+    };
+    db.close().await;
+    prepared?;
+    result?;
+    cleaned
+}
 
-    // The source, the cache, and the dispatcher that ties them together.
+async fn serve(
+    args: &Args,
+    db: &sqlx::PgPool,
+    table: &pgcachewatch::postgres::TableName,
+) -> Result<()> {
+    // The source, the cache, and the dispatcher that ties them together. The
+    // listener connects where the pool connects.
     let source = Arc::new(
-        PgListenerSource::builder(args.database_url.clone())
+        PgListenerSource::from_pool(db)
             .channel(&args.channel)
             .connect()
             .await
@@ -172,10 +208,5 @@ async fn run(args: Args) -> Result<()> {
         dispatcher.shutdown().await;
     }
     source.shutdown().await;
-    if args.cleanup {
-        setup::cleanup(&db, &args.channel, &table).await?;
-        println!("removed the demo triggers and table");
-    }
-    db.close().await;
     driven
 }

@@ -13,7 +13,7 @@ use hyper::{header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use pgcachewatch::{Decision, InvalidationTarget};
+use pgcachewatch::{Decision, HealthBoard, HealthVote, InvalidationTarget};
 use tokio::sync::Notify;
 
 use super::app::{AppState, User};
@@ -121,7 +121,10 @@ impl<K> InvalidationTarget<K> for InvalidationProbe {
         self.0.notify_one();
     }
 
-    fn set_healthy(&self, _healthy: bool) {}
+    /// The probe holds nothing, so its health matters to nobody: a board of its own.
+    fn health_vote(&self) -> HealthVote {
+        HealthVote::new(Arc::new(HealthBoard::default()))
+    }
 }
 
 /// Latencies of several rounds, summarized.

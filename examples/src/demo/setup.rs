@@ -80,7 +80,7 @@ pub async fn prepare(db: &PgPool, channel: &str) -> Result<TableName> {
     Ok(table)
 }
 
-/// Removes the triggers and the table (`--cleanup`).
+/// Removes the triggers and the table (on exit, unless `--keep`).
 pub async fn cleanup(db: &PgPool, channel: &str, table: &TableName) -> Result<()> {
     Installer::new()
         .channel(channel)

@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 
 use futures::future::LocalBoxFuture;
-use pgcachewatch_core::{Cache, Decision, InvalidationTarget};
+use pgcachewatch_core::{Cache, Dispatcher, InvalidationStrategy};
 
 use super::schedule::Row;
 
@@ -19,17 +19,21 @@ pub struct Value {
 /// A loader: reads the simulated table when first polled, then waits for its turn.
 pub type Loader = Box<dyn FnOnce() -> LocalBoxFuture<'static, Value>>;
 
-/// The cache interface the checker reads through and invalidates.
+/// The cache interface the checker reads through; it is fed by real
+/// [`Dispatcher`]s, one per simulated source.
 ///
 /// Implemented for the real [`Cache`]; implement it for a cache of your own (or a
 /// deliberately broken one, to see the checker fail).
 pub trait CheckedCache {
     /// The value of `row`, cached or from `loader` (`Err` carries a message).
     fn read(&self, row: Row, loader: Loader) -> LocalBoxFuture<'static, Result<Value, String>>;
-    /// Applies an invalidation decision.
-    fn apply(&self, decision: &Decision<Row>);
-    /// Told of health changes.
-    fn set_healthy(&self, healthy: bool);
+    /// Attaches this cache to `dispatcher` with `strategy` (for the real cache:
+    /// `dispatcher.attach(strategy, cache.clone())`).
+    fn attach(
+        &self,
+        dispatcher: Dispatcher,
+        strategy: Box<dyn InvalidationStrategy<Row>>,
+    ) -> Dispatcher;
 }
 
 impl CheckedCache for Cache<Row, Value> {
@@ -46,11 +50,11 @@ impl CheckedCache for Cache<Row, Value> {
         })
     }
 
-    fn apply(&self, decision: &Decision<Row>) {
-        InvalidationTarget::apply(self, decision);
-    }
-
-    fn set_healthy(&self, healthy: bool) {
-        InvalidationTarget::set_healthy(self, healthy);
+    fn attach(
+        &self,
+        dispatcher: Dispatcher,
+        strategy: Box<dyn InvalidationStrategy<Row>>,
+    ) -> Dispatcher {
+        dispatcher.attach(strategy, self.clone())
     }
 }

@@ -1,19 +1,22 @@
 //! The staleness model checker.
 //!
-//! A simulated versioned table, writers that commit writes, a source that queues
-//! one notification per write (delivered late, twice, or lost-with-a-gap, and
-//! disconnected at will), and readers that read through the **real**
-//! [`Cache`]. Reads are futures driven by hand, one
+//! A simulated versioned table, writers that commit writes, two sources (each a
+//! real [`SignalHub`] feeding the cache through a real, inline [`Dispatcher`]) that
+//! queue one notification per write (delivered late, twice, or lost-with-a-gap,
+//! and disconnected at will), dispatchers that stop and attach again, strategies
+//! that panic, and readers that read through the **real** [`Cache`]. Reads are futures driven by hand, one
 //! [`Op`] at a time, so a load can read the table before a write and return after
 //! that write's invalidation: the stale-set race, on demand.
 //!
-//! Every read is checked against DESIGN.md's guarantee:
+//! Every read is checked against the guarantee (ARCHITECTURE.md, "The guarantee"):
 //!
 //! 1. **Notified writes are never served stale.** Once the notification covering a
 //!    write has been processed (its event, or a gap after it), no read that
 //!    *starts* afterwards returns a value older than that write.
-//! 2. **Unhealthy means bypass.** A read that starts while the cache knows its
-//!    source is unhealthy returns a value at least as new as every write committed
+//! 2. **Unhealthy means bypass.** A read that starts while the cache should not
+//!    trust its entries — a source it listens to told it `Unhealthy`, a dispatcher
+//!    that fed it stopped and was not replaced, or a strategy panicked and has not
+//!    handled a signal since — returns a value at least as new as every write committed
 //!    before it started ([`WhileUnhealthy::Bypass`]), or one whose load started at
 //!    most `max_staleness` before ([`WhileUnhealthy::ServeWithin`]).
 //! 3. Reads end, return their own row, and do not fail.
@@ -50,12 +53,12 @@
 //! # Example
 //!
 //! ```
-//! use pgcachewatch_testkit::checker::{ModelChecker, Op, Schedule};
+//! use pgcachewatch::testkit::checker::{ModelChecker, Op, Schedule};
 //!
 //! let race = Schedule::new(vec![
 //!     Op::StartRead { slot: 0, row: 0 }, // the load reads v0 ...
 //!     Op::Write { row: 0 },              // ... a write commits v1 ...
-//!     Op::Deliver,                       // ... its invalidation is processed ...
+//!     Op::Deliver { source: 0 },         // ... its invalidation is processed ...
 //!     Op::FinishLoad { slot: 0 },        // ... and only then the load returns v0.
 //!     Op::StartRead { slot: 1, row: 0 }, // Must not see v0.
 //!     Op::FinishLoad { slot: 1 },
@@ -73,18 +76,20 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::future::LocalBoxFuture;
 use pgcachewatch_core::{
-    Cache, Decision, Event, GapReason, Health, InvalidationStrategy, Operation, RowKey,
-    WhileUnhealthy,
+    Cache, Decision, Dispatcher, DispatcherHandle, Event, EventSource, GapReason, Health,
+    InlineAttachment, InlineHandler, InvalidationStrategy, Operation, RowKey, SignalHub,
+    Subscription, WhileUnhealthy,
 };
 
 pub use self::cache::{CheckedCache, Loader, Value};
-pub use self::schedule::{Op, Row, Schedule, ROWS, SLOTS};
+pub use self::schedule::{Op, Row, Schedule, Source, ROWS, SLOTS, SOURCES};
 use crate::clock::VirtualClock;
 
 /// Builds the cache under test for one schedule.
@@ -183,8 +188,8 @@ impl ModelChecker {
     /// A passing schedule comes back unchanged.
     ///
     /// ```
-    /// use pgcachewatch_testkit::checker::{ModelChecker, Op, Schedule};
-    /// let s = Schedule::new(vec![Op::Write { row: 0 }, Op::Deliver]);
+    /// use pgcachewatch::testkit::checker::{ModelChecker, Op, Schedule};
+    /// let s = Schedule::new(vec![Op::Write { row: 0 }, Op::Deliver { source: 0 }]);
     /// assert_eq!(ModelChecker::new().minimize(s.clone()), s);
     /// ```
     pub fn minimize(&self, mut schedule: Schedule) -> Schedule {
@@ -215,6 +220,16 @@ impl ModelChecker {
     ///
     /// A [`Violation`] naming the step, what was expected and the whole trace.
     pub fn run(&self, schedule: &Schedule) -> Result<Report, Violation> {
+        // Dispatchers spawn their (here never polled) deadline timers on a runtime.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| Violation {
+                step: 0,
+                message: format!("could not start a tokio runtime: {e}"),
+                trace: String::new(),
+            })?;
+        let _entered = runtime.enter();
         let mut sim = Sim::new(self);
         for op in &schedule.ops {
             sim.step(*op)?;
@@ -265,16 +280,18 @@ impl std::error::Error for Violation {}
 /// use proptest::strategy::{Strategy, ValueTree};
 /// use proptest::test_runner::TestRunner;
 /// let mut runner = TestRunner::deterministic();
-/// let s = pgcachewatch_testkit::checker::schedules(20).new_tree(&mut runner).unwrap().current();
+/// let s = pgcachewatch::testkit::checker::schedules(20).new_tree(&mut runner).unwrap().current();
 /// assert!((1..=20).contains(&s.ops.len()));
 /// ```
 #[cfg(feature = "proptest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proptest")))]
 pub fn schedules(max_len: usize) -> impl proptest::strategy::Strategy<Value = Schedule> {
     schedule::generate::schedules(max_len)
 }
 
 /// How an exploration went (feature `proptest`).
 #[cfg(feature = "proptest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proptest")))]
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Exploration {
@@ -286,6 +303,7 @@ pub struct Exploration {
 
 /// A minimal failing schedule and its violation (feature `proptest`).
 #[cfg(feature = "proptest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proptest")))]
 #[derive(Debug, Clone)]
 pub struct Counterexample {
     /// The shrunk schedule.
@@ -297,6 +315,7 @@ pub struct Counterexample {
 }
 
 #[cfg(feature = "proptest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proptest")))]
 impl fmt::Display for Counterexample {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "minimal failing schedule:{:?}", self.schedule)?;
@@ -308,13 +327,14 @@ impl fmt::Display for Counterexample {
 }
 
 #[cfg(feature = "proptest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proptest")))]
 impl ModelChecker {
     /// Runs `config.cases` generated schedules of up to `max_len` steps with
     /// proptest's runner; on failure, shrinks (proptest, then [`minimize`](Self::minimize))
     /// and returns the minimal schedule.
     ///
     /// ```
-    /// use pgcachewatch_testkit::checker::ModelChecker;
+    /// use pgcachewatch::testkit::checker::ModelChecker;
     /// use proptest::test_runner::Config;
     /// let done = ModelChecker::new().explore(Config::with_cases(100), 30).unwrap();
     /// assert_eq!(done.cases, 100);
@@ -438,17 +458,91 @@ impl World {
     }
 }
 
+/// One simulated source: a real hub, its pending signals, and its dispatcher.
+struct SimSource {
+    hub: HubSource,
+    queue: VecDeque<Queued>,
+    connected: bool,
+    dispatcher: Option<DispatcherHandle>,
+    panic_next: Arc<AtomicBool>,
+    /// The model: the last health this source's dispatcher was told.
+    told_healthy: bool,
+    /// The model: its strategy panicked and has not handled a signal since.
+    poisoned: bool,
+}
+
+/// A source over a [`SignalHub`], dispatching inline as the real sources do.
+#[derive(Debug, Clone)]
+struct HubSource(SignalHub);
+
+impl EventSource for HubSource {
+    fn subscribe(&self) -> Subscription {
+        self.0.subscribe()
+    }
+    fn health(&self) -> Health {
+        self.0.health()
+    }
+    fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
+        Some(self.0.attach_inline(handler))
+    }
+}
+
+/// Wraps the checked strategy: panics on demand, and notes each decision.
+struct Noted {
+    inner: Box<dyn InvalidationStrategy<Row>>,
+    panic_next: Arc<AtomicBool>,
+    notes: Arc<Mutex<Vec<String>>>,
+}
+
+impl fmt::Debug for Noted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Noted").field("inner", &self.inner).finish()
+    }
+}
+
+impl Noted {
+    fn note(&self, what: String) {
+        if let Ok(mut notes) = self.notes.lock() {
+            notes.push(what);
+        }
+    }
+}
+
+impl InvalidationStrategy<Row> for Noted {
+    fn on_event(&mut self, event: &Event, now: Instant) -> Decision<Row> {
+        if self.panic_next.swap(false, Ordering::SeqCst) {
+            self.note("strategy panics (planted)".into());
+            panic!("planted strategy panic");
+        }
+        let d = self.inner.on_event(event, now);
+        self.note(format!("strategy: {}", describe(&d)));
+        d
+    }
+    fn on_gap(&mut self, reason: &GapReason, now: Instant) -> Decision<Row> {
+        let d = self.inner.on_gap(reason, now);
+        self.note(format!("strategy on gap ({reason}): {}", describe(&d)));
+        d
+    }
+    fn on_tick(&mut self, now: Instant) -> Decision<Row> {
+        self.inner.on_tick(now)
+    }
+    fn next_deadline(&self) -> Option<Instant> {
+        self.inner.next_deadline()
+    }
+}
+
 struct Sim {
     world: Rc<World>,
     while_unhealthy: WhileUnhealthy,
     cache: Box<dyn CheckedCache>,
-    strategy: Box<dyn InvalidationStrategy<Row>>,
+    strategy: StrategyFactory,
+    notes: Arc<Mutex<Vec<String>>>,
     clock: VirtualClock,
-    queue: VecDeque<Queued>,
-    connected: bool,
+    sources: Vec<SimSource>,
+    /// The model: dispatchers that stopped and were not replaced.
+    stopped: usize,
     writes: u64,
     notified: Vec<Notice>,
-    cache_healthy: bool,
     slots: Vec<Option<Reading>>,
     reads_checked: usize,
     stale_but_allowed: usize,
@@ -460,20 +554,98 @@ impl Sim {
             table: RefCell::new(vec![0; ROWS as usize]),
             ..World::default()
         };
-        Sim {
+        let mut sim = Sim {
             world: Rc::new(world),
             while_unhealthy: checker.while_unhealthy,
             cache: (checker.cache)(checker.while_unhealthy),
-            strategy: (checker.strategy)(),
+            strategy: checker.strategy.clone(),
+            notes: Arc::default(),
             clock: VirtualClock::new(),
-            queue: VecDeque::new(),
-            connected: true,
+            sources: (0..SOURCES)
+                .map(|_| SimSource {
+                    hub: HubSource(SignalHub::new(1024)),
+                    queue: VecDeque::new(),
+                    connected: true,
+                    dispatcher: None,
+                    panic_next: Arc::default(),
+                    told_healthy: false,
+                    poisoned: false,
+                })
+                .collect(),
+            stopped: 0,
             writes: 0,
             notified: vec![Notice::default(); ROWS as usize],
-            cache_healthy: true,
             slots: (0..SLOTS).map(|_| None).collect(),
             reads_checked: 0,
             stale_but_allowed: 0,
+        };
+        for source in 0..SOURCES {
+            sim.attach(source);
+        }
+        sim
+    }
+
+    /// Whether, by the model, the cache must not trust its entries now.
+    fn should_distrust(&self) -> bool {
+        self.stopped > 0
+            || self
+                .sources
+                .iter()
+                .any(|s| s.dispatcher.is_some() && (!s.told_healthy || s.poisoned))
+    }
+
+    fn source_of(row: Row) -> Source {
+        row as usize % SOURCES
+    }
+
+    /// Moves the strategy's notes into the trace.
+    fn flush_notes(&self) {
+        let notes = match self.notes.lock() {
+            Ok(mut notes) => std::mem::take(&mut *notes),
+            Err(_) => return,
+        };
+        for n in notes {
+            self.note(format_args!("  {n}"));
+        }
+    }
+
+    fn attach(&mut self, source: Source) {
+        if self.sources[source].dispatcher.is_some() {
+            self.note(format_args!("(source {source} has a dispatcher)"));
+            return;
+        }
+        let strategy = Noted {
+            inner: (self.strategy)(),
+            panic_next: self.sources[source].panic_next.clone(),
+            notes: self.notes.clone(),
+        };
+        let dispatcher = self.cache.attach(Dispatcher::new(), Box::new(strategy));
+        let s = &mut self.sources[source];
+        let handle = dispatcher.spawn(&s.hub);
+        s.dispatcher = Some(handle);
+        s.told_healthy = s.hub.health().is_healthy();
+        s.poisoned = false;
+        self.stopped = self.stopped.saturating_sub(1);
+        // Attaching flushes: it covers every write committed so far.
+        self.cover(&self.committed());
+        self.note(format_args!(
+            "dispatcher attached to source {source} (cache flushed; source {})",
+            if self.sources[source].told_healthy {
+                "healthy"
+            } else {
+                "unhealthy"
+            }
+        ));
+    }
+
+    /// Marks every row's committed version in `versions` as covered by a
+    /// processed notification, now.
+    fn cover(&mut self, versions: &[u64]) {
+        let step = self.world.step.get();
+        for (notice, &version) in self.notified.iter_mut().zip(versions) {
+            if version > notice.version {
+                *notice = Notice { version, step };
+            }
         }
     }
 
@@ -505,45 +677,73 @@ impl Sim {
         match op {
             Op::Write { row } => self.write(row),
             Op::DeliverAll => {
-                if self.queue.is_empty() {
+                if self.sources.iter().all(|s| s.queue.is_empty()) {
                     self.note(format_args!("(nothing queued)"));
                 }
-                while !self.queue.is_empty() {
-                    self.deliver(false);
+                for source in 0..SOURCES {
+                    while !self.sources[source].queue.is_empty() {
+                        self.deliver(source, false);
+                    }
                 }
             }
-            Op::Deliver => self.deliver(false),
-            Op::Duplicate => self.deliver(true),
-            Op::Lose => self.lose(),
-            Op::Disconnect => {
-                if self.connected {
-                    self.connected = false;
-                    self.queue.push_back(Queued::Health(Health::Unhealthy));
-                    self.queue.push_back(Queued::Gap {
+            Op::Deliver { source } => self.deliver(source % SOURCES, false),
+            Op::Duplicate { source } => self.deliver(source % SOURCES, true),
+            Op::Lose { source } => self.lose(source % SOURCES),
+            Op::Disconnect { source } => {
+                let source = source % SOURCES;
+                let covers = self.committed();
+                let s = &mut self.sources[source];
+                if s.connected {
+                    s.connected = false;
+                    s.queue.push_back(Queued::Health(Health::Unhealthy));
+                    s.queue.push_back(Queued::Gap {
                         reason: GapReason::ConnectionLost {
                             detail: "simulated".into(),
                         },
-                        covers: self.committed(),
+                        covers,
                     });
                     self.note(format_args!(
-                        "Unhealthy + gap queued; writes are lost until reconnect"
+                        "Unhealthy + gap queued; source {source}'s writes are lost until reconnect"
                     ));
                 } else {
                     self.note(format_args!("(already disconnected)"));
                 }
             }
-            Op::Reconnect => {
-                if self.connected {
+            Op::Reconnect { source } => {
+                let source = source % SOURCES;
+                let covers = self.committed();
+                let s = &mut self.sources[source];
+                if s.connected {
                     self.note(format_args!("(already connected)"));
                 } else {
-                    self.connected = true;
-                    self.queue.push_back(Queued::Gap {
+                    s.connected = true;
+                    s.queue.push_back(Queued::Gap {
                         reason: GapReason::Reconnected,
-                        covers: self.committed(),
+                        covers,
                     });
-                    self.queue.push_back(Queued::Health(Health::Healthy));
+                    s.queue.push_back(Queued::Health(Health::Healthy));
                     self.note(format_args!("gap + Healthy queued"));
                 }
+            }
+            Op::StopDispatcher { source } => {
+                let source = source % SOURCES;
+                match self.sources[source].dispatcher.take() {
+                    Some(handle) => {
+                        drop(handle);
+                        self.sources[source].poisoned = false;
+                        self.stopped += 1;
+                        self.note(format_args!(
+                            "source {source}'s dispatcher dropped; its writes reach nobody"
+                        ));
+                    }
+                    None => self.note(format_args!("(source {source} has no dispatcher)")),
+                }
+            }
+            Op::Attach { source } => self.attach(source % SOURCES),
+            Op::PanicOnNext { source } => {
+                self.sources[source % SOURCES]
+                    .panic_next
+                    .store(true, Ordering::SeqCst);
             }
             Op::StartRead { slot, row } => self.start_read(slot % SLOTS, row % ROWS),
             Op::FinishLoad { slot } => match &self.slots[slot % SLOTS] {
@@ -567,15 +767,17 @@ impl Sim {
             table[row as usize]
         };
         self.writes += 1;
-        if self.connected {
-            self.queue.push_back(Queued::Event {
+        let source = Self::source_of(row);
+        let snapshot = self.committed();
+        if self.sources[source].connected {
+            self.sources[source].queue.push_back(Queued::Event {
                 n: self.writes,
                 row,
                 version,
-                snapshot: self.committed(),
+                snapshot,
             });
             self.note(format_args!(
-                "row {row} -> v{version}, event #{} queued",
+                "row {row} -> v{version}, event #{} queued on source {source}",
                 self.writes
             ));
         } else {
@@ -585,12 +787,13 @@ impl Sim {
         }
     }
 
-    fn lose(&mut self) {
-        match self.queue.front() {
+    fn lose(&mut self, source: Source) {
+        let queue = &mut self.sources[source].queue;
+        match queue.front() {
             Some(Queued::Event { n, snapshot, .. }) => {
                 let n = *n;
                 let covers = snapshot.clone();
-                self.queue[0] = Queued::Gap {
+                queue[0] = Queued::Gap {
                     reason: GapReason::Injected {
                         detail: format!("event #{n} lost").into(),
                     },
@@ -602,11 +805,10 @@ impl Sim {
         }
     }
 
-    fn deliver(&mut self, duplicate: bool) {
-        let step = self.world.step.get();
-        let now = self.clock.now();
+    fn deliver(&mut self, source: Source, duplicate: bool) {
+        let queue = &mut self.sources[source].queue;
         let queued = if duplicate {
-            match self.queue.front() {
+            match queue.front() {
                 Some(Queued::Event {
                     n,
                     row,
@@ -624,7 +826,7 @@ impl Sim {
                 }
             }
         } else {
-            match self.queue.pop_front() {
+            match queue.pop_front() {
                 Some(q) => q,
                 None => {
                     self.note(format_args!("(nothing queued)"));
@@ -632,6 +834,8 @@ impl Sim {
                 }
             }
         };
+        let attached = self.sources[source].dispatcher.is_some();
+        let hub = self.sources[source].hub.0.clone();
         match queued {
             Queued::Event {
                 n, row, version, ..
@@ -639,31 +843,50 @@ impl Sim {
                 let event = Event::new("checker", Operation::Update, "public", "t")
                     .with_keys(vec![RowKey::single("row", row)])
                     .with_txid(n as i64);
-                let decision = self.strategy.on_event(&event, now);
-                self.cache.apply(&decision);
+                let panics = attached && self.sources[source].panic_next.load(Ordering::SeqCst);
+                hub.publish(event);
                 self.note(format_args!(
-                    "event #{n} (row {row} v{version}) -> {}",
-                    describe(&decision)
+                    "event #{n} (row {row} v{version}) delivered by source {source}{}",
+                    if attached { "" } else { " to nobody" }
                 ));
-                let notice = &mut self.notified[row as usize];
-                if version > notice.version {
-                    *notice = Notice { version, step };
-                }
-            }
-            Queued::Gap { reason, covers } => {
-                let decision = self.strategy.on_gap(&reason, now);
-                self.cache.apply(&decision);
-                self.note(format_args!("gap ({reason}) -> {}", describe(&decision)));
-                for (notice, &version) in self.notified.iter_mut().zip(&covers) {
-                    if version > notice.version {
-                        *notice = Notice { version, step };
+                self.flush_notes();
+                if attached {
+                    if panics {
+                        // The dispatcher flushed the cache: that covers everything.
+                        self.sources[source].poisoned = true;
+                        let all = self.committed();
+                        self.cover(&all);
+                    } else {
+                        self.sources[source].poisoned = false;
+                        let step = self.world.step.get();
+                        let notice = &mut self.notified[row as usize];
+                        if version > notice.version {
+                            *notice = Notice { version, step };
+                        }
                     }
                 }
             }
+            Queued::Gap { reason, covers } => {
+                self.note(format_args!(
+                    "gap ({reason}) delivered by source {source}{}",
+                    if attached { "" } else { " to nobody" }
+                ));
+                hub.gap(reason);
+                self.flush_notes();
+                if attached {
+                    self.sources[source].poisoned = false;
+                    self.cover(&covers);
+                }
+            }
             Queued::Health(h) => {
-                self.cache.set_healthy(h.is_healthy());
-                self.cache_healthy = h.is_healthy();
-                self.note(format_args!("cache told: {h:?}"));
+                hub.set_health(h);
+                if attached {
+                    self.sources[source].told_healthy = h.is_healthy();
+                }
+                self.note(format_args!(
+                    "source {source} says {h:?}{}",
+                    if attached { "" } else { " to nobody" }
+                ));
             }
         }
     }
@@ -712,7 +935,7 @@ impl Sim {
             own_load,
             notified: self.notified[row as usize],
             committed: self.world.table.borrow()[row as usize],
-            unhealthy: !self.cache_healthy,
+            unhealthy: self.should_distrust(),
         });
     }
 

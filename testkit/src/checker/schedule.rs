@@ -11,6 +11,13 @@ pub const ROWS: Row = 3;
 /// How many reads may be in progress at once in generated schedules.
 pub const SLOTS: usize = 3;
 
+/// How many sources feed the cache: row `r`'s notifications come from source
+/// `r % SOURCES`, each through a dispatcher of its own (one cache on two sources).
+pub const SOURCES: usize = 2;
+
+/// A source (`0..SOURCES`).
+pub type Source = usize;
+
 /// One step of a [`Schedule`].
 ///
 /// Steps that make no sense in the current state (delivering with nothing pending,
@@ -25,21 +32,53 @@ pub enum Op {
         /// The row written.
         row: Row,
     },
-    /// Deliver every queued signal, oldest first (shrinks better than several
-    /// [`Op::Deliver`]s: removing a write elsewhere does not change what it delivers).
+    /// Deliver every queued signal of every source, oldest first (shrinks better
+    /// than several [`Op::Deliver`]s: removing a write elsewhere does not change what
+    /// it delivers).
     DeliverAll,
-    /// Deliver the oldest queued signal to the cache (through the strategy).
-    Deliver,
-    /// Deliver the oldest queued event but keep it queued: it arrives twice.
-    Duplicate,
-    /// Lose the oldest queued event; a gap takes its place (real sources never
-    /// lose silently).
-    Lose,
-    /// The source's connection drops: `Unhealthy` and a gap are queued; writes are
+    /// Deliver the oldest queued signal of `source` (to its dispatcher, if one runs).
+    Deliver {
+        /// The source.
+        source: Source,
+    },
+    /// Deliver the oldest queued event of `source` but keep it queued: it arrives twice.
+    Duplicate {
+        /// The source.
+        source: Source,
+    },
+    /// Lose the oldest queued event of `source`; a gap takes its place (real sources
+    /// never lose silently).
+    Lose {
+        /// The source.
+        source: Source,
+    },
+    /// `source`'s connection drops: `Unhealthy` and a gap are queued; its writes are
     /// lost until [`Op::Reconnect`].
-    Disconnect,
-    /// The source listens again: a gap and `Healthy` are queued.
-    Reconnect,
+    Disconnect {
+        /// The source.
+        source: Source,
+    },
+    /// `source` listens again: a gap and `Healthy` are queued.
+    Reconnect {
+        /// The source.
+        source: Source,
+    },
+    /// `source`'s dispatcher stops (its handle is dropped); what the source
+    /// delivers meanwhile reaches nobody.
+    StopDispatcher {
+        /// The source.
+        source: Source,
+    },
+    /// A new dispatcher is attached to `source` (if none runs).
+    Attach {
+        /// The source.
+        source: Source,
+    },
+    /// The strategy of `source`'s dispatcher panics on the next event it handles.
+    PanicOnNext {
+        /// The source.
+        source: Source,
+    },
     /// Reader `slot` starts reading `row` through the cache. A loader, if it runs,
     /// reads the table at once and then waits for [`Op::FinishLoad`].
     StartRead {
@@ -65,11 +104,19 @@ impl fmt::Display for Op {
         match self {
             Op::Write { row } => write!(f, "write row {row}"),
             Op::DeliverAll => f.write_str("deliver every queued signal"),
-            Op::Deliver => f.write_str("deliver next signal"),
-            Op::Duplicate => f.write_str("deliver next event twice"),
-            Op::Lose => f.write_str("lose next event (gap instead)"),
-            Op::Disconnect => f.write_str("disconnect"),
-            Op::Reconnect => f.write_str("reconnect"),
+            Op::Deliver { source } => write!(f, "deliver next signal of source {source}"),
+            Op::Duplicate { source } => write!(f, "deliver next event of source {source} twice"),
+            Op::Lose { source } => write!(f, "lose next event of source {source} (gap instead)"),
+            Op::Disconnect { source } => write!(f, "source {source} disconnects"),
+            Op::Reconnect { source } => write!(f, "source {source} reconnects"),
+            Op::StopDispatcher { source } => write!(f, "the dispatcher of source {source} stops"),
+            Op::Attach { source } => write!(f, "a dispatcher attaches to source {source}"),
+            Op::PanicOnNext { source } => {
+                write!(
+                    f,
+                    "the strategy of source {source} panics on its next event"
+                )
+            }
             Op::StartRead { slot, row } => write!(f, "reader {slot} starts reading row {row}"),
             Op::FinishLoad { slot } => write!(f, "reader {slot}'s load returns"),
             Op::CancelRead { slot } => write!(f, "reader {slot} cancels"),
@@ -87,9 +134,9 @@ impl fmt::Debug for Op {
 /// failing case reads as a short story.
 ///
 /// ```
-/// use pgcachewatch_testkit::checker::{Op, Schedule};
-/// let s = Schedule::new(vec![Op::Write { row: 1 }, Op::Deliver]);
-/// assert_eq!(format!("{s:?}"), "\n  1: write row 1\n  2: deliver next signal\n");
+/// use pgcachewatch::testkit::checker::{Op, Schedule};
+/// let s = Schedule::new(vec![Op::Write { row: 1 }, Op::Deliver { source: 1 }]);
+/// assert_eq!(format!("{s:?}"), "\n  1: write row 1\n  2: deliver next signal of source 1\n");
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub struct Schedule {
@@ -123,18 +170,22 @@ pub(crate) mod generate {
     fn op() -> impl Strategy<Value = Op> {
         let row = 0..ROWS;
         let slot = 0..SLOTS;
+        let source = 0..SOURCES;
         // Simple, common steps first: proptest shrinks towards earlier alternatives.
         prop_oneof![
             4 => row.clone().prop_map(|row| Op::Write { row }),
             1 => Just(Op::DeliverAll),
-            5 => Just(Op::Deliver),
+            5 => source.clone().prop_map(|source| Op::Deliver { source }),
             5 => (slot.clone(), row).prop_map(|(slot, row)| Op::StartRead { slot, row }),
             4 => slot.clone().prop_map(|slot| Op::FinishLoad { slot }),
-            1 => Just(Op::Duplicate),
-            1 => Just(Op::Lose),
-            1 => Just(Op::Disconnect),
-            1 => Just(Op::Reconnect),
+            1 => source.clone().prop_map(|source| Op::Duplicate { source }),
+            1 => source.clone().prop_map(|source| Op::Lose { source }),
+            1 => source.clone().prop_map(|source| Op::Disconnect { source }),
+            1 => source.clone().prop_map(|source| Op::Reconnect { source }),
             1 => slot.prop_map(|slot| Op::CancelRead { slot }),
+            1 => source.clone().prop_map(|source| Op::StopDispatcher { source }),
+            1 => source.clone().prop_map(|source| Op::Attach { source }),
+            1 => source.prop_map(|source| Op::PanicOnNext { source }),
         ]
     }
 

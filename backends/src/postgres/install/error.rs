@@ -45,6 +45,16 @@ pub enum InstallError {
         "function {0} exists but was not installed by pgcachewatch; choose another function name"
     )]
     ForeignFunction(String),
+    /// Installing would switch tables that already have pgcachewatch's triggers
+    /// between row-key and table-level events, and the change was not allowed
+    /// ([`Installer::allow_mode_change`](super::Installer::allow_mode_change)).
+    /// Nothing was changed.
+    #[error(
+        "installing would change how {} send events{}; nothing was changed. Install with \
+         the mode they have, or allow the change explicitly (Installer::allow_mode_change(true))",
+        super::ModeChange::list(.0), super::ModeChange::details(.0)
+    )]
+    ModeChange(Vec<super::ModeChange>),
     /// The database refused a statement, or the connection failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

@@ -72,8 +72,8 @@ impl fmt::Debug for Target {
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use pgcachewatch_backends::postgres::listener::{MalformedPolicy, PgListenerSource};
-/// # async fn run() -> Result<(), pgcachewatch_core::Error> {
+/// use pgcachewatch::postgres::listener::{MalformedPolicy, PgListenerSource};
+/// # async fn run() -> Result<(), pgcachewatch::Error> {
 /// let source = PgListenerSource::builder("postgres://app@db.internal/app")
 ///     .channels(["pgcachewatch", "legacy_cache_channel"])
 ///     .heartbeat_interval(Duration::from_millis(500))

@@ -19,6 +19,19 @@ pub(crate) enum ConnectError {
          password, database"
     )]
     Connect { target: String, source: sqlx::Error },
+    /// The TLS handshake failed: the server's certificate was rejected, or TLS was
+    /// required and the server does not offer it.
+    #[error(
+        "could not connect to PostgreSQL at {target} over TLS (sslmode={sslmode}): {source}; \
+         check that sslrootcert names the certificate of the CA that signed the server's \
+         certificate (for verify-full, also that the host name matches it), or the \
+         server's TLS setup"
+    )]
+    Tls {
+        target: String,
+        sslmode: &'static str,
+        source: sqlx::Error,
+    },
     /// Connected, but `LISTEN` or the first query failed.
     #[error("connected to {target}, but LISTEN {channels:?} failed: {source}")]
     Listen {
@@ -43,6 +56,7 @@ impl ConnectError {
     pub(crate) fn is_temporary(&self) -> bool {
         match self {
             ConnectError::Timeout { .. } => true,
+            ConnectError::Tls { .. } => false,
             ConnectError::Connect { source, .. } | ConnectError::Listen { source, .. } => {
                 is_temporary(source)
             }
@@ -118,10 +132,7 @@ async fn open_unbounded(settings: &Settings, probe: Probe) -> Result<Listening, 
     if probe == Probe::First {
         let direct = PgConnection::connect_with(&settings.options)
             .await
-            .map_err(|source| ConnectError::Connect {
-                target: target.clone(),
-                source,
-            })?;
+            .map_err(|source| connect_error(settings, &target, source))?;
         let _ = direct.close().await;
     }
     // A pool of one connection per attempt, dropped with the listener: sqlx's
@@ -136,10 +147,7 @@ async fn open_unbounded(settings: &Settings, probe: Probe) -> Result<Listening, 
         .acquire_timeout(settings.builder.connect_timeout)
         .connect_with(settings.options.clone())
         .await
-        .map_err(|source| ConnectError::Connect {
-            target: target.clone(),
-            source,
-        })?;
+        .map_err(|source| connect_error(settings, &target, source))?;
     let listen_err = |source| ConnectError::Listen {
         target: target.clone(),
         channels: settings.channels.clone(),
@@ -159,6 +167,21 @@ async fn open_unbounded(settings: &Settings, probe: Probe) -> Result<Listening, 
         listener,
         backend_pid: u32::try_from(pid).unwrap_or_default(),
     })
+}
+
+fn connect_error(settings: &Settings, target: &str, source: sqlx::Error) -> ConnectError {
+    if crate::postgres::is_tls_error(&source) {
+        ConnectError::Tls {
+            target: target.to_owned(),
+            sslmode: crate::postgres::ssl_mode_name(&settings.options),
+            source,
+        }
+    } else {
+        ConnectError::Connect {
+            target: target.to_owned(),
+            source,
+        }
+    }
 }
 
 /// The detail carried by a `ConnectionLost` gap.

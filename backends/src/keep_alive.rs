@@ -1,0 +1,45 @@
+//! Attachments and subscriptions that keep their source running.
+//!
+//! A [`Dispatcher`](pgcachewatch_core::Dispatcher) spawned on a source must not
+//! stop invalidating because the application dropped its own handle to the source
+//! (a setup function returning the dispatcher's handle but not the source is the
+//! classic case: without this, every read would bypass the cache for ever). So
+//! every [`InlineAttachment`] and [`Subscription`] a built-in source hands out
+//! holds a clone of the source's shared state; the source stops when the last
+//! handle *and* the last attachment and subscription are gone, or on an explicit
+//! shutdown.
+
+use std::sync::Arc;
+
+use pgcachewatch_core::{InlineAttachment, Subscription, TryRecvError};
+
+/// `attachment`, keeping `keep` alive for as long as it is attached.
+pub(crate) fn attachment<T: Send + Sync + 'static>(
+    attachment: InlineAttachment,
+    keep: Arc<T>,
+) -> InlineAttachment {
+    // Field order is drop order: detach first, then release the source.
+    InlineAttachment::new((attachment, keep))
+}
+
+/// `subscription`, keeping `keep` alive for as long as it is read.
+pub(crate) fn subscription<T: Send + Sync + 'static>(
+    subscription: Subscription,
+    keep: Arc<T>,
+) -> Subscription {
+    Subscription::from_stream(futures::stream::unfold(
+        (subscription, keep),
+        |(mut sub, keep)| async move {
+            // Buffered signals first, without waiting: `try_recv` on the outer
+            // subscription polls this once, and an `await` on the broadcast
+            // channel would spend tokio's cooperative budget and could answer
+            // "empty" with signals buffered. Only an empty buffer waits.
+            let signal = match sub.try_recv() {
+                Ok(signal) => Some(signal),
+                Err(TryRecvError::Closed) => None,
+                Err(_) => sub.recv().await,
+            };
+            signal.map(|signal| (signal, (sub, keep)))
+        },
+    ))
+}
