@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use pgcachewatch_core::{InlineAttachment, Subscription, TryRecvError};
+use pgcachewatch_core::{InlineAttachment, Subscription};
 
 /// `attachment`, keeping `keep` alive for as long as it is attached.
 pub(crate) fn attachment<T: Send + Sync + 'static>(
@@ -27,19 +27,5 @@ pub(crate) fn subscription<T: Send + Sync + 'static>(
     subscription: Subscription,
     keep: Arc<T>,
 ) -> Subscription {
-    Subscription::from_stream(futures::stream::unfold(
-        (subscription, keep),
-        |(mut sub, keep)| async move {
-            // Buffered signals first, without waiting: `try_recv` on the outer
-            // subscription polls this once, and an `await` on the broadcast
-            // channel would spend tokio's cooperative budget and could answer
-            // "empty" with signals buffered. Only an empty buffer waits.
-            let signal = match sub.try_recv() {
-                Ok(signal) => Some(signal),
-                Err(TryRecvError::Closed) => None,
-                Err(_) => sub.recv().await,
-            };
-            signal.map(|signal| (signal, (sub, keep)))
-        },
-    ))
+    subscription.with_guard(keep)
 }

@@ -14,7 +14,7 @@ use crate::position::Lsn;
 /// pgcachewatch's triggers and PGCacheWatch's (`lower(TG_OP)`) send.
 ///
 /// ```
-/// use pgcachewatch_core::Operation;
+/// use pgcachewatch::Operation;
 /// assert_eq!("UPDATE".parse::<Operation>().unwrap(), Operation::Update);
 /// assert_eq!(Operation::Delete.as_str(), "delete");
 /// ```
@@ -79,7 +79,7 @@ impl FromStr for Operation {
 /// "Payload format"). Keyed strategies map them to cache keys.
 ///
 /// ```
-/// use pgcachewatch_core::RowKey;
+/// use pgcachewatch::RowKey;
 /// let key: RowKey = serde_json::from_str(r#"{"id": 42}"#).unwrap();
 /// assert_eq!(key.get("id").and_then(|v| v.as_i64()), Some(42));
 /// assert_eq!(RowKey::single("id", 42), key);
@@ -110,7 +110,7 @@ impl RowKey {
 /// payload; `None` means "some rows of the table", never "no rows".
 ///
 /// ```
-/// use pgcachewatch_core::{Event, Operation};
+/// use pgcachewatch::{Event, Operation};
 /// let e = Event::new("pgcachewatch", Operation::Update, "public", "users");
 /// assert_eq!(e.table, "users");
 /// assert!(e.keys.is_none());
@@ -215,7 +215,7 @@ impl Event {
 /// A (possibly schema-less) table name, as carried by [`Targets::tables`](crate::Targets::tables).
 ///
 /// ```
-/// use pgcachewatch_core::TableRef;
+/// use pgcachewatch::TableRef;
 /// let t = TableRef::new("public", "users");
 /// assert_eq!(t.to_string(), "public.users");
 /// assert!(t.matches(&TableRef::unqualified("users")));
@@ -255,12 +255,12 @@ impl TableRef {
     /// matches the events PostgreSQL sends.
     ///
     /// ```
-    /// use pgcachewatch_core::TableRef;
+    /// use pgcachewatch::TableRef;
     /// assert_eq!(TableRef::parse("public.Users")?, TableRef::new("public", "users"));
     /// assert_eq!(TableRef::parse(r#""App"."Odd.Name""#)?, TableRef::new("App", "Odd.Name"));
     /// assert_eq!(TableRef::parse("orders")?, TableRef::unqualified("orders"));
     /// assert!(TableRef::parse("a.b.c").is_err());
-    /// # Ok::<_, pgcachewatch_core::InvalidTableName>(())
+    /// # Ok::<_, pgcachewatch::InvalidTableName>(())
     /// ```
     pub fn parse(text: &str) -> Result<TableRef, InvalidTableName> {
         let bad = |reason: &'static str| InvalidTableName {
@@ -354,10 +354,10 @@ pub struct InvalidTableName {
 /// taken verbatim.
 ///
 /// ```
-/// use pgcachewatch_core::{IntoTableRef, TableRef};
+/// use pgcachewatch::{IntoTableRef, TableRef};
 /// assert_eq!("public.Users".into_table_ref()?, TableRef::new("public", "users"));
 /// assert_eq!(("public", "Users").into_table_ref()?, TableRef::new("public", "Users"));
-/// # Ok::<_, pgcachewatch_core::InvalidTableName>(())
+/// # Ok::<_, pgcachewatch::InvalidTableName>(())
 /// ```
 pub trait IntoTableRef {
     /// The table this names.

@@ -30,8 +30,8 @@ use parking_lot::Mutex;
 ///
 /// ```
 /// use std::sync::Arc;
-/// use pgcachewatch_core::{HealthBoard, HealthVote};
-/// let board = Arc::new(HealthBoard::new("orders"));
+/// use pgcachewatch::{HealthBoard, HealthVote};
+/// let board = Arc::new(HealthBoard::named("orders"));
 /// assert!(board.is_healthy()); // nothing attached: a standalone target
 /// let a = HealthVote::new(board.clone());
 /// let b = HealthVote::new(board.clone());
@@ -79,10 +79,19 @@ pub struct HealthSummary {
 }
 
 impl HealthBoard {
-    /// A board with nothing attached (healthy). The name appears in logs.
-    pub fn new(name: impl Into<Option<String>>) -> Self {
+    /// A board with nothing attached (healthy).
+    pub fn new() -> Self {
+        Self::with_name(None)
+    }
+
+    /// A board with nothing attached (healthy), whose name appears in logs.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self::with_name(Some(name.into()))
+    }
+
+    pub(crate) fn with_name(name: Option<String>) -> Self {
         HealthBoard {
-            name: name.into(),
+            name,
             healthy: AtomicBool::new(true),
             state: Mutex::new(Votes::default()),
         }
@@ -160,7 +169,7 @@ impl HealthBoard {
 
 impl Default for HealthBoard {
     fn default() -> Self {
-        HealthBoard::new(None)
+        HealthBoard::new()
     }
 }
 

@@ -29,7 +29,7 @@ pub const MAX_HUB_CAPACITY: usize = 1 << 20;
 /// the same hub.
 ///
 /// ```
-/// use pgcachewatch_core::{Event, Operation, Signal, SignalHub};
+/// use pgcachewatch::{Event, Operation, Signal, SignalHub};
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let hub = SignalHub::new(2);
 /// let mut a = hub.subscribe();
@@ -101,7 +101,7 @@ impl SignalHub {
     /// [`Error::Config`](crate::Error::Config) naming the limits.
     ///
     /// ```
-    /// use pgcachewatch_core::SignalHub;
+    /// use pgcachewatch::SignalHub;
     /// assert!(SignalHub::check_capacity(4096).is_ok());
     /// assert!(SignalHub::check_capacity(0).is_err());
     /// assert!(SignalHub::check_capacity(usize::MAX).is_err());
@@ -143,16 +143,16 @@ impl SignalHub {
     ///
     /// ```
     /// use std::sync::{Arc, Mutex};
-    /// use pgcachewatch_core::{Event, Operation, Signal, SignalHub};
+    /// use pgcachewatch::{Event, Operation, Signal, SignalHub};
     /// let hub = SignalHub::new(16);
     /// let seen = Arc::new(Mutex::new(Vec::new()));
     /// let log = seen.clone();
     /// let attachment = hub.attach_inline(Box::new(move |s: &Signal| {
     ///     log.lock().unwrap().push(s.is_gap());
     /// }));
-    /// hub.gap(pgcachewatch_core::GapReason::Reconnected);
+    /// hub.gap(pgcachewatch::GapReason::Reconnected);
     /// drop(attachment);
-    /// hub.gap(pgcachewatch_core::GapReason::Reconnected);
+    /// hub.gap(pgcachewatch::GapReason::Reconnected);
     /// assert_eq!(*seen.lock().unwrap(), vec![false, true]); // health, then the first gap
     /// ```
     pub fn attach_inline(&self, mut handler: InlineHandler) -> InlineAttachment {

@@ -51,7 +51,9 @@ mod source;
 mod strategy;
 mod sync;
 
-pub use cache::{Cache, CacheBuilder, CacheStats, InvalidationTarget, WhileUnhealthy};
+pub use cache::{
+    Cache, CacheBuilder, CacheStats, InvalidationTarget, RemovalCause, WhileUnhealthy,
+};
 pub use closable_hub::ClosableHub;
 pub use dispatcher::{Dispatcher, DispatcherHandle, DispatcherStats, WaitError};
 pub use error::{BoxError, Error, Result};

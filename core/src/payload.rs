@@ -46,7 +46,7 @@ struct Wire {
 /// Parses one NOTIFY payload received on `channel` at `received_at`.
 ///
 /// ```
-/// use pgcachewatch_core::{parse_payload, Operation};
+/// use pgcachewatch::{parse_payload, Operation};
 /// let now = chrono::Utc::now();
 /// // PGCacheWatch's payload, unchanged:
 /// let e = parse_payload("ch", r#"{"operation":"update","table":"users","sent_at":"2024-05-01T10:00:00.5+00:00"}"#, now).unwrap();

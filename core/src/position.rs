@@ -15,12 +15,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// lets a restarted consumer resume where it stopped.
 ///
 /// ```
-/// use pgcachewatch_core::Lsn;
+/// use pgcachewatch::Lsn;
 /// let lsn: Lsn = "16/B374D848".parse()?;
 /// assert_eq!(lsn.as_u64(), 0x16_B374_D848);
 /// assert_eq!(lsn.to_string(), "16/B374D848");
 /// assert!(lsn < "17/0".parse::<Lsn>()?);
-/// # Ok::<_, pgcachewatch_core::ParseLsnError>(())
+/// # Ok::<_, pgcachewatch::ParseLsnError>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);

@@ -47,7 +47,7 @@ use crate::signal::{GapReason, Health, Signal};
 /// Any type that owns a [`SignalHub`](crate::SignalHub) is a source in a few lines:
 ///
 /// ```
-/// use pgcachewatch_core::{EventSource, Health, Signal, SignalHub, Subscription};
+/// use pgcachewatch::{EventSource, Health, Signal, SignalHub, Subscription};
 ///
 /// #[derive(Debug)]
 /// struct Manual(SignalHub);
@@ -91,6 +91,7 @@ pub trait EventSource: Send + Sync + fmt::Debug + 'static {
 pub type InlineHandler = Box<dyn FnMut(&Signal) + Send + 'static>;
 
 /// Keeps an inline handler attached; dropping it detaches the handler.
+#[must_use = "dropping the attachment detaches the handler at once"]
 pub struct InlineAttachment {
     _detach: Box<dyn Send + Sync>,
 }
@@ -153,6 +154,8 @@ pub enum TryRecvError {
 pub struct Subscription {
     first: Option<Signal>,
     inner: Inner,
+    /// Kept alive for as long as the subscription (see [`Subscription::with_guard`]).
+    _guard: Option<Box<dyn Send + Sync>>,
 }
 
 enum Inner {
@@ -180,6 +183,7 @@ impl Subscription {
         Subscription {
             first: Some(first),
             inner: Inner::Hub(rx, healthy),
+            _guard: None,
         }
     }
 
@@ -201,7 +205,27 @@ impl Subscription {
         Subscription {
             first: None,
             inner: Inner::Stream(stream.boxed()),
+            _guard: None,
         }
+    }
+
+    /// This subscription, keeping `guard` alive for as long as it exists: a
+    /// source hands out subscriptions that keep its background task running (a
+    /// reader must not be cut off because the application dropped its own handle
+    /// to the source). Costs nothing per signal.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use pgcachewatch::SignalHub;
+    /// let alive = Arc::new(());
+    /// let sub = SignalHub::new(4).subscribe().with_guard(alive.clone());
+    /// assert_eq!(Arc::strong_count(&alive), 2);
+    /// drop(sub);
+    /// assert_eq!(Arc::strong_count(&alive), 1);
+    /// ```
+    pub fn with_guard(mut self, guard: impl Send + Sync + 'static) -> Self {
+        self._guard = Some(Box::new(guard));
+        self
     }
 
     /// The next signal, or `None` once the source has shut down.

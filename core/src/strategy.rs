@@ -12,7 +12,7 @@ use crate::signal::GapReason;
 /// stale read. When unsure, a strategy returns [`Decision::All`].
 ///
 /// ```
-/// use pgcachewatch_core::{Decision, TableRef};
+/// use pgcachewatch::{Decision, TableRef};
 /// let d: Decision<u32> = Decision::keys([1, 2]).merge(Decision::tables([TableRef::unqualified("users")]));
 /// assert_eq!(d.targets().unwrap().keys, vec![1, 2]);
 /// assert_eq!(Decision::<u32>::Nothing.merge(Decision::All), Decision::All);
@@ -130,7 +130,7 @@ impl<K> Decision<K> {
 ///
 /// ```
 /// use std::time::Instant;
-/// use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation};
+/// use pgcachewatch::{Decision, Event, InvalidationStrategy, Operation};
 ///
 /// #[derive(Debug)]
 /// struct OnDelete;

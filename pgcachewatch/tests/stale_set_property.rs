@@ -20,10 +20,24 @@ use tokio::sync::oneshot;
 
 const KEYS: u8 = 2;
 
+/// How a read goes through the cache: every loading method must close the race.
+#[derive(Clone, Copy, Debug)]
+enum Method {
+    GetOrLoadTagged,
+    TryGetWith,
+    OptionallyGetWith,
+}
+
 #[derive(Clone, Copy)]
 enum Step {
     /// A read of `key` starts (hit, join a load, or start one that reads the table now).
-    Read(u8),
+    Read(u8, Method),
+    /// `insert` of `key`'s current value (as a writer that just committed it would).
+    Insert(u8),
+    /// `remove(key)`.
+    Remove(u8),
+    /// `get` and `contains_key` of `key`, checked at once.
+    Peek(u8),
     /// The `n`-th oldest unfinished loader may return.
     Release(u8),
     /// A write commits to `key`; its notification is queued.
@@ -42,7 +56,10 @@ enum Scope {
 impl fmt::Debug for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Step::Read(k) => write!(f, "read k{k}"),
+            Step::Read(k, m) => write!(f, "read k{k} ({m:?})"),
+            Step::Insert(k) => write!(f, "insert k{k}'s current value"),
+            Step::Remove(k) => write!(f, "remove k{k}"),
+            Step::Peek(k) => write!(f, "get / contains_key k{k}"),
             Step::Release(n) => write!(f, "release loader #{n}"),
             Step::Write(k) => write!(f, "write k{k}"),
             Step::Deliver(s) => write!(f, "deliver oldest notification as {s:?}"),
@@ -52,7 +69,14 @@ impl fmt::Debug for Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (0..KEYS).prop_map(Step::Read),
+        3 => (0..KEYS, prop_oneof![
+            Just(Method::GetOrLoadTagged),
+            Just(Method::TryGetWith),
+            Just(Method::OptionallyGetWith),
+        ]).prop_map(|(k, m)| Step::Read(k, m)),
+        1 => (0..KEYS).prop_map(Step::Insert),
+        1 => (0..KEYS).prop_map(Step::Remove),
+        1 => (0..KEYS).prop_map(Step::Peek),
         3 => (0..4u8).prop_map(Step::Release),
         2 => (0..KEYS).prop_map(Step::Write),
         1 => Just(Step::Deliver(Scope::Key)),
@@ -92,22 +116,35 @@ impl World {
         }
     }
 
-    fn read(&mut self, key: u8) {
+    fn read(&mut self, key: u8, method: Method) {
         let (cache, table, gates) = (self.cache.clone(), self.table.clone(), self.gates.clone());
-        let future = Box::pin(async move {
-            cache
-                .get_or_load_tagged(key, &["t"], || async move {
-                    // The loader reads the table when it starts, then takes its time.
-                    let version = table.lock().map(|t| t.get(&key).copied().unwrap_or(0));
-                    let (tx, rx) = oneshot::channel();
-                    if let Ok(mut g) = gates.lock() {
-                        g.push(tx);
-                    }
-                    let _ = rx.await;
-                    version.map_err(|_| std::io::Error::other("poisoned"))
-                })
-                .await
-        });
+        // The loader reads the table when it starts, then takes its time.
+        let loader = move || async move {
+            let version = table.lock().map(|t| t.get(&key).copied().unwrap_or(0));
+            let (tx, rx) = oneshot::channel();
+            if let Ok(mut g) = gates.lock() {
+                g.push(tx);
+            }
+            let _ = rx.await;
+            version.map_err(|_| std::io::Error::other("poisoned"))
+        };
+        let future: ReadFuture = match method {
+            Method::GetOrLoadTagged => {
+                Box::pin(async move { cache.get_or_load_tagged(key, &["t"], loader).await })
+            }
+            Method::TryGetWith => Box::pin(async move {
+                cache
+                    .try_get_with(key, loader)
+                    .await
+                    .map_err(|e| pgcachewatch::Error::Config(e.to_string()))
+            }),
+            Method::OptionallyGetWith => Box::pin(async move {
+                cache
+                    .optionally_get_with(key, || async move { loader().await.ok() })
+                    .await
+                    .ok_or_else(|| pgcachewatch::Error::Config("no value".into()))
+            }),
+        };
         let must_see = self.processed.get(&key).copied().unwrap_or(0);
         self.reads.push(PendingRead {
             key,
@@ -118,7 +155,31 @@ impl World {
 
     fn apply(&mut self, step: Step) -> Result<(), String> {
         match step {
-            Step::Read(k) => self.read(k),
+            Step::Read(k, m) => self.read(k, m),
+            Step::Insert(k) => {
+                let current = self
+                    .table
+                    .lock()
+                    .map_err(|e| e.to_string())?
+                    .get(&k)
+                    .copied();
+                self.cache.insert(k, current.unwrap_or(0));
+            }
+            Step::Remove(k) => {
+                self.cache.remove(&k);
+            }
+            Step::Peek(k) => {
+                let must_see = self.processed.get(&k).copied().unwrap_or(0);
+                if let Some(v) = self.cache.get(&k) {
+                    if v < must_see {
+                        return Err(format!(
+                            "get k{k} returned v{v}, but v{must_see} was notified"
+                        ));
+                    }
+                } else if self.cache.contains_key(&k) {
+                    return Err(format!("contains_key k{k} is true but get found nothing"));
+                }
+            }
             Step::Release(n) => {
                 let mut gates = self.gates.lock().map_err(|e| e.to_string())?;
                 if !gates.is_empty() {

@@ -473,13 +473,29 @@ pub async fn lag_gap(source: &dyn EventSource, driver: &dyn SourceDriver, caps: 
     let mut missed_total = 0u64;
     let mut received: Vec<usize> = Vec::new();
     let last = total - 1;
+    let mut health_due = false;
     while received.last() != Some(&last) {
-        match c.recv(&mut slow, "the lagging subscriber's signals").await {
+        let signal = c.recv(&mut slow, "the lagging subscriber's signals").await;
+        if health_due {
+            // The contract: a Lagged gap is followed by the source's current health.
+            match signal {
+                Signal::Health(Health::Healthy) => {
+                    health_due = false;
+                    continue;
+                }
+                other => c.fail(format_args!(
+                    "after a Lagged gap the source's current health (Healthy) must follow, got {}",
+                    describe(&other)
+                )),
+            }
+        }
+        match signal {
             Signal::Gap(GapReason::Lagged { missed }) => {
                 if missed == 0 {
                     c.fail("Lagged gap with missed = 0");
                 }
                 missed_total += missed;
+                health_due = true;
             }
             Signal::Event(e) => {
                 let Some(i) = e.table.strip_prefix('l').and_then(|n| n.parse().ok()) else {

@@ -9,7 +9,26 @@ use tokio::sync::watch;
 use super::generations::Stamp;
 
 /// What a load ended with, shared by every waiter.
-pub(crate) type Outcome<V> = Result<V, Arc<dyn std::error::Error + Send + Sync + 'static>>;
+pub(crate) type Outcome<V> = Result<V, Failure>;
+
+/// A loader's error, shared by every waiter of its load.
+#[derive(Clone)]
+pub(crate) struct Failure {
+    /// The error, for [`Error::Load`](crate::Error::Load).
+    pub(crate) error: Arc<dyn std::error::Error + Send + Sync + 'static>,
+    /// The same error as its own type (`Arc<E>`), when a typed load
+    /// (`try_get_with`) produced it.
+    pub(crate) typed: Option<Arc<dyn std::any::Any + Send + Sync + 'static>>,
+}
+
+impl std::fmt::Debug for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Failure")
+            .field("error", &self.error)
+            .field("typed", &self.typed.is_some())
+            .finish()
+    }
+}
 
 #[derive(Debug)]
 enum State<V> {

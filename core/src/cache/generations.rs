@@ -40,6 +40,8 @@ type TableStamp = (Arc<AtomicU64>, u64);
 pub(crate) struct Stamp {
     /// `untagged` for untagged loads, `all` for tagged ones.
     gen: u64,
+    /// `all` when the load started (tells a flush from an invalidation).
+    all: u64,
     /// For tagged loads: each table's counter and its value at the start.
     tags: Option<Arc<[TableStamp]>>,
 }
@@ -48,8 +50,12 @@ impl Generations {
     /// Stamps a load that starts now and depends on `tags` (none: every table).
     pub(crate) fn stamp(&self, tags: &[TableRef]) -> Stamp {
         if tags.is_empty() {
+            // `untagged` first: a flush bumps `all` before `untagged`, so this order
+            // never pairs a new `untagged` with an old `all`.
+            let gen = self.untagged.load(Ordering::Acquire);
             return Stamp {
-                gen: self.untagged.load(Ordering::Acquire),
+                gen,
+                all: self.all.load(Ordering::Acquire),
                 tags: None,
             };
         }
@@ -61,8 +67,10 @@ impl Generations {
                 (counter, value)
             })
             .collect();
+        let all = self.all.load(Ordering::Acquire);
         Stamp {
-            gen: self.all.load(Ordering::Acquire),
+            gen: all,
+            all,
             tags: Some(counters.into()),
         }
     }
@@ -77,6 +85,12 @@ impl Generations {
                     && tags.iter().all(|(c, v)| c.load(Ordering::Acquire) == *v)
             }
         }
+    }
+
+    /// Whether a stamp that is no longer current died in a flush (rather than in
+    /// an invalidation of its key's tables).
+    pub(crate) fn flushed_since(&self, stamp: &Stamp) -> bool {
+        stamp.all != self.all.load(Ordering::Acquire)
     }
 
     /// Invalidates everything.

@@ -6,33 +6,47 @@
 //! loads (the generation check). We measured the candidate stores on that path
 //! (`cargo run --release -p pgcachewatch-bench`, "storage candidates"): `quick_cache`'s
 //! sync cache answers a hit in a fraction of the time of `moka`'s (whose reads go
-//! through its admission/eviction bookkeeping), is bounded by capacity, and needs no
-//! background maintenance. TTL and staleness are checked by the engine itself, so the
-//! store needs no time-based features. Single-flight and invalidation are the engine's
-//! own too: neither crate closes the stale-set race (ARCHITECTURE.md, decision 3).
+//! through its admission/eviction bookkeeping), is bounded by capacity or weight,
+//! and needs no background maintenance. TTL, idleness and staleness are checked by
+//! the engine itself, so the store needs no time-based features. Single-flight and
+//! invalidation are the engine's own too: neither crate closes the stale-set race
+//! (ARCHITECTURE.md, decision 3).
+//!
+//! One job a file: [`builder`] (settings), [`load`] (single-flight loading and
+//! publishing), [`store`] (entries, weigher, eviction listener), [`generations`]
+//! (the stamps), [`flight`] (one load in progress), [`target`] (what a dispatcher
+//! drives), [`stats`] (counters).
 
+mod builder;
 mod flight;
 mod generations;
+mod load;
 mod stats;
+mod store;
+mod target;
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use self::flight::{Flight, Outcome};
+pub use self::builder::CacheBuilder;
+use self::flight::{Failure, Flight};
 use self::generations::{Generations, Stamp};
+use self::load::resolve_tags;
 pub use self::stats::CacheStats;
 use self::stats::{bump, Counters};
+pub use self::store::RemovalCause;
+use self::store::{nanos_since_epoch, Entry, Listener, Store};
+pub use self::target::InvalidationTarget;
 use crate::error::{BoxError, Error};
 use crate::event::{IntoTableRef, TableRef};
-use crate::health::{HasHealthBoard, HealthBoard, HealthVote};
-use crate::strategy::Decision;
+use crate::health::{HasHealthBoard, HealthBoard};
 
 /// What a cache does with reads while its event source is unhealthy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,46 +61,6 @@ pub enum WhileUnhealthy {
     ServeWithin(Duration),
 }
 
-/// Anything a dispatcher can apply [`Decision`]s and health to.
-///
-/// [`Cache`] implements it; implement it to drive another store from a strategy.
-///
-/// # Contract
-///
-/// * [`apply`](Self::apply) drops at least what the decision says (more is safe).
-/// * [`health_vote`](Self::health_vote) is called once per dispatcher that feeds
-///   the target, when it attaches; the dispatcher flushes the target right after
-///   (attaching is a gap: writes before it went unseen) and sets the vote from its
-///   source's health. While any vote is unhealthy, or a feeding dispatcher has
-///   stopped, the target must not serve what it holds — a [`HealthBoard`] keeps
-///   that rule for you.
-///
-/// ```
-/// use std::sync::Arc;
-/// use pgcachewatch_core::{Decision, HealthBoard, HealthVote, InvalidationTarget};
-///
-/// #[derive(Default)]
-/// struct Counter { flushes: std::sync::atomic::AtomicU64, board: Arc<HealthBoard> }
-///
-/// impl InvalidationTarget<u32> for Counter {
-///     fn apply(&self, decision: &Decision<u32>) {
-///         if *decision == Decision::All {
-///             self.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-///         }
-///     }
-///     fn health_vote(&self) -> HealthVote {
-///         HealthVote::new(self.board.clone())
-///     }
-/// }
-/// ```
-pub trait InvalidationTarget<K>: Send + Sync + 'static {
-    /// Drops what the decision says.
-    fn apply(&self, decision: &Decision<K>);
-    /// A new vote on the target's health, for one feeding dispatcher (see the
-    /// contract above).
-    fn health_vote(&self) -> HealthVote;
-}
-
 /// A cache whose entries are dropped by invalidation decisions and never outlive
 /// them: the Rust counterpart of PGCacheWatch's `@cache` decorator.
 ///
@@ -99,7 +73,16 @@ pub trait InvalidationTarget<K>: Send + Sync + 'static {
 ///   everything, or of a table it is tagged with) is handed to the callers already
 ///   waiting on it but never stored and never served after the invalidation.
 /// * **O(1) invalidate-all.** One atomic increment; stale entries are evicted lazily.
-/// * **Bounded** by `capacity` entries, with an optional time-to-live.
+/// * **Bounded** by `capacity` entries or by weight (a weigher), with an optional
+///   time-to-live and time-to-idle, and an eviction listener told why each entry
+///   left ([`RemovalCause`]).
+/// * **The API of moka / quick_cache**, each call keeping the generation guarantee:
+///   [`get`](Self::get), [`get_or_load`](Self::get_or_load) (loader errors shared
+///   as [`Error::Load`]), [`try_get_with`](Self::try_get_with) (errors shared as
+///   `Arc<E>`), [`optionally_get_with`](Self::optionally_get_with) (nothing cached
+///   on `None`), [`insert`](Self::insert), [`remove`](Self::remove),
+///   [`contains_key`](Self::contains_key), [`entry_count`](Self::entry_count),
+///   [`invalidate`](Self::invalidate), [`invalidate_all`](Self::invalidate_all).
 /// * **Health-aware.** While the source is unhealthy reads bypass the cache (or are
 ///   served within a configured bound, see [`WhileUnhealthy`]).
 ///
@@ -108,7 +91,7 @@ pub trait InvalidationTarget<K>: Send + Sync + 'static {
 /// # Example
 ///
 /// ```
-/// use pgcachewatch_core::{Cache, Decision};
+/// use pgcachewatch::{Cache, Decision};
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let cache: Cache<u32, String> = Cache::new(1_000);
 /// let v = cache.get_or_load(1, || async { Ok::<_, std::io::Error>("one".to_string()) }).await?;
@@ -116,7 +99,7 @@ pub trait InvalidationTarget<K>: Send + Sync + 'static {
 /// assert_eq!(cache.get(&1).as_deref(), Some("one"));
 /// cache.invalidate(&1);
 /// assert_eq!(cache.get(&1), None);
-/// # Ok::<_, pgcachewatch_core::Error>(())
+/// # Ok::<_, pgcachewatch::Error>(())
 /// # }).unwrap();
 /// ```
 pub struct Cache<K, V> {
@@ -134,118 +117,27 @@ impl<K, V> Clone for Cache<K, V> {
 /// In-flight loads by key, one map per shard.
 type FlightShard<K, V> = Mutex<HashMap<K, Arc<Flight<V>>>>;
 
+const FLIGHT_SHARDS: usize = 32;
+
 struct Inner<K, V> {
     name: Option<String>,
-    store: quick_cache::sync::Cache<K, Entry<V>>,
+    store: Store<K, V>,
     gens: Generations,
     flights: Box<[FlightShard<K, V>]>,
-    hasher: RandomState,
+    hasher: std::collections::hash_map::RandomState,
     health: HealthBoard,
     ttl: Option<Duration>,
+    tti: Option<Duration>,
+    listener: Option<Listener<K, V>>,
+    serial: AtomicU64,
     while_unhealthy: WhileUnhealthy,
     counters: Counters,
 }
 
-#[derive(Clone)]
-struct Entry<V> {
-    value: V,
-    stamp: Stamp,
-    loaded_at: Instant,
-}
-
-const FLIGHT_SHARDS: usize = 32;
-
-/// Builds a [`Cache`]. Defaults: 10 000 entries, no TTL, [`WhileUnhealthy::Bypass`].
-///
-/// ```
-/// use std::time::Duration;
-/// use pgcachewatch_core::{Cache, WhileUnhealthy};
-/// let cache: Cache<String, u64> = Cache::builder()
-///     .name("users")
-///     .capacity(50_000)
-///     .time_to_live(Duration::from_secs(300))
-///     .while_unhealthy(WhileUnhealthy::ServeWithin(Duration::from_secs(2)))
-///     .build();
-/// assert_eq!(cache.name(), Some("users"));
-/// ```
-pub struct CacheBuilder<K, V> {
-    name: Option<String>,
-    capacity: usize,
-    ttl: Option<Duration>,
-    while_unhealthy: WhileUnhealthy,
-    _types: std::marker::PhantomData<fn() -> (K, V)>,
-}
-
-impl<K, V> fmt::Debug for CacheBuilder<K, V> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CacheBuilder")
-            .field("name", &self.name)
-            .field("capacity", &self.capacity)
-            .field("ttl", &self.ttl)
-            .field("while_unhealthy", &self.while_unhealthy)
-            .finish()
-    }
-}
-
-impl<K, V> Default for CacheBuilder<K, V> {
-    fn default() -> Self {
-        CacheBuilder {
-            name: None,
-            capacity: 10_000,
-            ttl: None,
-            while_unhealthy: WhileUnhealthy::Bypass,
-            _types: std::marker::PhantomData,
-        }
-    }
-}
-
-impl<K, V> CacheBuilder<K, V>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    /// A name for logs and statistics.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = Some(name.into());
-        self
-    }
-
-    /// The most entries held (at least 1).
-    pub fn capacity(mut self, capacity: usize) -> Self {
-        self.capacity = capacity.max(1);
-        self
-    }
-
-    /// Entries older than this are reloaded, whatever the events say.
-    pub fn time_to_live(mut self, ttl: Duration) -> Self {
-        self.ttl = Some(ttl);
-        self
-    }
-
-    /// What reads do while the source is unhealthy.
-    pub fn while_unhealthy(mut self, policy: WhileUnhealthy) -> Self {
-        self.while_unhealthy = policy;
-        self
-    }
-
-    /// Builds the cache. It starts healthy; a dispatcher it is attached to sets its
-    /// health from the source's.
-    pub fn build(self) -> Cache<K, V> {
-        Cache {
-            inner: Arc::new(Inner {
-                name: self.name.clone(),
-                store: quick_cache::sync::Cache::new(self.capacity),
-                gens: Generations::default(),
-                flights: (0..FLIGHT_SHARDS).map(|_| Mutex::default()).collect(),
-                hasher: RandomState::new(),
-                health: HealthBoard::new(self.name.clone()),
-                ttl: self.ttl,
-                while_unhealthy: self.while_unhealthy,
-                counters: Counters::default(),
-            }),
-        }
-    }
-}
+/// The error of [`Cache::optionally_get_with`]'s loads: there was nothing to cache.
+#[derive(Debug, thiserror::Error)]
+#[error("the loader found no value (nothing was cached)")]
+struct Absent;
 
 impl<K, V> Cache<K, V>
 where
@@ -288,14 +180,21 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::Load`] with the loader's error, shared by every caller of this load.
+    /// [`Error::Load`] with the loader's error, shared by every caller of this load
+    /// (never cached). For the error as its own type, use
+    /// [`try_get_with`](Self::try_get_with).
     pub async fn get_or_load<F, Fut, E>(&self, key: K, loader: F) -> Result<V, Error>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
         E: Into<BoxError>,
     {
-        self.load_through(key, Vec::new, loader).await
+        self.load_through(key, Vec::new, loader, boxed_failure, |f| {
+            Some(Error::Load {
+                source: f.error.clone(),
+            })
+        })
+        .await
     }
 
     /// Like [`get_or_load`](Self::get_or_load), for a value that depends only on
@@ -309,7 +208,7 @@ where
     /// instead, never on nothing.
     ///
     /// ```
-    /// use pgcachewatch_core::{Cache, Decision, InvalidationTarget, TableRef};
+    /// use pgcachewatch::{Cache, Decision, InvalidationTarget, TableRef};
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
     /// let cache: Cache<&str, u32> = Cache::new(10);
     /// cache.get_or_load_tagged("n_users", &["public.users"], || async { Ok::<_, std::io::Error>(3) }).await?;
@@ -317,9 +216,13 @@ where
     /// assert_eq!(cache.get(&"n_users"), Some(3)); // orders do not matter
     /// cache.apply(&Decision::tables([TableRef::new("public", "users")]));
     /// assert_eq!(cache.get(&"n_users"), None);
-    /// # Ok::<_, pgcachewatch_core::Error>(())
+    /// # Ok::<_, pgcachewatch::Error>(())
     /// # }).unwrap();
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`get_or_load`](Self::get_or_load).
     pub async fn get_or_load_tagged<T, F, Fut, E>(
         &self,
         key: K,
@@ -332,79 +235,211 @@ where
         Fut: Future<Output = Result<V, E>>,
         E: Into<BoxError>,
     {
-        self.load_through(key, || resolve_tags(tables, self.name()), loader)
-            .await
+        let name = self.name();
+        self.load_through(
+            key,
+            || resolve_tags(tables, name),
+            loader,
+            boxed_failure,
+            |f| {
+                Some(Error::Load {
+                    source: f.error.clone(),
+                })
+            },
+        )
+        .await
     }
 
-    async fn load_through<F, Fut, E>(
-        &self,
-        key: K,
-        tags: impl FnOnce() -> Vec<TableRef>,
-        loader: F,
-    ) -> Result<V, Error>
+    /// Like [`get_or_load`](Self::get_or_load), with the loader's error as its own
+    /// type: every caller sharing the failed load gets the same `Arc<E>` (moka's
+    /// `try_get_with`). Nothing is cached on error.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use pgcachewatch::Cache;
+    /// #[derive(Debug, thiserror::Error)]
+    /// enum AppError { #[error("user {0} not found")] NotFound(u32) }
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let users: Cache<u32, String> = Cache::new(100);
+    /// let err: Arc<AppError> = users
+    ///     .try_get_with(7, || async { Err(AppError::NotFound(7)) })
+    ///     .await
+    ///     .unwrap_err();
+    /// assert!(matches!(*err, AppError::NotFound(7))); // a 404, no downcast
+    /// assert_eq!(users.get(&7), None);
+    /// # });
+    /// ```
+    ///
+    /// A caller that joins a load led by a caller with another error type (a
+    /// mix of `try_get_with::<E1>` and `::<E2>` on one key) runs its own loader
+    /// if that load fails.
+    ///
+    /// # Errors
+    ///
+    /// The loader's error, shared.
+    pub async fn try_get_with<F, Fut, E>(&self, key: K, loader: F) -> Result<V, Arc<E>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
-        E: Into<BoxError>,
+        E: std::error::Error + Send + Sync + 'static,
     {
+        self.load_through(key, Vec::new, loader, typed_failure, shared_typed)
+            .await
+    }
+
+    /// [`try_get_with`](Self::try_get_with) for a value that depends only on
+    /// `tables` (see [`get_or_load_tagged`](Self::get_or_load_tagged)).
+    ///
+    /// # Errors
+    ///
+    /// The loader's error, shared.
+    pub async fn try_get_with_tagged<T, F, Fut, E>(
+        &self,
+        key: K,
+        tables: &[T],
+        loader: F,
+    ) -> Result<V, Arc<E>>
+    where
+        T: IntoTableRef + Clone,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let name = self.name();
+        self.load_through(
+            key,
+            || resolve_tags(tables, name),
+            loader,
+            typed_failure,
+            shared_typed,
+        )
+        .await
+    }
+
+    /// The value for `key`, or `None` if the loader finds none — and then nothing
+    /// is cached: the next call asks again (an absent row may be inserted at any
+    /// time). Concurrent callers share one load and its `None` (moka's
+    /// `optionally_get_with`). A `None` counts in [`CacheStats::load_errors`].
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let users: Cache<u32, String> = Cache::new(100);
+    /// assert_eq!(users.optionally_get_with(1, || async { None }).await, None);
+    /// assert_eq!(users.optionally_get_with(1, || async { Some("ann".into()) }).await.as_deref(), Some("ann"));
+    /// assert_eq!(users.get(&1).as_deref(), Some("ann"));
+    /// # });
+    /// ```
+    pub async fn optionally_get_with<F, Fut>(&self, key: K, loader: F) -> Option<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Option<V>>,
+    {
+        self.try_get_with(key, || async move { loader().await.ok_or(Absent) })
+            .await
+            .ok()
+    }
+
+    /// Stores `value` for `key` now, replacing any entry, and detaches a load of
+    /// `key` in flight (its value is older than this one).
+    ///
+    /// The value must be current *as of this call* — typically one your own
+    /// transaction just committed. A value read earlier may already be stale (a
+    /// write and its invalidation may have come in between); load it through
+    /// [`get_or_load`](Self::get_or_load), which stamps it when the read starts.
+    /// While the cache bypasses (unhealthy, [`WhileUnhealthy::Bypass`]) nothing
+    /// is stored.
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// let cache: Cache<u32, &str> = Cache::new(10);
+    /// cache.insert(1, "ann");
+    /// assert!(cache.contains_key(&1));
+    /// assert_eq!(cache.remove(&1), Some("ann"));
+    /// assert_eq!(cache.entry_count(), 0);
+    /// ```
+    pub fn insert(&self, key: K, value: V) {
         let inner = &*self.inner;
-        if let Some(v) = self.lookup(&key) {
-            inner.counters.hits.bump();
-            return Ok(v);
-        }
-        if self.bypassing() {
-            bump(&inner.counters.bypasses);
-            return loader().await.map_err(|e| {
-                bump(&inner.counters.load_errors);
-                Error::Load {
-                    source: Arc::from(e.into()),
-                }
-            });
-        }
-        bump(&inner.counters.misses);
-        let tables = tags();
-        let tables = tables.as_slice();
-
-        // Find a flight to join, or lead a new one.
-        let flight = loop {
-            match self.join_or_lead(&key, tables) {
-                Role::Hit(v) => return Ok(v),
-                Role::Lead(flight) => break flight,
-                Role::Wait(flight) => {
-                    if let Some(outcome) = flight.wait().await {
-                        return outcome.map_err(|source| Error::Load { source });
-                    }
-                    // The leader was cancelled: try again (perhaps as the leader).
-                }
+        let replaced = {
+            let mut flights = self.flight_shard(&key).lock();
+            if let Some(flight) = flights.remove(&key) {
+                flight.detach();
             }
+            if self.bypassing() {
+                return;
+            }
+            let entry = self.new_entry(value, inner.gens.stamp(&[]), Instant::now());
+            self.store_entry(key, entry)
         };
+        if let Some((key, value, cause)) = replaced {
+            self.notify(&key, value, cause);
+        }
+    }
 
-        let mut guard = LeadGuard {
-            cache: self,
-            key: &key,
-            flight: &flight,
-            finished: false,
+    /// Removes `key` (and detaches a load of it in flight); returns its value if
+    /// it was fresh. The eviction listener hears [`RemovalCause::Explicit`].
+    pub fn remove(&self, key: &K) -> Option<V> {
+        let removed = {
+            let mut flights = self.flight_shard(key).lock();
+            if let Some(flight) = flights.remove(key) {
+                flight.detach();
+            }
+            self.inner.store.remove(key)
         };
-        bump(&inner.counters.loads);
-        let outcome: Outcome<V> = loader().await.map_err(|e| Arc::from(e.into()));
-        // The guard stays armed until the flight is published: if cloning or storing
-        // the value panics, the waiters are released (they retry) instead of hanging.
-        let result = outcome.clone();
-        self.finish(&key, &flight, outcome);
-        guard.finished = true;
-        result.map_err(|source| Error::Load { source })
+        let (key, entry) = removed?;
+        match self.stale_cause(&entry) {
+            None => {
+                let value = entry.value.clone();
+                self.notify(&key, entry.value, RemovalCause::Explicit);
+                Some(value)
+            }
+            Some(cause) => {
+                self.notify(&key, entry.value, cause);
+                None
+            }
+        }
+    }
+
+    /// Whether a fresh entry for `key` is held (counts nothing, refreshes no idle
+    /// timer).
+    pub fn contains_key(&self, key: &K) -> bool {
+        if !self.is_healthy() {
+            return self.lookup_unhealthy(key).is_some();
+        }
+        self.inner
+            .store
+            .peek(key)
+            .is_some_and(|e| self.stale_cause(&e).is_none())
+    }
+
+    /// Entries held, fresh or not yet dropped (table invalidations and flushes are
+    /// O(1): the entries they make stale leave on their next lookup or eviction).
+    pub fn entry_count(&self) -> u64 {
+        self.inner.store.len() as u64
+    }
+
+    /// The total weight of the entries held (their count without a weigher).
+    pub fn weighted_size(&self) -> u64 {
+        self.inner.store.weight()
     }
 
     /// Drops `key`, and detaches a load of it in flight so its result is not stored.
     pub fn invalidate(&self, key: &K) {
         let inner = &*self.inner;
-        let mut flights = self.flight_shard(key).lock();
-        if let Some(flight) = flights.remove(key) {
-            flight.detach();
-        }
-        inner.store.remove(key);
-        drop(flights);
+        let removed = {
+            let mut flights = self.flight_shard(key).lock();
+            if let Some(flight) = flights.remove(key) {
+                flight.detach();
+            }
+            inner.store.remove(key)
+        };
         bump(&inner.counters.invalidations);
+        if let Some((key, entry)) = removed {
+            let cause = self
+                .stale_cause(&entry)
+                .unwrap_or(RemovalCause::Invalidated);
+            self.notify(&key, entry.value, cause);
+        }
     }
 
     /// Drops every entry and invalidates every load in flight, in O(1).
@@ -423,7 +458,7 @@ where
         bump(&self.inner.counters.invalidations);
     }
 
-    /// Whether the cache currently trusts its entries (its source is healthy).
+    /// Whether the cache currently trusts its entries (see [`HealthBoard`]).
     pub fn is_healthy(&self) -> bool {
         self.inner.health.is_healthy()
     }
@@ -449,12 +484,15 @@ where
         }
         let entry = inner.store.get(key)?;
         if !inner.gens.is_current(&entry.stamp) {
+            self.drop_dead(key, &entry, None);
             return None;
         }
-        if let Some(ttl) = inner.ttl {
-            if entry.loaded_at.elapsed() > ttl {
+        if inner.ttl.is_some() || inner.tti.is_some() {
+            if self.expired(&entry) {
+                self.drop_dead(key, &entry, Some(RemovalCause::Expired));
                 return None;
             }
+            entry.touch();
         }
         Some(entry.value)
     }
@@ -466,180 +504,108 @@ where
             return None;
         };
         let entry = inner.store.get(key)?;
-        let limit = inner.ttl.map_or(bound, |ttl| ttl.min(bound));
-        (inner.gens.is_current(&entry.stamp) && entry.loaded_at.elapsed() <= limit)
-            .then_some(entry.value)
+        if !inner.gens.is_current(&entry.stamp) {
+            self.drop_dead(key, &entry, None);
+            return None;
+        }
+        if self.expired(&entry) {
+            self.drop_dead(key, &entry, Some(RemovalCause::Expired));
+            return None;
+        }
+        if entry.loaded_at.elapsed() > bound {
+            return None;
+        }
+        entry.touch();
+        Some(entry.value)
     }
 
-    /// While unhealthy (serving within a bound), a read may only share a load that
-    /// started within the bound: the shared value may be as old as the load's start.
-    ///
-    /// With a TTL, a read may only share a load that started within the TTL, for the
-    /// same reason.
-    fn may_join(&self, flight: &Flight<V>) -> bool {
+    fn expired(&self, entry: &Entry<V>) -> bool {
         let inner = &*self.inner;
-        let bound = match inner.while_unhealthy {
-            WhileUnhealthy::ServeWithin(bound) if !self.is_healthy() => Some(bound),
-            _ => None,
-        };
-        let limit = match (bound, inner.ttl) {
-            (Some(b), Some(t)) => Some(b.min(t)),
-            (b, t) => b.or(t),
-        };
-        limit.is_none_or(|limit| flight.started_at.elapsed() <= limit)
+        inner.ttl.is_some_and(|ttl| entry.loaded_at.elapsed() > ttl)
+            || inner.tti.is_some_and(|tti| entry.idle_longer_than(tti))
+    }
+
+    /// Why `entry` may no longer be served, if it may not.
+    fn stale_cause(&self, entry: &Entry<V>) -> Option<RemovalCause> {
+        let gens = &self.inner.gens;
+        if !gens.is_current(&entry.stamp) {
+            return Some(if gens.flushed_since(&entry.stamp) {
+                RemovalCause::Flushed
+            } else {
+                RemovalCause::Invalidated
+            });
+        }
+        self.expired(entry).then_some(RemovalCause::Expired)
+    }
+
+    /// With an eviction listener, removes a dead entry found by a lookup (if it is
+    /// still the one stored) and reports it; without one, it is left to eviction.
+    #[cold]
+    fn drop_dead(&self, key: &K, entry: &Entry<V>, cause: Option<RemovalCause>) {
+        if self.inner.listener.is_none() {
+            return;
+        }
+        let serial = entry.serial;
+        if let Some((key, dead)) = self.inner.store.remove_if(key, |e| e.serial == serial) {
+            let cause = cause
+                .or_else(|| self.stale_cause(&dead))
+                .unwrap_or(RemovalCause::Invalidated);
+            self.notify(&key, dead.value, cause);
+        }
+        let _ = key;
+    }
+
+    fn notify(&self, key: &K, value: V, cause: RemovalCause) {
+        if let Some(listener) = &self.inner.listener {
+            listener(key, value, cause);
+        }
+    }
+
+    fn new_entry(&self, value: V, stamp: Stamp, loaded_at: Instant) -> Entry<V> {
+        let inner = &*self.inner;
+        Entry {
+            value,
+            stamp,
+            loaded_at,
+            last_read: inner
+                .tti
+                .map(|_| Arc::new(AtomicU64::new(nanos_since_epoch()))),
+            serial: inner.serial.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     fn bypassing(&self) -> bool {
         !self.is_healthy() && self.inner.while_unhealthy == WhileUnhealthy::Bypass
     }
-
-    fn flight_shard(&self, key: &K) -> &FlightShard<K, V> {
-        let shard = self.inner.hasher.hash_one(key) as usize % FLIGHT_SHARDS;
-        &self.inner.flights[shard]
-    }
-
-    fn join_or_lead(&self, key: &K, tables: &[TableRef]) -> Role<V> {
-        let inner = &*self.inner;
-        let mut flights = self.flight_shard(key).lock();
-        // A flight may have finished between the first lookup and this lock.
-        if let Some(v) = self.lookup(key) {
-            return Role::Hit(v);
-        }
-        if let Some(flight) = flights.get(key) {
-            if !flight.is_detached()
-                && inner.gens.is_current(&flight.stamp)
-                && self.may_join(flight)
-            {
-                return Role::Wait(flight.clone());
-            }
-        }
-        let flight = Flight::new(inner.gens.stamp(tables));
-        if let Some(replaced) = flights.insert(key.clone(), flight.clone()) {
-            // Only the flight in the table may store: the one it replaces hands its
-            // result to the callers already waiting on it, and nothing else.
-            replaced.detach();
-        }
-        Role::Lead(flight)
-    }
-
-    /// Publishes a finished load: stores it if still valid, then wakes the waiters.
-    fn finish(&self, key: &K, flight: &Arc<Flight<V>>, outcome: Outcome<V>) {
-        let inner = &*self.inner;
-        {
-            let mut flights = self.flight_shard(key).lock();
-            let in_table = flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight));
-            if in_table {
-                flights.remove(key);
-            }
-            match &outcome {
-                Ok(value) => {
-                    // Checked under the shard lock: `invalidate(key)` takes it too, so
-                    // it either detached this flight already or removes the entry after.
-                    // A concurrent invalidate-all bumps the generation, which `lookup`
-                    // checks on every read.
-                    let storable = in_table
-                        && !flight.is_detached()
-                        && inner.gens.is_current(&flight.stamp)
-                        && !self.bypassing();
-                    if storable {
-                        inner.store.insert(
-                            key.clone(),
-                            Entry {
-                                value: value.clone(),
-                                stamp: flight.stamp.clone(),
-                                loaded_at: flight.started_at,
-                            },
-                        );
-                    } else {
-                        bump(&inner.counters.discarded_loads);
-                    }
-                }
-                Err(_) => bump(&inner.counters.load_errors),
-            }
-        }
-        flight.finish(outcome);
-    }
 }
 
-/// The tables a tagged load depends on; empty (every table) if any name is invalid.
-fn resolve_tags<T: IntoTableRef + Clone>(tables: &[T], cache: Option<&str>) -> Vec<TableRef> {
-    let mut out = Vec::with_capacity(tables.len());
-    for t in tables {
-        match t.clone().into_table_ref() {
-            Ok(t) => out.push(t),
-            Err(e) => {
-                tracing::warn!(
-                    cache,
-                    error = %e,
-                    "invalid table tag: the entry depends on every table instead"
-                );
-                return Vec::new();
-            }
-        }
-    }
-    out
+/// A loader error of any kind, boxed and shared.
+fn boxed_failure<E: Into<BoxError>>(e: E) -> (Failure, Error) {
+    let error: Arc<dyn std::error::Error + Send + Sync> = Arc::from(e.into());
+    (
+        Failure {
+            error: error.clone(),
+            typed: None,
+        },
+        Error::Load { source: error },
+    )
 }
 
-enum Role<V> {
-    Hit(V),
-    Lead(Arc<Flight<V>>),
-    Wait(Arc<Flight<V>>),
+/// A loader error kept as its own type, shared as `Arc<E>`.
+fn typed_failure<E: std::error::Error + Send + Sync + 'static>(e: E) -> (Failure, Arc<E>) {
+    let e = Arc::new(e);
+    (
+        Failure {
+            error: e.clone(),
+            typed: Some(e.clone()),
+        },
+        e,
+    )
 }
 
-/// Hands a cancelled leader's flight over: waiters retry instead of hanging.
-struct LeadGuard<'a, K, V>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    cache: &'a Cache<K, V>,
-    key: &'a K,
-    flight: &'a Arc<Flight<V>>,
-    finished: bool,
-}
-
-impl<K, V> Drop for LeadGuard<'_, K, V>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        let mut flights = self.cache.flight_shard(self.key).lock();
-        if flights
-            .get(self.key)
-            .is_some_and(|f| Arc::ptr_eq(f, self.flight))
-        {
-            flights.remove(self.key);
-        }
-        drop(flights);
-        self.flight.abandon();
-    }
-}
-
-impl<K, V> InvalidationTarget<K> for Cache<K, V>
-where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-{
-    fn apply(&self, decision: &Decision<K>) {
-        match decision {
-            Decision::Nothing => {}
-            Decision::All => self.invalidate_all(),
-            Decision::Invalidate(targets) => {
-                self.invalidate_tables(&targets.tables);
-                for key in &targets.keys {
-                    self.invalidate(key);
-                }
-            }
-        }
-    }
-
-    fn health_vote(&self) -> HealthVote {
-        HealthVote::new(self.inner.clone())
-    }
+/// Another caller's failure as `Arc<E>`, if it had that type.
+fn shared_typed<E: std::error::Error + Send + Sync + 'static>(f: &Failure) -> Option<Arc<E>> {
+    f.typed.clone()?.downcast::<E>().ok()
 }
 
 impl<K, V> HasHealthBoard for Inner<K, V>
@@ -658,6 +624,7 @@ impl<K, V> fmt::Debug for Cache<K, V> {
             .field("name", &self.inner.name)
             .field("healthy", &self.inner.health.is_healthy())
             .field("ttl", &self.inner.ttl)
+            .field("tti", &self.inner.tti)
             .field("while_unhealthy", &self.inner.while_unhealthy)
             .finish_non_exhaustive()
     }

@@ -52,7 +52,7 @@ use crate::strategy::InvalidationStrategy;
 /// # Example
 ///
 /// ```
-/// use pgcachewatch_core::{Cache, Decision, Dispatcher, Event, InvalidationStrategy, Operation, SignalHub, EventSource, Health, Subscription};
+/// use pgcachewatch::{Cache, Decision, Dispatcher, Event, InvalidationStrategy, Operation, SignalHub, EventSource, Health, Subscription};
 /// # #[derive(Debug)] struct Source(SignalHub);
 /// # impl EventSource for Source { fn subscribe(&self) -> Subscription { self.0.subscribe() } fn health(&self) -> Health { self.0.health() } }
 /// #[derive(Debug)]
@@ -70,7 +70,7 @@ use crate::strategy::InvalidationStrategy;
 /// handle.sync().await;
 /// assert_eq!(users.get(&1), None);
 /// handle.shutdown().await;
-/// # Ok::<_, pgcachewatch_core::Error>(())
+/// # Ok::<_, pgcachewatch::Error>(())
 /// # }).unwrap();
 /// ```
 #[derive(Default)]
@@ -198,11 +198,11 @@ async fn sleep_until(deadline: Option<Instant>) {
 ///
 /// ```compile_fail
 /// #![deny(unused_must_use)]
-/// # use pgcachewatch_core::{Cache, Dispatcher, SignalHub, EventSource, Health, Subscription};
+/// # use pgcachewatch::{Cache, Dispatcher, SignalHub, EventSource, Health, Subscription};
 /// # #[derive(Debug)] struct Source(SignalHub);
 /// # impl EventSource for Source { fn subscribe(&self) -> Subscription { self.0.subscribe() } fn health(&self) -> Health { self.0.health() } }
 /// # #[derive(Debug)] struct All;
-/// # impl pgcachewatch_core::InvalidationStrategy<u32> for All { fn on_event(&mut self, _: &pgcachewatch_core::Event, _: std::time::Instant) -> pgcachewatch_core::Decision<u32> { pgcachewatch_core::Decision::All } }
+/// # impl pgcachewatch::InvalidationStrategy<u32> for All { fn on_event(&mut self, _: &pgcachewatch::Event, _: std::time::Instant) -> pgcachewatch::Decision<u32> { pgcachewatch::Decision::All } }
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 /// let source = Source(SignalHub::new(64));
 /// let cache: Cache<u32, String> = Cache::new(100);
@@ -214,11 +214,11 @@ async fn sleep_until(deadline: Option<Instant>) {
 ///
 /// ```
 /// #![deny(unused_must_use)]
-/// # use pgcachewatch_core::{Cache, Dispatcher, SignalHub, EventSource, Health, Subscription};
+/// # use pgcachewatch::{Cache, Dispatcher, SignalHub, EventSource, Health, Subscription};
 /// # #[derive(Debug)] struct Source(SignalHub);
 /// # impl EventSource for Source { fn subscribe(&self) -> Subscription { self.0.subscribe() } fn health(&self) -> Health { self.0.health() } }
 /// # #[derive(Debug)] struct All;
-/// # impl pgcachewatch_core::InvalidationStrategy<u32> for All { fn on_event(&mut self, _: &pgcachewatch_core::Event, _: std::time::Instant) -> pgcachewatch_core::Decision<u32> { pgcachewatch_core::Decision::All } }
+/// # impl pgcachewatch::InvalidationStrategy<u32> for All { fn on_event(&mut self, _: &pgcachewatch::Event, _: std::time::Instant) -> pgcachewatch::Decision<u32> { pgcachewatch::Decision::All } }
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 /// let source = Source(SignalHub::new(64));
 /// let cache: Cache<u32, String> = Cache::new(100);
