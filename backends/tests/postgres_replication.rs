@@ -496,3 +496,87 @@ async fn an_attached_dispatcher_keeps_the_source_running() {
     }
     f.cleanup().await;
 }
+
+/// Read-your-writes through the source's positions: after a write, read
+/// `pg_current_wal_lsn()`, wait until a handler attached *after* the
+/// dispatcher has seen an event or `Progress` at or past it (so the dispatcher
+/// has applied everything before it), then read through the cache: the new
+/// value, every time. Every third round the write goes to an unwatched table
+/// first, so the wait must end on a keepalive's `Progress`.
+///
+/// `DispatcherHandle::wait_for_lsn` (core) does this tracking; until it lands
+/// on this branch the test tracks the position itself, the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_then_a_wait_for_its_position_then_a_read_sees_it_every_time() {
+    let f = Fixture::new("pgcw_rryw").await;
+    let t = f.table("t");
+    f.exec(&format!(
+        "CREATE TABLE {t} (id bigint PRIMARY KEY, v bigint NOT NULL)"
+    ))
+    .await;
+    f.exec(&format!("INSERT INTO {t} VALUES (1, 0)")).await;
+    // Not in the publication's schema: its writes produce no event.
+    let other = support::unique("pgcw_rryw_other");
+    f.exec(&format!("CREATE TABLE public.{other} (v bigint)"))
+        .await;
+    let slot = f.slot();
+    let source = source(&f, &slot).await;
+    let cache: Cache<i64, i64> = Cache::new(10);
+    let dispatcher = Dispatcher::new()
+        .attach(
+            Keyed::new(|_: &Event, row: &RowKey| row.get("id").and_then(|v| v.as_i64())),
+            cache.clone(),
+        )
+        .spawn(&source);
+    let applied = Arc::new(AtomicU64::new(0));
+    let seen = applied.clone();
+    let _tracker = source
+        .attach_inline(Box::new(move |signal: &Signal| {
+            let lsn = match signal {
+                Signal::Event(e) => e.lsn,
+                Signal::Progress(lsn) => Some(*lsn),
+                _ => None,
+            };
+            if let Some(lsn) = lsn {
+                seen.fetch_max(lsn.0, Ordering::SeqCst);
+            }
+        }))
+        .unwrap();
+    let mut sub = source.subscribe();
+    healthy(&mut sub).await;
+    drop(sub);
+
+    let sql = format!("SELECT v FROM {t} WHERE id = 1");
+    for i in 1..=150i64 {
+        if i % 3 == 0 {
+            f.exec(&format!("INSERT INTO public.{other} VALUES ({i})"))
+                .await;
+        }
+        f.exec(&format!("UPDATE {t} SET v = {i} WHERE id = 1"))
+            .await;
+        if i % 3 == 0 {
+            f.exec(&format!("INSERT INTO public.{other} VALUES ({i})"))
+                .await;
+        }
+        let position: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&f.db)
+            .await
+            .unwrap();
+        let position: pgcachewatch_core::Lsn = position.parse().unwrap();
+        eventually("the position to be applied", || {
+            applied.load(Ordering::SeqCst) >= position.0
+        })
+        .await;
+        let v = cache
+            .get_or_load(1, || async {
+                sqlx::query_scalar::<_, i64>(&sql).fetch_one(&f.db).await
+            })
+            .await
+            .unwrap();
+        assert_eq!(v, i, "round {i}: a read after the wait saw an older value");
+    }
+    dispatcher.shutdown().await;
+    source.shutdown().await;
+    f.exec(&format!("DROP TABLE public.{other}")).await;
+    f.cleanup().await;
+}
