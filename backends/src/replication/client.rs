@@ -248,7 +248,10 @@ async fn open_unbounded(settings: &Settings, resume: Option<Lsn>) -> Result<Sess
     let target = settings.describe_target();
     let connect_err = |source: PgWireError| {
         let text = source.to_string();
-        let hint = if text.contains("all replication slots are in use") {
+        let hint = if source.is_tls() {
+            " (TLS: check sslmode and sslrootcert in the URL — with verify-ca or \
+             verify-full the root certificate must have signed the server's)"
+        } else if text.contains("all replication slots are in use") {
             " (raise max_replication_slots, or drop an abandoned slot: `pgcachewatch \
              replication status` lists them)"
         } else if text.contains("number of requested standby connections")

@@ -185,6 +185,7 @@ impl PgReplicationSource {
         );
         let settings = Arc::new(settings);
         let counters = Arc::new(Counters::default());
+        counters.set_backend_pid(first.backend_pid);
         let progress = Arc::new(Progress::default());
         let hub = SignalHub::with_health(settings.builder.buffer, Health::Unhealthy);
         let (stop_tx, stop_rx) = watch::channel(false);
