@@ -65,7 +65,7 @@ async fn sslmode_and_sslrootcert_are_honoured() {
         "sslmode=verify-ca&sslrootcert={}",
         wrong.display()
     )))
-    .slot(&f.slot())
+    .slot(f.slot())
     .publication(&f.publication)
     .create_slot_if_missing(true)
     .connect()
