@@ -7,8 +7,10 @@
 //!   cache tests run without a database.
 //! * `postgres` (feature `postgres`): a `LISTEN` connection with reconnect and
 //!   heartbeat, the trigger SQL and its installer.
+//! * `replication` (feature `replication`): a logical-replication source,
+//!   lossless across reconnects, and the setup of its publication and slot.
 //!
-//! Both pass the conformance suite in `pgcachewatch-testkit`.
+//! All pass the conformance suite in `pgcachewatch-testkit`.
 //!
 //! Applications depend on the facade crate `pgcachewatch`, which re-exports this
 //! crate as `pgcachewatch::memory` and `pgcachewatch::postgres`; the examples here
@@ -20,6 +22,9 @@
 //! * `tls-rustls` (default): TLS to PostgreSQL through rustls (`sslmode`,
 //!   `sslrootcert`).
 //! * `tls-native-tls`: TLS through the platform's library instead.
+//! * `replication`: [`PgReplicationSource`](replication::PgReplicationSource) and
+//!   `ReplicationSetup` (implies `postgres`; its connection is pgwire-replication
+//!   with rustls, whatever the TLS feature; needs Rust 1.88).
 //!
 //! ## A source outlives its local handle
 //!
@@ -35,5 +40,8 @@ pub mod memory;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
+#[cfg(feature = "replication")]
+#[cfg_attr(docsrs, doc(cfg(feature = "replication")))]
+pub mod replication;
 
 pub use memory::{InMemoryHandle, InMemorySource};

@@ -8,6 +8,9 @@
 //! pgcachewatch listen                                       # live events with their latency
 //! pgcachewatch record events.jsonl --duration 30s           # an event log the testkit replays
 //! pgcachewatch uninstall --commit                           # removes what install installed
+//! pgcachewatch replication setup public.users --commit      # publication + slot for the replication source
+//! pgcachewatch replication status                           # slots, their lag, whether consumed
+//! pgcachewatch replication teardown --commit                # drops the slot and the publication
 //! ```
 //!
 //! The connection comes from `--database-url`, else `DATABASE_URL`, else libpq's
@@ -35,6 +38,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use pgcachewatch::postgres::install::{Installer, DEFAULT_FUNCTION_NAME, DEFAULT_SCHEMA};
 use pgcachewatch::postgres::DEFAULT_CHANNEL;
+use pgcachewatch::replication::{ReplicationSetup, DEFAULT_PUBLICATION, DEFAULT_SLOT};
 
 /// Keep in-process caches consistent with PostgreSQL: manage the triggers that
 /// NOTIFY on writes, and watch what they send.
@@ -111,6 +115,60 @@ enum Command {
         #[command(flatten)]
         stop: StopArgs,
     },
+    /// The publication and slot of the logical-replication source: setup, teardown, status.
+    Replication {
+        #[command(subcommand)]
+        command: ReplicationCommand,
+    },
+}
+
+/// The `replication` subcommands.
+#[derive(Debug, Subcommand)]
+enum ReplicationCommand {
+    /// Check the server, then create the publication for TABLEs and the slot
+    /// (pgoutput); prints the SQL, applies it only with --commit.
+    Setup {
+        /// Tables to publish (schema.table; quote mixed case: 'app."Orders"').
+        #[arg(required = true, value_name = "TABLE")]
+        tables: Vec<String>,
+        #[command(flatten)]
+        names: ReplicationNames,
+        /// Apply the SQL (without it: a dry run).
+        #[arg(long)]
+        commit: bool,
+    },
+    /// Drop the slot and the publication; prints the SQL, applies it only with --commit.
+    Teardown {
+        #[command(flatten)]
+        names: ReplicationNames,
+        /// Apply the SQL (without it: a dry run).
+        #[arg(long)]
+        commit: bool,
+    },
+    /// Every logical slot: lag in bytes, wal_status, active or not.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ReplicationNames {
+    /// The replication slot.
+    #[arg(long, default_value = DEFAULT_SLOT)]
+    slot: String,
+    /// The publication.
+    #[arg(long, default_value = DEFAULT_PUBLICATION)]
+    publication: String,
+}
+
+impl ReplicationNames {
+    fn setup(&self) -> ReplicationSetup {
+        ReplicationSetup::new()
+            .slot(&self.slot)
+            .publication(&self.publication)
+    }
 }
 
 /// Which notify function the triggers call, and whether to apply.

@@ -69,6 +69,13 @@ pub enum GapReason {
     Reconnected,
     /// A payload could not be parsed and the source is configured to treat that as a gap.
     MalformedPayload,
+    /// A lossless source's position in the database is gone (its replication
+    /// slot was dropped, or the server removed WAL the slot still needed), so
+    /// changes since it last confirmed a position are lost.
+    SlotLost {
+        /// What happened to the slot.
+        detail: Arc<str>,
+    },
     /// Injected by a test double or by the application.
     Injected {
         /// Free text for logs.
@@ -84,6 +91,7 @@ impl fmt::Display for GapReason {
             GapReason::HeartbeatTimeout => f.write_str("heartbeat timed out"),
             GapReason::Reconnected => f.write_str("reconnected"),
             GapReason::MalformedPayload => f.write_str("malformed payload"),
+            GapReason::SlotLost { detail } => write!(f, "replication slot lost: {detail}"),
             GapReason::Injected { detail } => write!(f, "injected: {detail}"),
         }
     }

@@ -14,6 +14,7 @@
 //! | `postgres` | yes | `pgcachewatch::postgres`: the LISTEN source and the trigger installer (sqlx) |
 //! | `tls-rustls` | yes | TLS to PostgreSQL through rustls (`sslmode`, `sslrootcert`) |
 //! | `tls-native-tls` | no | TLS through the platform's library instead (turn default features off, pick `postgres` and this) |
+//! | `replication` | no | `pgcachewatch::replication`: the logical-replication source (lossless, commit positions) and `ReplicationSetup` (pgwire-replication; Rust 1.88) |
 //! | `testkit` | no | `pgcachewatch::testkit`: event logs, replay, virtual clock, model checker, conformance suite, fault proxy |
 //!
 //! The architecture (the event flow, the design decisions, the PostgreSQL facts it
@@ -40,6 +41,14 @@ pub mod memory {
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres {
     pub use pgcachewatch_backends::postgres::*;
+}
+
+/// The logical-replication source: lossless across reconnects, with commit
+/// positions for read-your-writes; and the setup of its publication and slot.
+#[cfg(feature = "replication")]
+#[cfg_attr(docsrs, doc(cfg(feature = "replication")))]
+pub mod replication {
+    pub use pgcachewatch_backends::replication::*;
 }
 
 /// Record/replay, generators, the staleness model checker and the conformance suite.

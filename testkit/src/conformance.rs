@@ -124,6 +124,12 @@ pub struct Capabilities {
     pub events: usize,
     /// How many interrupt/recover rounds the interrupt check runs (default 2).
     pub interrupt_rounds: usize,
+    /// The source recovers from an interruption without losing anything (a
+    /// logical-replication slot): the interrupt check then demands `Unhealthy`,
+    /// then `Healthy` with **no** `Gap` in between, and delivery, exactly once, of
+    /// an event written while the source was down (default `false`: the check
+    /// demands the gaps a lossy source owes).
+    pub lossless: bool,
 }
 
 impl Default for Capabilities {
@@ -142,6 +148,7 @@ impl Capabilities {
             subscribers: 8,
             events: 50,
             interrupt_rounds: 2,
+            lossless: false,
         }
     }
 
@@ -172,6 +179,13 @@ impl Capabilities {
     /// Sets the event count of the ordering and fan-out checks (builder style).
     pub fn events(mut self, n: usize) -> Self {
         self.events = n.max(1);
+        self
+    }
+
+    /// Declares the source lossless across interruptions (builder style); see
+    /// [`Capabilities::lossless`].
+    pub fn lossless(mut self) -> Self {
+        self.lossless = true;
         self
     }
 
@@ -241,10 +255,16 @@ impl Check<'_> {
         }
     }
 
+    /// The next signal other than [`Signal::Progress`] (a position report of a
+    /// lossless source, neither an event, a gap nor a health change: no check is
+    /// about it, and sources that never send it are unaffected).
     async fn recv(&self, sub: &mut Subscription, what: &str) -> Signal {
-        match self.within(what, sub.recv()).await {
-            Some(s) => s,
-            None => self.fail(format_args!("subscription ended while waiting for {what}")),
+        loop {
+            match self.within(what, sub.recv()).await {
+                Some(Signal::Progress(_)) => continue,
+                Some(s) => return s,
+                None => self.fail(format_args!("subscription ended while waiting for {what}")),
+            }
         }
     }
 
@@ -366,7 +386,10 @@ pub async fn ordering(source: &dyn EventSource, driver: &dyn SourceDriver, caps:
                 .await;
         }
     }
-    if let Ok(extra) = sub.try_recv() {
+    while let Ok(extra) = sub.try_recv() {
+        if matches!(extra, Signal::Progress(_)) {
+            continue;
+        }
         c.fail(format_args!(
             "unexpected signal after the last event: {}",
             describe(&extra)
@@ -521,6 +544,10 @@ pub async fn lag_gap(source: &dyn EventSource, driver: &dyn SourceDriver, caps: 
 /// loss); when it listens again, another `Gap` immediately followed by `Healthy`
 /// (at least two gaps in all); events emitted after that arrive. Runs [`Capabilities::interrupt_rounds`] rounds. Skipped when
 /// interruption is not supported.
+///
+/// A [`lossless`](Capabilities::lossless) source owes no gap: it must say
+/// `Unhealthy`, then `Healthy` with no `Gap` in between, and deliver exactly once
+/// an event written while it was down.
 pub async fn interrupt(source: &dyn EventSource, driver: &dyn SourceDriver, caps: &Capabilities) {
     let c = Check {
         name: "interrupt",
@@ -540,6 +567,10 @@ pub async fn interrupt(source: &dyn EventSource, driver: &dyn SourceDriver, caps
             c.fail(format_args!(
                 "driver.interrupt() failed in round {round}: {e}"
             ));
+        }
+        if caps.lossless {
+            recover_losslessly(&c, source, driver, &mut sub, round).await;
+            continue;
         }
         // Unhealthy first ...
         match c
@@ -606,6 +637,55 @@ pub async fn interrupt(source: &dyn EventSource, driver: &dyn SourceDriver, caps
         c.expect_event(&mut sub, &after, "subscriber after recovery")
             .await;
     }
+}
+
+/// The lossless half of the interrupt check: an event written right after the
+/// interruption arrives exactly once; between `Unhealthy` and `Healthy` there is
+/// no `Gap` (a lossless source must not make caches flush for nothing); then an
+/// event written afterwards arrives too.
+async fn recover_losslessly(
+    c: &Check<'_>,
+    source: &dyn EventSource,
+    driver: &dyn SourceDriver,
+    sub: &mut Subscription,
+    round: usize,
+) {
+    let during = format!("during{round}");
+    c.emit(driver, &during).await;
+    let mut unhealthy = false;
+    let mut delivered = false;
+    loop {
+        match c.recv(sub, "Health(Unhealthy), then Health(Healthy)").await {
+            Signal::Health(Health::Unhealthy) => unhealthy = true,
+            Signal::Health(Health::Healthy) if unhealthy => break,
+            Signal::Gap(reason) => c.fail(format_args!(
+                "round {round}: a lossless source emitted a gap ({reason}) while recovering; \
+                 nothing was lost, so caches must keep their entries"
+            )),
+            Signal::Event(e) if e.table == during && !delivered => delivered = true,
+            other => c.fail(format_args!(
+                "round {round}: expected Unhealthy, then Healthy (and event {during:?} once), got {}",
+                describe(&other)
+            )),
+        }
+    }
+    if source.health() != Health::Healthy {
+        c.fail(format_args!(
+            "round {round}: subscribers saw Healthy but source.health() says Unhealthy"
+        ));
+    }
+    if !delivered {
+        c.expect_event(
+            sub,
+            &during,
+            "subscriber (an event written while the source was down)",
+        )
+        .await;
+    }
+    let after = format!("after{round}");
+    c.emit(driver, &after).await;
+    c.expect_event(sub, &after, "subscriber after recovery")
+        .await;
 }
 
 /// Contract 5: when the source shuts down, existing subscriptions end (after any

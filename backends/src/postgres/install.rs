@@ -72,7 +72,7 @@
 
 mod catalog;
 mod error;
-mod ident;
+pub(crate) mod ident;
 mod sql;
 mod table_name;
 

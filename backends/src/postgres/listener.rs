@@ -50,7 +50,7 @@
 //! connection is half-open leaves sqlx's own `UNLISTEN` clean-up task waiting on the
 //! dead socket until the operating system gives up on it.
 
-mod backoff;
+pub(crate) mod backoff;
 mod config;
 mod connection;
 mod stats;

@@ -3,6 +3,7 @@
 mod install;
 mod listen;
 mod record;
+mod replication;
 mod status;
 mod watch;
 
@@ -38,5 +39,6 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             channels,
             stop,
         } => record::record(url, &file, channels.channels, stop).await,
+        Command::Replication { command } => replication::run(url, command).await,
     }
 }
