@@ -498,14 +498,10 @@ async fn an_attached_dispatcher_keeps_the_source_running() {
 }
 
 /// Read-your-writes through the source's positions: after a write, read
-/// `pg_current_wal_lsn()`, wait until a handler attached *after* the
-/// dispatcher has seen an event or `Progress` at or past it (so the dispatcher
-/// has applied everything before it), then read through the cache: the new
-/// value, every time. Every third round the write goes to an unwatched table
-/// first, so the wait must end on a keepalive's `Progress`.
-///
-/// `DispatcherHandle::wait_for_lsn` (core) does this tracking; until it lands
-/// on this branch the test tracks the position itself, the same way.
+/// `pg_current_wal_lsn()`, `wait_for_lsn` on the dispatcher handle, then read
+/// through the cache: the new value, every time. Every third round the write
+/// goes to an unwatched table too, so the wait must end on a keepalive's
+/// `Progress`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_then_a_wait_for_its_position_then_a_read_sees_it_every_time() {
     let f = Fixture::new("pgcw_rryw").await;
@@ -528,20 +524,6 @@ async fn a_write_then_a_wait_for_its_position_then_a_read_sees_it_every_time() {
             cache.clone(),
         )
         .spawn(&source);
-    let applied = Arc::new(AtomicU64::new(0));
-    let seen = applied.clone();
-    let _tracker = source
-        .attach_inline(Box::new(move |signal: &Signal| {
-            let lsn = match signal {
-                Signal::Event(e) => e.lsn,
-                Signal::Progress(lsn) => Some(*lsn),
-                _ => None,
-            };
-            if let Some(lsn) = lsn {
-                seen.fetch_max(lsn.0, Ordering::SeqCst);
-            }
-        }))
-        .unwrap();
     let mut sub = source.subscribe();
     healthy(&mut sub).await;
     drop(sub);
@@ -563,10 +545,10 @@ async fn a_write_then_a_wait_for_its_position_then_a_read_sees_it_every_time() {
             .await
             .unwrap();
         let position: pgcachewatch_core::Lsn = position.parse().unwrap();
-        eventually("the position to be applied", || {
-            applied.load(Ordering::SeqCst) >= position.0
-        })
-        .await;
+        dispatcher
+            .wait_for_lsn(position, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("round {i}: {e}"));
         let v = cache
             .get_or_load(1, || async {
                 sqlx::query_scalar::<_, i64>(&sql).fetch_one(&f.db).await

@@ -146,11 +146,16 @@ impl HealthBoard {
         self.publish(&votes);
     }
 
-    fn drop_vote(&self, id: u64) {
+    fn drop_vote(&self, id: u64, deliberate: bool) {
         let mut votes = self.state.lock();
         votes.live.retain(|(i, _)| *i != id);
         votes.stopped += 1;
-        if votes.live.is_empty() {
+        if deliberate {
+            tracing::info!(
+                cache = self.name(),
+                "a dispatcher feeding this cache was shut down: it bypasses until one is attached again"
+            );
+        } else if votes.live.is_empty() {
             tracing::error!(
                 cache = self.name(),
                 "nothing feeds this cache any more (its dispatcher stopped or its source \
@@ -200,18 +205,31 @@ impl HasHealthBoard for HealthBoard {
 pub struct HealthVote {
     owner: Arc<dyn HasHealthBoard>,
     id: u64,
+    retired: bool,
 }
 
 impl HealthVote {
     /// A new (unhealthy) vote on `owner`'s board; clears votes of stopped dispatchers.
     pub fn new(owner: Arc<impl HasHealthBoard>) -> Self {
         let id = owner.health_board().add_vote();
-        HealthVote { owner, id }
+        HealthVote {
+            owner,
+            id,
+            retired: false,
+        }
     }
 
     /// Says whether this vote's source is healthy.
     pub fn set(&self, healthy: bool) {
         self.owner.health_board().set_vote(self.id, healthy);
+    }
+
+    /// Withdraws the vote because its dispatcher was shut down on purpose: the
+    /// same as dropping it (the target stays unhealthy until a new attachment),
+    /// logged at `info` instead of `error`.
+    pub fn retire(mut self) {
+        self.owner.health_board().drop_vote(self.id, true);
+        self.retired = true;
     }
 
     /// Whether the board as a whole is healthy now.
@@ -222,7 +240,9 @@ impl HealthVote {
 
 impl Drop for HealthVote {
     fn drop(&mut self) {
-        self.owner.health_board().drop_vote(self.id);
+        if !self.retired {
+            self.owner.health_board().drop_vote(self.id, false);
+        }
     }
 }
 

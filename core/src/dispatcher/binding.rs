@@ -26,6 +26,9 @@ pub(super) trait Binding: Send {
     fn deadline(&self) -> Option<Instant>;
     /// Takes a health vote on the target and flushes it: attaching is a gap.
     fn attach(&mut self);
+    /// Stops feeding the target: flushes it and withdraws the vote (`deliberate`:
+    /// shut down on purpose, logged quietly).
+    fn stop(&mut self, deliberate: bool);
 }
 
 pub(super) struct Bound<K, S, T>
@@ -174,6 +177,15 @@ where
         self.flush();
         self.publish_health();
     }
+
+    fn stop(&mut self, deliberate: bool) {
+        if let Some(vote) = self.vote.take() {
+            self.flush();
+            if deliberate {
+                vote.retire();
+            }
+        }
+    }
 }
 
 impl<K, S, T> Drop for Bound<K, S, T>
@@ -309,8 +321,12 @@ impl Bindings {
     }
 
     /// Nothing will invalidate these targets any more: flush them and leave them
-    /// unhealthy (they bypass); wake every read-your-writes waiter.
-    pub(super) fn close(&mut self) {
+    /// unhealthy (they bypass); wake every read-your-writes waiter. `deliberate`:
+    /// shut down on purpose (logged at `info`, not `error`).
+    pub(super) fn close(&mut self, deliberate: bool) {
+        for b in &mut self.list {
+            b.stop(deliberate);
+        }
         self.list.clear();
         self.applied.stop();
     }
@@ -318,6 +334,6 @@ impl Bindings {
 
 impl Drop for Bindings {
     fn drop(&mut self) {
-        self.close();
+        self.close(false);
     }
 }

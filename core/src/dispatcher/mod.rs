@@ -286,7 +286,7 @@ impl DispatcherHandle {
     /// Stops dispatching and waits for the task; its caches are left unhealthy
     /// (bypassing).
     pub async fn shutdown(mut self) {
-        self.shared.close();
+        self.shared.close_as(true);
         self.detach();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

@@ -87,10 +87,15 @@ impl Shared {
 
     /// Stops dispatching for good: every target is flushed and left unhealthy.
     pub(super) fn close(&self) {
+        self.close_as(false);
+    }
+
+    /// [`close`](Self::close); `deliberate` when shut down on purpose.
+    pub(super) fn close_as(&self, deliberate: bool) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.state.lock().bindings.close();
+        self.state.lock().bindings.close(deliberate);
         self.rearm.notify();
     }
 

@@ -138,11 +138,8 @@ async fn serve(
     );
     let users = Cache::builder().name("users").capacity(10_000).build();
     let is_demo_table = |e: &Event| e.table == TABLE;
-    let probe = drive::InvalidationProbe::default();
     let dispatcher = Dispatcher::new()
         .attach(Greedy::with_predicate(is_demo_table), users.clone())
-        // Only for the self-driving part: wakes it after each invalidation.
-        .attach::<i32, _, _>(Greedy::with_predicate(is_demo_table), probe.clone())
         .spawn(&source);
     let state = AppState {
         db: db.clone(),
@@ -181,7 +178,7 @@ async fn serve(
     println!("  serving:  http://{addr}");
     println!();
 
-    let driven = drive::drive(&state, &probe, addr, args.rounds).await;
+    let driven = drive::drive(&state, addr, args.rounds).await;
     if driven.is_ok() && !args.drive_and_exit {
         println!();
         println!("Serving http://{addr} until Ctrl-C. Try:");

@@ -27,6 +27,15 @@ pub struct User {
     pub version: i64,
 }
 
+/// How a write became visible through the cache (the `x-read-your-writes` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadYourWrites {
+    /// The dispatcher applied the write's event before the response.
+    Applied,
+    /// The event was late; the entry was dropped by hand.
+    InvalidatedByHand,
+}
+
 /// Whether a read was answered from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -72,16 +81,43 @@ impl AppState {
         Ok((user, outcome))
     }
 
-    /// Renames a user. The cache is not touched here: the trigger's NOTIFY does it.
-    pub async fn rename_user(&self, id: i32, name: &str) -> Result<Option<User>, sqlx::Error> {
+    /// Renames a user, and returns once the cache reflects it (read-your-writes).
+    ///
+    /// The cache is not touched here: the trigger's NOTIFY does it. The UPDATE
+    /// also returns its transaction id, which the trigger puts in the event;
+    /// waiting for the dispatcher to have applied that transaction means a read
+    /// that follows this call (from this client or any other) sees the new name.
+    /// If the event is late, the row's entry is dropped by hand instead.
+    pub async fn rename_user(
+        &self,
+        id: i32,
+        name: &str,
+    ) -> Result<Option<(User, ReadYourWrites)>, sqlx::Error> {
         let sql = format!(
-            "UPDATE {TABLE} SET name = $2, version = version + 1 WHERE id = $1 RETURNING id, name, version"
+            "UPDATE {TABLE} SET name = $2, version = version + 1 WHERE id = $1 \
+             RETURNING id, name, version, txid_current() AS txid"
         );
-        sqlx::query_as(&sql)
+        let row: Option<(i32, String, i64, i64)> = sqlx::query_as(&sql)
             .bind(id)
             .bind(name)
             .fetch_optional(&self.db)
+            .await?;
+        let Some((id, name, version, txid)) = row else {
+            return Ok(None);
+        };
+        let applied = match self
+            .dispatcher
+            .wait_for_txid(txid, std::time::Duration::from_secs(2))
             .await
+        {
+            Ok(()) => ReadYourWrites::Applied,
+            Err(e) => {
+                tracing::warn!(error = %e, id, "the write's event is late: dropping its entry by hand");
+                self.users.invalidate(&id);
+                ReadYourWrites::InvalidatedByHand
+            }
+        };
+        Ok(Some((User { id, name, version }, applied)))
     }
 }
 
@@ -122,14 +158,25 @@ struct Rename {
     name: String,
 }
 
-/// The write: an UPDATE; the trigger tells every cache.
+/// The write: an UPDATE; the trigger tells every cache, and the response waits
+/// until this process's cache has applied it (`x-read-your-writes: applied`).
 async fn put_user(
     State(state): State<AppState>,
     Path(id): Path<i32>,
     Json(body): Json<Rename>,
 ) -> Response {
     match state.rename_user(id, &body.name).await {
-        Ok(Some(user)) => Json(user).into_response(),
+        Ok(Some((user, applied))) => {
+            let mut response = Json(user).into_response();
+            let tag = match applied {
+                ReadYourWrites::Applied => "applied",
+                ReadYourWrites::InvalidatedByHand => "invalidated-by-hand",
+            };
+            response
+                .headers_mut()
+                .insert("x-read-your-writes", HeaderValue::from_static(tag));
+            response
+        }
         Ok(None) => (StatusCode::NOT_FOUND, format!("no user {id}\n")).into_response(),
         Err(e) => {
             tracing::error!(error = %e, id, "write failed");
