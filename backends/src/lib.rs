@@ -7,6 +7,8 @@
 //!   cache tests run without a database.
 //! * `postgres` (feature `postgres`): a `LISTEN` connection with reconnect and
 //!   heartbeat, the trigger SQL and its installer.
+//! * `nats` (feature `nats`): a relay from any source to NATS JetStream, and
+//!   the source that reads it back.
 //!
 //! Both pass the conformance suite in `pgcachewatch-testkit`.
 //!
@@ -20,6 +22,7 @@
 //! * `tls-rustls` (default): TLS to PostgreSQL through rustls (`sslmode`,
 //!   `sslrootcert`).
 //! * `tls-native-tls`: TLS through the platform's library instead.
+//! * `nats`: the JetStream relay and the `NatsSource` (async-nats).
 //!
 //! ## A source outlives its local handle
 //!
@@ -32,6 +35,9 @@
 
 mod keep_alive;
 pub mod memory;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod nats;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;

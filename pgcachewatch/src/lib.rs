@@ -14,6 +14,7 @@
 //! | `postgres` | yes | `pgcachewatch::postgres`: the LISTEN source and the trigger installer (sqlx) |
 //! | `tls-rustls` | yes | TLS to PostgreSQL through rustls (`sslmode`, `sslrootcert`) |
 //! | `tls-native-tls` | no | TLS through the platform's library instead (turn default features off, pick `postgres` and this) |
+//! | `nats` | no | `pgcachewatch::nats`: the JetStream relay and `NatsSource` (async-nats) |
 //! | `testkit` | no | `pgcachewatch::testkit`: event logs, replay, virtual clock, model checker, conformance suite, fault proxy |
 //!
 //! The architecture (the event flow, the design decisions, the PostgreSQL facts it
@@ -40,6 +41,13 @@ pub mod memory {
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres {
     pub use pgcachewatch_backends::postgres::*;
+}
+
+/// NATS JetStream: the relay and the source that reads it.
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod nats {
+    pub use pgcachewatch_backends::nats::*;
 }
 
 /// Record/replay, generators, the staleness model checker and the conformance suite.

@@ -124,6 +124,12 @@ pub struct Capabilities {
     pub events: usize,
     /// How many interrupt/recover rounds the interrupt check runs (default 2).
     pub interrupt_rounds: usize,
+    /// Whether the source is *lossless* (default `false`): it resumes from a
+    /// position after an interruption, so it may recover without a `Gap`
+    /// (contract 4). The interrupt check then also emits an event while the
+    /// source is interrupted and requires it to arrive unless a `Gap` said it
+    /// may be lost; every other check is unchanged.
+    pub lossless: bool,
 }
 
 impl Default for Capabilities {
@@ -142,7 +148,14 @@ impl Capabilities {
             subscribers: 8,
             events: 50,
             interrupt_rounds: 2,
+            lossless: false,
         }
+    }
+
+    /// Declares the source lossless (builder style; see [`Capabilities::lossless`]).
+    pub fn lossless(mut self) -> Self {
+        self.lossless = true;
+        self
     }
 
     /// Runs the lag check with this per-subscriber bound (builder style).
@@ -427,7 +440,8 @@ pub async fn late_subscriber(
 /// [`Capabilities::lag_buffer`] signals are emitted gets a [`GapReason::Lagged`]
 /// gap, not silence; it received no more than the buffer holds (memory stays
 /// bounded); the events it did get are in order and end with the last one; and
-/// a subscriber that kept reading is unaffected. Skipped when `lag_buffer` is `None`.
+/// a subscriber that kept reading is unaffected; each Lagged gap is followed by
+/// the source's health (contract 5). Skipped when `lag_buffer` is `None`.
 pub async fn lag_gap(source: &dyn EventSource, driver: &dyn SourceDriver, caps: &Capabilities) {
     let c = Check {
         name: "lag_gap",
@@ -450,13 +464,24 @@ pub async fn lag_gap(source: &dyn EventSource, driver: &dyn SourceDriver, caps: 
     let mut missed_total = 0u64;
     let mut received: Vec<usize> = Vec::new();
     let last = total - 1;
+    // Contract 5: each Lagged gap is followed by the source's current health.
+    let mut health_due = false;
     while received.last() != Some(&last) {
-        match c.recv(&mut slow, "the lagging subscriber's signals").await {
+        let signal = c.recv(&mut slow, "the lagging subscriber's signals").await;
+        if health_due && !matches!(signal, Signal::Health(_)) {
+            c.fail(format_args!(
+                "a Lagged gap must be followed by the source's health, got {}",
+                describe(&signal)
+            ));
+        }
+        match signal {
+            Signal::Health(_) if health_due => health_due = false,
             Signal::Gap(GapReason::Lagged { missed }) => {
                 if missed == 0 {
                     c.fail("Lagged gap with missed = 0");
                 }
                 missed_total += missed;
+                health_due = true;
             }
             Signal::Event(e) => {
                 let Some(i) = e.table.strip_prefix('l').and_then(|n| n.parse().ok()) else {
@@ -503,7 +528,9 @@ pub async fn lag_gap(source: &dyn EventSource, driver: &dyn SourceDriver, caps: 
 
 /// Contract 4: after an interruption the source says `Unhealthy`, then `Gap` (the
 /// loss); when it listens again, another `Gap` immediately followed by `Healthy`
-/// (at least two gaps in all); events emitted after that arrive. Runs [`Capabilities::interrupt_rounds`] rounds. Skipped when
+/// (at least two gaps in all); events emitted after that arrive. A
+/// [lossless](Capabilities::lossless) source may recover without gaps, and must
+/// then deliver the event emitted during the interruption. Runs [`Capabilities::interrupt_rounds`] rounds. Skipped when
 /// interruption is not supported.
 pub async fn interrupt(source: &dyn EventSource, driver: &dyn SourceDriver, caps: &Capabilities) {
     let c = Check {
@@ -525,6 +552,11 @@ pub async fn interrupt(source: &dyn EventSource, driver: &dyn SourceDriver, caps
                 "driver.interrupt() failed in round {round}: {e}"
             ));
         }
+        let during = format!("during{round}");
+        if caps.lossless {
+            // Written while the source is (or is about to be) interrupted.
+            c.emit(driver, &during).await;
+        }
         // Unhealthy first ...
         match c
             .recv(&mut sub, "Health(Unhealthy) after the interruption")
@@ -537,9 +569,11 @@ pub async fn interrupt(source: &dyn EventSource, driver: &dyn SourceDriver, caps
                 describe(&other)
             )),
         }
-        // ... then a gap, ..., then Gap immediately followed by Healthy.
+        // ... then a gap, ..., then Gap immediately followed by Healthy (a
+        // lossless source may resume without any gap).
         let mut gaps = 0usize;
         let mut previous_was_gap = false;
+        let mut saw_during = false;
         loop {
             let signal = c
                 .recv(&mut sub, "Gap + Health(Healthy) after recovery")
@@ -549,8 +583,9 @@ pub async fn interrupt(source: &dyn EventSource, driver: &dyn SourceDriver, caps
                     gaps += 1;
                     previous_was_gap = true;
                 }
+                Signal::Health(Health::Healthy) if caps.lossless && gaps == 0 => break,
                 Signal::Health(Health::Healthy) => {
-                    if gaps < 2 {
+                    if gaps < 2 && !caps.lossless {
                         c.fail(format_args!(
                             "round {round}: expected Unhealthy, Gap (the loss), ..., Gap (listening \
                              again), Healthy; saw {gaps} Gap(s) between Unhealthy and Healthy"
@@ -566,7 +601,9 @@ pub async fn interrupt(source: &dyn EventSource, driver: &dyn SourceDriver, caps
                 }
                 Signal::Health(Health::Unhealthy) => previous_was_gap = false,
                 Signal::Event(e) => {
-                    if gaps == 0 {
+                    if caps.lossless && e.table == during {
+                        saw_during = true;
+                    } else if gaps == 0 {
                         c.fail(format_args!(
                             "round {round}: event {:?} between Unhealthy and the first Gap",
                             e.table
@@ -584,6 +621,15 @@ pub async fn interrupt(source: &dyn EventSource, driver: &dyn SourceDriver, caps
             c.fail(format_args!(
                 "round {round}: subscribers saw Healthy but source.health() says Unhealthy"
             ));
+        }
+        if caps.lossless && gaps == 0 && !saw_during {
+            // Lost nothing, said so: what was written meanwhile must arrive.
+            c.expect_event(
+                &mut sub,
+                &during,
+                "lossless subscriber (no Gap, so the write made during the interruption must arrive)",
+            )
+            .await;
         }
         let after = format!("after{round}");
         c.emit(driver, &after).await;
