@@ -233,7 +233,6 @@ impl NatsSourceBuilder {
                         let _ = tx.send(event);
                     }
                 })
-                .retry_on_initial_connect()
             })
             .await?;
         let js = async_nats::jetstream::new(client.clone());
