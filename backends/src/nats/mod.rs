@@ -12,10 +12,12 @@
 //! * [`StreamSettings`]: the stream's name, prefix and limits.
 //! * [`Relay`]: publish, deduplicate, confirm, beat.
 //! * [`NatsSource`]: consume, resume, detect loss.
+//! * [`report`]: a relay's health and lag, read from its stream (`pgcachewatch relay status`).
 
 mod connect;
 mod error;
 pub mod relay;
+pub mod report;
 pub mod source;
 mod stream;
 pub mod subject;

@@ -3,12 +3,14 @@
 mod install;
 mod listen;
 mod record;
+mod relay;
 mod status;
 mod watch;
 
 use anyhow::Result;
 
 use crate::{Cli, Command};
+pub(crate) use relay::RelayArgs;
 
 pub(crate) async fn run(cli: Cli) -> Result<()> {
     let url = cli.database_url.as_deref();
@@ -33,6 +35,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             json,
             stop,
         } => listen::listen(url, channels.channels, json, stop).await,
+        Command::Relay(args) => relay::relay(url, args).await,
         Command::Record {
             file,
             channels,
