@@ -106,7 +106,7 @@ enum Command {
     /// Publish the events of the LISTEN channels to NATS JetStream (one PostgreSQL
     /// connection for every service that subscribes through NATS); `relay status`
     /// shows its health and lag.
-    Relay(commands::RelayArgs),
+    Relay(Box<commands::RelayArgs>),
     /// Write received events to FILE as a JSON-lines event log that the testkit replays.
     Record {
         /// Where to write the log (overwritten).

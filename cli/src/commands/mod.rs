@@ -35,7 +35,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             json,
             stop,
         } => listen::listen(url, channels.channels, json, stop).await,
-        Command::Relay(args) => relay::relay(url, args).await,
+        Command::Relay(args) => relay::relay(url, *args).await,
         Command::Record {
             file,
             channels,
