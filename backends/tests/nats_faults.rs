@@ -213,18 +213,13 @@ async fn a_subscriber_away_for_a_while_resumes_from_its_sequence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_whose_sequence_was_discarded_gets_a_gap() {
     let seen = away_while_written(5, 50).await;
-    let gap_at = seen
-        .iter()
-        .position(|s| matches!(s, Signal::Gap(GapReason::Lagged { .. })))
-        .expect("the stream discarded what the subscriber had not read: a Lagged gap");
-    let first_event = seen
-        .iter()
-        .position(|s| event_index(s).is_some())
-        .expect("events");
     assert!(
-        gap_at < first_event,
-        "the gap comes before what is left: {seen:?}"
+        seen.iter()
+            .any(|s| matches!(s, Signal::Gap(GapReason::Lagged { .. }))),
+        "the stream discarded what the subscriber had not read: a Lagged gap: {seen:?}"
     );
+    // Whatever slipped through before the pause took effect came before the
+    // gap; everything missing is covered by it.
     check_no_silent_loss(&seen, 50);
 }
 
