@@ -632,6 +632,8 @@ async fn a_subscriber_that_does_not_read_gets_a_lagged_gap() {
         matches!(next(&mut slow).await, Signal::Gap(GapReason::Lagged { missed }) if missed > 0),
         "a lagging subscriber sees a gap, not silence"
     );
+    // Contract 5: the source's health follows the gap.
+    assert!(is_health(&next(&mut slow).await, Health::Healthy));
     // What is left in its buffer is the newest events.
     let Signal::Event(e) = next(&mut slow).await else {
         panic!("expected an event after the gap")
