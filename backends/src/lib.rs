@@ -9,6 +9,8 @@
 //!   heartbeat, the trigger SQL and its installer.
 //! * `replication` (feature `replication`): a logical-replication source,
 //!   lossless across reconnects, and the setup of its publication and slot.
+//! * `nats` (feature `nats`): a relay from any source to NATS JetStream, and
+//!   the source that reads it back.
 //!
 //! All pass the conformance suite in `pgcachewatch-testkit`.
 //!
@@ -25,6 +27,7 @@
 //! * `replication`: [`PgReplicationSource`](replication::PgReplicationSource) and
 //!   `ReplicationSetup` (implies `postgres`; its connection is pgwire-replication
 //!   with rustls, whatever the TLS feature; needs Rust 1.88).
+//! * `nats`: the JetStream relay and the `NatsSource` (async-nats).
 //!
 //! ## A source outlives its local handle
 //!
@@ -37,6 +40,9 @@
 
 mod keep_alive;
 pub mod memory;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod nats;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;

@@ -7,6 +7,8 @@
 //! pgcachewatch status                                       # triggers, listeners, queue usage
 //! pgcachewatch listen                                       # live events with their latency
 //! pgcachewatch record events.jsonl --duration 30s           # an event log the testkit replays
+//! pgcachewatch relay --nats-url nats://127.0.0.1:4222      # LISTEN → JetStream, for many services
+//! pgcachewatch relay status                                 # the relay's heartbeat, stream and lag
 //! pgcachewatch uninstall --commit                           # removes what install installed
 //! pgcachewatch replication setup public.users --commit      # publication + slot for the replication source
 //! pgcachewatch replication status                           # slots, their lag, whether consumed
@@ -105,6 +107,10 @@ enum Command {
         #[command(flatten)]
         stop: StopArgs,
     },
+    /// Publish the events of the LISTEN channels to NATS JetStream (one PostgreSQL
+    /// connection for every service that subscribes through NATS); `relay status`
+    /// shows its health and lag.
+    Relay(Box<commands::RelayArgs>),
     /// Write received events to FILE as a JSON-lines event log that the testkit replays.
     Record {
         /// Where to write the log (overwritten).

@@ -15,6 +15,7 @@
 //! | `tls-rustls` | yes | TLS to PostgreSQL through rustls (`sslmode`, `sslrootcert`) |
 //! | `tls-native-tls` | no | TLS through the platform's library instead (turn default features off, pick `postgres` and this) |
 //! | `replication` | no | `pgcachewatch::replication`: the logical-replication source (lossless, commit positions) and `ReplicationSetup` (pgwire-replication; Rust 1.88) |
+//! | `nats` | no | `pgcachewatch::nats`: the JetStream relay and `NatsSource` (async-nats) |
 //! | `testkit` | no | `pgcachewatch::testkit`: event logs, replay, virtual clock, model checker, conformance suite, fault proxy |
 //!
 //! The architecture (the event flow, the design decisions, the PostgreSQL facts it
@@ -49,6 +50,13 @@ pub mod postgres {
 #[cfg_attr(docsrs, doc(cfg(feature = "replication")))]
 pub mod replication {
     pub use pgcachewatch_backends::replication::*;
+}
+
+/// NATS JetStream: the relay and the source that reads it.
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod nats {
+    pub use pgcachewatch_backends::nats::*;
 }
 
 /// Record/replay, generators, the staleness model checker and the conformance suite.

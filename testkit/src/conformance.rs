@@ -152,6 +152,12 @@ impl Capabilities {
         }
     }
 
+    /// Declares the source lossless (builder style; see [`Capabilities::lossless`]).
+    pub fn lossless(mut self) -> Self {
+        self.lossless = true;
+        self
+    }
+
     /// Runs the lag check with this per-subscriber bound (builder style).
     pub fn lag_buffer(mut self, signals: usize) -> Self {
         self.lag_buffer = Some(signals);
@@ -179,13 +185,6 @@ impl Capabilities {
     /// Sets the event count of the ordering and fan-out checks (builder style).
     pub fn events(mut self, n: usize) -> Self {
         self.events = n.max(1);
-        self
-    }
-
-    /// Declares the source lossless across interruptions (builder style); see
-    /// [`Capabilities::lossless`].
-    pub fn lossless(mut self) -> Self {
-        self.lossless = true;
         self
     }
 
@@ -450,7 +449,8 @@ pub async fn late_subscriber(
 /// [`Capabilities::lag_buffer`] signals are emitted gets a [`GapReason::Lagged`]
 /// gap, not silence; it received no more than the buffer holds (memory stays
 /// bounded); the events it did get are in order and end with the last one; and
-/// a subscriber that kept reading is unaffected. Skipped when `lag_buffer` is `None`.
+/// a subscriber that kept reading is unaffected; each Lagged gap is followed by
+/// the source's health (contract 5). Skipped when `lag_buffer` is `None`.
 pub async fn lag_gap(source: &dyn EventSource, driver: &dyn SourceDriver, caps: &Capabilities) {
     let c = Check {
         name: "lag_gap",
@@ -542,7 +542,9 @@ pub async fn lag_gap(source: &dyn EventSource, driver: &dyn SourceDriver, caps: 
 
 /// Contract 4: after an interruption the source says `Unhealthy`, then `Gap` (the
 /// loss); when it listens again, another `Gap` immediately followed by `Healthy`
-/// (at least two gaps in all); events emitted after that arrive. Runs [`Capabilities::interrupt_rounds`] rounds. Skipped when
+/// (at least two gaps in all); events emitted after that arrive. A
+/// [lossless](Capabilities::lossless) source may recover without gaps, and must
+/// then deliver the event emitted during the interruption. Runs [`Capabilities::interrupt_rounds`] rounds. Skipped when
 /// interruption is not supported.
 ///
 /// A [`lossless`](Capabilities::lossless) source owes no gap: it must say

@@ -33,3 +33,16 @@ pub fn unique_name(prefix: &str) -> String {
         .map_or(0, |d| d.subsec_nanos());
     format!("{prefix}_{}_{n}_{:08x}", std::process::id(), nanos)
 }
+
+/// The NATS server the tests talk to: `NATS_URL`, or the local default
+/// `nats://127.0.0.1:4222` (JetStream on; `.ci/ensure-nats` starts one).
+///
+/// ```
+/// assert!(pgcachewatch::testkit::env::nats_url().starts_with("nats://"));
+/// ```
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.to_owned())
+}
+
+/// The NATS URL used when `NATS_URL` is not set.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";

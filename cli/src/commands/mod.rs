@@ -3,6 +3,7 @@
 mod install;
 mod listen;
 mod record;
+mod relay;
 mod replication;
 mod status;
 mod watch;
@@ -10,6 +11,7 @@ mod watch;
 use anyhow::Result;
 
 use crate::{Cli, Command};
+pub(crate) use relay::RelayArgs;
 
 pub(crate) async fn run(cli: Cli) -> Result<()> {
     let url = cli.database_url.as_deref();
@@ -34,6 +36,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             json,
             stop,
         } => listen::listen(url, channels.channels, json, stop).await,
+        Command::Relay(args) => relay::relay(url, *args).await,
         Command::Record {
             file,
             channels,

@@ -1,0 +1,292 @@
+//! [`NatsSource`]: an [`EventSource`] reading a relay's JetStream stream.
+//!
+//! # How it works
+//!
+//! It reads the stream from where the stream ends when it starts, through an
+//! ephemeral consumer filtered to the subjects of the tables it is given (and
+//! the relay's control subjects), and tracks the stream sequence of each message.
+//!
+//! * After a disconnect it creates a new consumer starting at the next sequence:
+//!   nothing was lost, so there is **no `Gap`**. It turns `Healthy` once it has
+//!   read up to where the stream ended when it came back.
+//! * If the stream no longer holds that sequence (its limits discarded it) it
+//!   emits `Gap(Lagged)` before resuming. While connected it also checks, when it
+//!   sees sequence numbers it skipped, that the stream did not discard them
+//!   unread; if it may have, that is a `Gap` too (conservatively: a skipped
+//!   message may belong to a table it does not watch).
+//! * A relay gap marker, or a change of the relay's epoch, is a `Gap`.
+//! * It is `Unhealthy` while disconnected from NATS, while the relay's heartbeat
+//!   says its own source is unhealthy, and when no heartbeat came for the
+//!   heartbeat timeout (the relay is down: nobody listens to PostgreSQL).
+//!
+//! Events carry the commit position (`lsn`) they had at the relay's source, so
+//! [`DispatcherHandle::wait_for_lsn`](pgcachewatch_core::DispatcherHandle::wait_for_lsn)
+//! works over NATS as over a replication slot. An event whose position is below
+//! one already delivered (a republished message that landed out of order) is
+//! delivered after a `Gap`.
+
+mod task;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use pgcachewatch_core::{
+    ClosableHub, EventSource, Health, InlineAttachment, InlineHandler, IntoTableRef, SignalHub,
+    Subscription, TableRef, DEFAULT_HUB_CAPACITY,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::connect::NatsConnect;
+use super::error::NatsError;
+use super::stream::StreamSettings;
+use super::subject;
+use crate::keep_alive;
+
+/// The default time without a relay heartbeat after which the source is unhealthy.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Builds a [`NatsSource`].
+#[derive(Debug, Clone)]
+pub struct NatsSourceBuilder {
+    connect: NatsConnect,
+    stream: StreamSettings,
+    tables: Vec<TableRef>,
+    heartbeat_timeout: Duration,
+    buffer: usize,
+}
+
+/// An [`EventSource`] over a relay's JetStream stream (see the [module docs](self)).
+///
+/// Cheap to clone. Its task runs while a clone, a [`Subscription`] or an inline
+/// attachment (a [`Dispatcher`](pgcachewatch_core::Dispatcher)) is alive, or
+/// until [`shutdown`](Self::shutdown).
+///
+/// ```no_run
+/// use pgcachewatch::nats::{NatsConnect, NatsSource, StreamSettings};
+/// use pgcachewatch::strategies::Greedy;
+/// use pgcachewatch::{Cache, Dispatcher};
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let source = NatsSource::builder(NatsConnect::new("nats://127.0.0.1:4222"))
+///     .stream(StreamSettings::new())
+///     .table("public.users")?
+///     .connect()
+///     .await?;
+/// let users: Cache<i64, String> = Cache::new(10_000);
+/// let _dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+#[must_use = "the source stops when dropped unless a Dispatcher is spawned on it or it is subscribed to"]
+pub struct NatsSource {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hub: ClosableHub,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<Mutex<NatsSourceStats>>,
+    description: String,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// A [`NatsSource`]'s counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NatsSourceStats {
+    /// The stream sequence of the last message read.
+    pub last_stream_seq: u64,
+    /// Events delivered.
+    pub events: u64,
+    /// Gaps emitted.
+    pub gaps: u64,
+    /// Consumers created (1 + resumptions).
+    pub consumers: u64,
+    /// The relay epoch last seen.
+    pub epoch: Option<String>,
+}
+
+impl fmt::Debug for NatsSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsSource")
+            .field("stream", &self.inner.description)
+            .field("health", &self.health())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl NatsSource {
+    /// A builder connecting with `connect` (default stream, every table).
+    pub fn builder(connect: NatsConnect) -> NatsSourceBuilder {
+        NatsSourceBuilder {
+            connect,
+            stream: StreamSettings::new(),
+            tables: Vec::new(),
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            buffer: DEFAULT_HUB_CAPACITY,
+        }
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> NatsSourceStats {
+        self.inner.stats.lock().clone()
+    }
+
+    /// Stops reading: subscriptions end; the task is gone when this returns.
+    pub async fn shutdown(&self) {
+        self.inner.hub.close();
+        self.inner.stop.send_replace(true);
+        let task = self.inner.task.lock().take();
+        if let Some(task) = task {
+            if let Err(e) = task.await {
+                if e.is_panic() {
+                    tracing::error!("NATS source task panicked: {e}");
+                }
+            }
+        }
+    }
+}
+
+impl NatsSourceBuilder {
+    /// The relay's stream (its name and prefix must match the relay's).
+    pub fn stream(mut self, stream: StreamSettings) -> Self {
+        self.stream = stream;
+        self
+    }
+
+    /// Reads only this table's events (repeat for several; none: every table).
+    /// `users` matches the table in any schema, `public.users` only in `public`.
+    ///
+    /// # Errors
+    ///
+    /// [`NatsError::Config`] if the name does not parse.
+    pub fn table(mut self, table: impl IntoTableRef) -> Result<Self, NatsError> {
+        let t = table
+            .into_table_ref()
+            .map_err(|e| NatsError::Config(e.to_string()))?;
+        self.tables.push(t);
+        Ok(self)
+    }
+
+    /// Unhealthy after this long without a relay heartbeat (default 5 s; keep
+    /// it a few relay heartbeat intervals).
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.heartbeat_timeout = timeout;
+        self
+    }
+
+    /// The per-subscriber buffer, in signals (default 4096).
+    pub fn buffer(mut self, signals: usize) -> Self {
+        self.buffer = signals;
+        self
+    }
+
+    fn filters(&self) -> Vec<String> {
+        let prefix = self.stream.prefix();
+        if self.tables.is_empty() {
+            return vec![format!("{prefix}.>")];
+        }
+        let mut f: Vec<String> = self
+            .tables
+            .iter()
+            .map(|t| match &t.schema {
+                Some(s) => subject::table_subject(prefix, Some(s), &t.table),
+                None => format!("{prefix}.*.{}", subject::escape_token(&t.table)),
+            })
+            .collect();
+        f.push(subject::control_filter(prefix));
+        f.sort();
+        f.dedup();
+        f
+    }
+
+    /// Connects, checks the stream exists, and starts reading at its end. The
+    /// source is `Unhealthy` until the relay's first heartbeat.
+    ///
+    /// # Errors
+    ///
+    /// [`NatsError`] if connecting fails or the stream does not exist.
+    pub async fn connect(self) -> Result<NatsSource, NatsError> {
+        let buffer =
+            SignalHub::check_capacity(self.buffer).map_err(|e| NatsError::Config(e.to_string()))?;
+        if self.heartbeat_timeout.is_zero() {
+            return Err(NatsError::Config(
+                "the heartbeat timeout must be above zero".into(),
+            ));
+        }
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let client = self
+            .connect
+            .connect_with(|o| {
+                o.event_callback(move |event| {
+                    let tx = events_tx.clone();
+                    async move {
+                        let _ = tx.send(event);
+                    }
+                })
+            })
+            .await?;
+        let js = async_nats::jetstream::new(client.clone());
+        let mut stream = self.stream.open(&js).await?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| NatsError::js("stream info", e))?;
+        let start = info.state.last_sequence + 1;
+        let hub = SignalHub::with_health(buffer, Health::Unhealthy);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stats = Arc::new(Mutex::new(NatsSourceStats::default()));
+        let description = format!("{} ({})", self.stream.name(), self.filters().join(", "));
+        let task = task::Task {
+            client,
+            stream,
+            prefix: self.stream.prefix().to_owned(),
+            filters: self.filters(),
+            hub: hub.clone(),
+            next_seq: start,
+            heartbeat_timeout: self.heartbeat_timeout,
+            stop: stop_rx,
+            nats_events: events_rx,
+            stats: stats.clone(),
+            state: task::State::default(),
+        };
+        let handle = tokio::spawn(task.run());
+        Ok(NatsSource {
+            inner: Arc::new(Inner {
+                hub: ClosableHub::new(hub),
+                stop: stop_tx,
+                task: Mutex::new(Some(handle)),
+                stats,
+                description,
+            }),
+        })
+    }
+}
+
+impl EventSource for NatsSource {
+    /// A subscription that keeps the source running while it exists.
+    fn subscribe(&self) -> Subscription {
+        keep_alive::subscription(self.inner.hub.subscribe(), self.inner.clone())
+    }
+
+    fn health(&self) -> Health {
+        self.inner.hub.health()
+    }
+
+    /// The attachment keeps the source running while it exists.
+    fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
+        Some(keep_alive::attachment(
+            self.inner.hub.attach_inline(handler),
+            self.inner.clone(),
+        ))
+    }
+}

@@ -1,0 +1,231 @@
+//! `relay`: publish the LISTEN source's events to NATS JetStream; `relay status`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use pgcachewatch::nats::report::RelayReport;
+use pgcachewatch::nats::wire::WireKind;
+use pgcachewatch::nats::{NatsAuth, NatsConnect, Relay, StreamSettings};
+use pgcachewatch::postgres::DEFAULT_CHANNEL;
+
+use super::watch;
+
+/// `pgcachewatch relay [OPTIONS]` or `pgcachewatch relay status [OPTIONS]`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct RelayArgs {
+    #[command(subcommand)]
+    pub(crate) action: Option<RelayAction>,
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RelayAction {
+    /// Show the relay's health and lag, read from its stream (last heartbeat,
+    /// stream size, consumers). Exits non-zero if the relay is not healthy.
+    Status {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Channel to listen on; repeat for several.
+    #[arg(long = "channel", default_value = DEFAULT_CHANNEL, value_parser = crate::channel_name)]
+    channels: Vec<String>,
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Discard messages older than this (500ms, 10s, 2m, 1h).
+    #[arg(long, default_value = "24h", value_parser = crate::duration::parse)]
+    max_age: Duration,
+    /// Keep at most this many bytes in the stream.
+    #[arg(long, default_value_t = 1 << 30)]
+    max_bytes: i64,
+    /// Keep at most this many messages (-1: no limit).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    max_messages: i64,
+    /// Heartbeat interval.
+    #[arg(long, default_value = "1s", value_parser = crate::duration::parse)]
+    heartbeat: Duration,
+    /// Print the relay's status this often.
+    #[arg(long, default_value = "10s", value_parser = crate::duration::parse)]
+    report_every: Duration,
+}
+
+/// Where NATS is, which stream, and the credentials.
+#[derive(Debug, Args)]
+pub(crate) struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// JetStream stream name.
+    #[arg(long, default_value = pgcachewatch::nats::DEFAULT_STREAM)]
+    stream: String,
+    /// Subject prefix: events go to PREFIX.<schema>.<table>.
+    #[arg(long, default_value = pgcachewatch::nats::DEFAULT_PREFIX)]
+    prefix: String,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "NATS_USER")]
+    nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    nats_token: Option<String>,
+    /// NATS `.creds` file.
+    #[arg(long, env = "NATS_CREDS")]
+    nats_creds: Option<std::path::PathBuf>,
+    /// NATS nkey seed file.
+    #[arg(long)]
+    nats_nkey: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) to verify the NATS server with; implies TLS.
+    #[arg(long)]
+    nats_ca: Option<std::path::PathBuf>,
+}
+
+impl NatsArgs {
+    fn connect(&self) -> Result<NatsConnect> {
+        let auth = match (
+            &self.nats_user,
+            &self.nats_password,
+            &self.nats_token,
+            &self.nats_creds,
+            &self.nats_nkey,
+        ) {
+            (None, None, None, None, None) => NatsAuth::None,
+            (Some(user), Some(password), None, None, None) => NatsAuth::UserPassword {
+                user: user.clone(),
+                password: password.clone(),
+            },
+            (None, None, Some(token), None, None) => NatsAuth::Token(token.clone()),
+            (None, None, None, Some(creds), None) => NatsAuth::CredentialsFile(creds.clone()),
+            (None, None, None, None, Some(seed)) => NatsAuth::NKey(
+                std::fs::read_to_string(seed)
+                    .with_context(|| format!("reading the nkey seed {}", seed.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            _ => anyhow::bail!(
+                "give one kind of NATS credential: --nats-user with --nats-password, --nats-token, --nats-creds or --nats-nkey"
+            ),
+        };
+        let mut c = NatsConnect::new(&self.nats_url)
+            .auth(auth)
+            .name("pgcachewatch relay");
+        if let Some(ca) = &self.nats_ca {
+            c = c.root_certificate(ca).require_tls(true);
+        }
+        Ok(c)
+    }
+
+    fn stream(&self) -> StreamSettings {
+        StreamSettings::new()
+            .stream(&self.stream)
+            .subject_prefix(&self.prefix)
+    }
+}
+
+pub(crate) async fn relay(url: Option<&str>, args: RelayArgs) -> Result<()> {
+    match args.action {
+        Some(RelayAction::Status { nats, json }) => status(&nats, json).await,
+        None => run(url, args.run).await,
+    }
+}
+
+async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
+    let (source, target) = watch::connect(url, args.channels.clone()).await?;
+    let stream = args
+        .nats
+        .stream()
+        .max_age(args.max_age)
+        .max_bytes(args.max_bytes)
+        .max_messages(args.max_messages);
+    let relay = Relay::builder(args.nats.connect()?)
+        .stream(stream)
+        .heartbeat_interval(args.heartbeat)
+        .start(&source)
+        .await?;
+    eprintln!(
+        "relaying {:?} at {} to stream {} (subjects {}.>) on {}; Ctrl-C to stop",
+        args.channels,
+        target.describe(),
+        args.nats.stream,
+        args.nats.prefix,
+        args.nats.nats_url
+    );
+    let mut every = tokio::time::interval(args.report_every);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = every.tick() => {
+                let s = relay.status();
+                eprintln!(
+                    "-- source {:?}, epoch {}, {} events acknowledged, {} in flight, stream seq {}, lag {:?}, {} retries",
+                    s.upstream, s.epoch, s.events, s.in_flight, s.last_stream_seq, s.last_event_lag, s.retries
+                );
+                if relay.is_finished() {
+                    anyhow::bail!("the relay stopped: its source ended");
+                }
+            }
+        }
+    }
+    relay.shutdown().await;
+    source.shutdown().await;
+    eprintln!("-- stopped");
+    Ok(())
+}
+
+async fn status(nats: &NatsArgs, json: bool) -> Result<()> {
+    let report = RelayReport::read(&nats.connect()?, &nats.stream()).await?;
+    let healthy = report.is_healthy(Duration::from_secs(5));
+    let (epoch, source_health, last_n) = match &report.heartbeat {
+        Some(h) => match &h.kind {
+            WireKind::Heartbeat { health, last_n } => (
+                Some(h.epoch.clone()),
+                Some(format!("{health:?}")),
+                Some(*last_n),
+            ),
+            _ => (None, None, None),
+        },
+        None => (None, None, None),
+    };
+    if json {
+        let v = serde_json::json!({
+            "healthy": healthy,
+            "stream": report.stream,
+            "messages": report.messages,
+            "bytes": report.bytes,
+            "first_seq": report.first_seq,
+            "last_seq": report.last_seq,
+            "consumers": report.consumers,
+            "epoch": epoch,
+            "source_health": source_health,
+            "last_n": last_n,
+            "heartbeat_age_ms": report.heartbeat_age.map(|a| a.as_millis() as u64),
+        });
+        crate::output::print(&format!("{v}\n"))?;
+    } else {
+        crate::output::print(&format!(
+            "relay: {}\n  last heartbeat: {} (epoch {}, source {}, message {})\n  stream {}: {} messages, {} bytes, sequences {}..={}, {} consumers\n",
+            if healthy { "healthy" } else { "NOT healthy" },
+            report.heartbeat_age.map_or("never".to_owned(), |a| format!("{a:.1?} ago")),
+            epoch.as_deref().unwrap_or("-"),
+            source_health.as_deref().unwrap_or("-"),
+            last_n.map_or("-".to_owned(), |n| n.to_string()),
+            report.stream, report.messages, report.bytes, report.first_seq, report.last_seq, report.consumers,
+        ))?;
+    }
+    if healthy {
+        Ok(())
+    } else {
+        anyhow::bail!("the relay is not healthy (no recent heartbeat, or its source is unhealthy)")
+    }
+}
