@@ -65,13 +65,16 @@ where
                 own(e).1
             });
         }
-        bump(&inner.counters.misses);
         let tables = tags();
 
-        // Find a flight to join, or lead a new one.
+        // Find a flight to join, or lead a new one (the miss is counted there,
+        // under the flight lock, once).
         let mut may_join = true;
+        let mut counted = false;
         let flight = loop {
-            match self.join_or_lead(&key, &tables, may_join) {
+            let role = self.join_or_lead(&key, &tables, may_join, !counted);
+            counted = true;
+            match role {
                 Role::Hit(v) => return Ok(v),
                 Role::Lead(flight) => break flight,
                 Role::Wait(flight) => match flight.wait().await {
@@ -118,12 +121,26 @@ where
         &self.inner.flights[shard]
     }
 
-    pub(super) fn join_or_lead(&self, key: &K, tables: &[TableRef], may_join: bool) -> Role<V> {
+    /// With `count_miss`, counts the miss once this caller has joined or leads
+    /// (under the lock: a miss counted is a caller already waiting on a flight).
+    pub(super) fn join_or_lead(
+        &self,
+        key: &K,
+        tables: &[TableRef],
+        may_join: bool,
+        count_miss: bool,
+    ) -> Role<V> {
         let inner = &*self.inner;
         let mut flights = self.flight_shard(key).lock();
         // A flight may have finished between the first lookup and this lock.
         if let Some(v) = self.lookup(key) {
+            if count_miss {
+                inner.counters.hits.bump();
+            }
             return Role::Hit(v);
+        }
+        if count_miss {
+            bump(&inner.counters.misses);
         }
         if let Some(flight) = flights.get(key) {
             if may_join

@@ -27,7 +27,7 @@ enum Invalidation {
 /// Leads a load of key 1 reading `table`, then publishes it — through the real
 /// protocol, or (`planted`) storing without its checks.
 fn load(cache: &Cache<u32, u64>, table: &AtomicU64, may_join: bool, planted: bool) {
-    let Role::Lead(flight) = cache.join_or_lead(&1, &[], may_join) else {
+    let Role::Lead(flight) = cache.join_or_lead(&1, &[], may_join, true) else {
         return; // a hit, or joined another load: nothing to publish
     };
     let value = table.load(Ordering::SeqCst);
