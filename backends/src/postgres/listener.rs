@@ -14,7 +14,10 @@
 //!   gap ([`MalformedPolicy`]); it never stops the source;
 //! * every heartbeat interval the task NOTIFYs its own heartbeat channel on the same
 //!   connection; if that does not come back within the heartbeat timeout, the
-//!   connection is presumed half-open (TCP alone may take many minutes to notice);
+//!   connection is presumed half-open (TCP alone may take many minutes to notice),
+//!   unless notifications kept arriving meanwhile: then the heartbeat is only
+//!   queued behind a burst the handlers are still working through, and it gets
+//!   more time (a burst never costs a spurious gap);
 //! * on a lost connection or a heartbeat timeout it emits `Health::Unhealthy` and
 //!   `Gap(ConnectionLost | HeartbeatTimeout)`, opens a *new* connection with capped,
 //!   jittered exponential backoff, LISTENs on every channel again, then emits

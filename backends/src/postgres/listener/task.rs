@@ -42,6 +42,24 @@ struct Pending {
     payload: String,
     sent: Instant,
     deadline: Instant,
+    /// Notifications received on this connection when the deadline was last set.
+    received_then: u64,
+}
+
+impl Pending {
+    /// At the deadline: `true` if the connection is presumed half-open. A
+    /// connection that delivered notifications since the deadline was set is
+    /// alive, only backlogged (a burst the handlers are still working through is
+    /// ahead of the heartbeat): the heartbeat gets another `timeout`, so a burst
+    /// never costs a spurious `Gap(HeartbeatTimeout)`.
+    fn expired(&mut self, received: u64, now: Instant, timeout: Duration) -> bool {
+        if received == self.received_then {
+            return true;
+        }
+        self.received_then = received;
+        self.deadline = now + timeout;
+        false
+    }
 }
 
 pub(crate) struct Task {
@@ -81,6 +99,7 @@ impl Task {
             self.hub.set_health(Health::Healthy);
         }
         self.hub.set_health(Health::Unhealthy);
+        log.finish();
         tracing::debug!("listener task stopped");
     }
 
@@ -100,6 +119,8 @@ impl Task {
         let timeout = self.settings.builder.heartbeat_timeout;
         let mut next_beat = Instant::now() + interval;
         let mut pending: Option<Pending> = None;
+        // Everything this connection delivered, heartbeats included.
+        let mut received: u64 = 0;
         loop {
             let wake = pending.as_ref().map_or(next_beat, |p| p.deadline);
             tokio::select! {
@@ -110,25 +131,32 @@ impl Task {
                         return lost;
                     }
                 }
-                received = conn.listener.try_recv() => match received {
+                next = conn.listener.try_recv() => match next {
                     Ok(Some(n)) if n.channel() == self.settings.heartbeat_channel => {
+                        received += 1;
                         if let Some(p) = pending.take_if(|p| p.payload == n.payload()) {
                             bump(&self.counters.heartbeats);
                             self.counters.set_heartbeat_rtt(p.sent.elapsed());
                         }
                     }
-                    Ok(Some(n)) => self.notification(&n, log),
+                    Ok(Some(n)) => {
+                        received += 1;
+                        self.notification(&n, log);
+                    }
                     Ok(None) => return Ended::Lost(GapReason::ConnectionLost { detail: loss_detail(None) }),
                     Err(e) => return Ended::Lost(GapReason::ConnectionLost { detail: loss_detail(Some(&e)) }),
                 },
                 _ = tokio::time::sleep_until(wake) => {
-                    if pending.is_some() {
+                    if let Some(p) = pending.as_mut() {
+                        if !p.expired(received, Instant::now(), timeout) {
+                            continue;
+                        }
                         bump(&self.counters.heartbeat_timeouts);
                         tracing::warn!(?timeout, "heartbeat unanswered: the connection is presumed half-open");
                         return Ended::Lost(GapReason::HeartbeatTimeout);
                     }
                     *heartbeat_seq += 1;
-                    match self.beat(conn, *heartbeat_seq, timeout).await {
+                    match self.beat(conn, *heartbeat_seq, timeout, received).await {
                         Ok(p) => {
                             next_beat = p.sent + interval;
                             pending = Some(p);
@@ -147,6 +175,7 @@ impl Task {
         conn: &mut Listening,
         seq: u64,
         timeout: Duration,
+        received: u64,
     ) -> Result<Pending, Ended> {
         let payload = seq.to_string();
         // One round trip (simple query protocol). NOTIFY assigns a transaction id, so
@@ -163,6 +192,7 @@ impl Task {
                 payload,
                 sent,
                 deadline: sent + timeout,
+                received_then: received,
             }),
             Ok(Err(e)) => Err(Ended::Lost(GapReason::ConnectionLost {
                 detail: loss_detail(Some(&e)),
@@ -317,5 +347,39 @@ impl MalformedLog {
         );
         self.last = Some(now);
         self.suppressed = 0;
+    }
+
+    /// When the source stops: the count of those never logged, if any.
+    fn finish(&mut self) {
+        if self.suppressed > 0 {
+            tracing::warn!(
+                suppressed_since_last_warning = self.suppressed,
+                "more payloads on watched channels were not events (not logged one by one)"
+            );
+            self.suppressed = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_behind_a_backlog_gets_more_time_a_silent_one_expires() {
+        let timeout = Duration::from_millis(50);
+        let sent = Instant::now();
+        let mut p = Pending {
+            payload: "1".into(),
+            sent,
+            deadline: sent + timeout,
+            received_then: 10,
+        };
+        // Notifications came in since: alive, only backlogged.
+        let at = sent + timeout;
+        assert!(!p.expired(500, at, timeout));
+        assert_eq!(p.deadline, at + timeout);
+        // Nothing since the deadline was moved: half-open.
+        assert!(p.expired(500, at + timeout, timeout));
     }
 }
