@@ -47,12 +47,15 @@
 //! fails [`connect`](PgListenerBuilder::connect) with an
 //! [`Error::Connection`] that says so and is not temporary.
 //!
-//! # Leaks
+//! # No leak on a half-open connection
 //!
-//! One caveat comes from sqlx: dropping a `PgListener` whose
-//! connection is half-open leaves sqlx's own `UNLISTEN` clean-up task waiting on the
-//! dead socket until the operating system gives up on it.
+//! Dropping sqlx's `PgListener` sends `UNLISTEN *` from a task that, on a
+//! half-open connection, would wait until TCP gives up (minutes, or for ever
+//! behind a middlebox). After a heartbeat timeout the source closes the
+//! connection itself instead, at once and without leaving a task behind (the
+//! session's LISTENs end with it).
 
+mod abandon;
 mod backoff;
 mod config;
 mod connection;

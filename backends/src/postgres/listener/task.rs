@@ -17,6 +17,7 @@ use sqlx::Executor;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::abandon::abandon;
 use super::backoff::Backoff;
 use super::config::{MalformedPolicy, Settings};
 use super::connection::{self, loss_detail, Listening};
@@ -80,7 +81,11 @@ impl Task {
         loop {
             let ended = self.session(&mut conn, &mut log, &mut heartbeat_seq).await;
             self.counters.set_backend_pid(None);
-            drop(conn);
+            match ended {
+                // Presumed half-open: sqlx's UNLISTEN on drop would hang on it.
+                Ended::Lost(GapReason::HeartbeatTimeout) => abandon(conn.listener),
+                _ => drop(conn),
+            }
             let reason = match ended {
                 Ended::Stop => break,
                 Ended::Lost(reason) => reason,
