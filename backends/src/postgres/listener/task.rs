@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::FutureExt as _;
 use pgcachewatch_core::{parse_payload, Error, GapReason, Health, PayloadError, SignalHub};
 use sqlx::postgres::PgNotification;
 use sqlx::Executor;
@@ -22,6 +23,10 @@ use super::backoff::Backoff;
 use super::config::{MalformedPolicy, Settings};
 use super::connection::{self, loss_detail, Listening};
 use super::stats::{bump, Counters};
+
+/// How many already-readable notifications are handled in a row before the task
+/// looks at stop, commands and the heartbeat again.
+const DRAIN_BATCH: usize = 256;
 
 /// A request from a [`PgListenerSource`](super::PgListenerSource) handle to its task.
 #[derive(Debug)]
@@ -120,6 +125,19 @@ impl Task {
         log: &mut MalformedLog,
         heartbeat_seq: &mut u64,
     ) -> Ended {
+        match self.receive(conn, log, heartbeat_seq).await {
+            Ok(never) => match never {},
+            Err(ended) => ended,
+        }
+    }
+
+    /// [`session`](Self::session)'s loop; returns only why it ended.
+    async fn receive(
+        &mut self,
+        conn: &mut Listening,
+        log: &mut MalformedLog,
+        heartbeat_seq: &mut u64,
+    ) -> Result<std::convert::Infallible, Ended> {
         let interval = self.settings.builder.heartbeat_interval;
         let timeout = self.settings.builder.heartbeat_timeout;
         let mut next_beat = Instant::now() + interval;
@@ -130,27 +148,23 @@ impl Task {
             let wake = pending.as_ref().map_or(next_beat, |p| p.deadline);
             tokio::select! {
                 biased;
-                _ = self.stop.changed() => return Ended::Stop,
+                _ = self.stop.changed() => return Err(Ended::Stop),
                 Some(command) = self.commands.recv() => {
-                    if let Err(lost) = self.command(conn, command).await {
-                        return lost;
-                    }
+                    self.command(conn, command).await?;
                 }
-                next = conn.listener.try_recv() => match next {
-                    Ok(Some(n)) if n.channel() == self.settings.heartbeat_channel => {
-                        received += 1;
-                        if let Some(p) = pending.take_if(|p| p.payload == n.payload()) {
-                            bump(&self.counters.heartbeats);
-                            self.counters.set_heartbeat_rtt(p.sent.elapsed());
+                next = conn.listener.try_recv() => {
+                    self.received(next, &mut pending, &mut received, log)?;
+                    // A burst: take what is already readable without going
+                    // round the select (its futures cost more than a
+                    // notification), in batches so that stop, commands and the
+                    // heartbeat's deadline are still looked at between them.
+                    for _ in 0..DRAIN_BATCH {
+                        match conn.listener.try_recv().now_or_never() {
+                            Some(next) => self.received(next, &mut pending, &mut received, log)?,
+                            None => break,
                         }
                     }
-                    Ok(Some(n)) => {
-                        received += 1;
-                        self.notification(&n, log);
-                    }
-                    Ok(None) => return Ended::Lost(GapReason::ConnectionLost { detail: loss_detail(None) }),
-                    Err(e) => return Ended::Lost(GapReason::ConnectionLost { detail: loss_detail(Some(&e)) }),
-                },
+                }
                 _ = tokio::time::sleep_until(wake) => {
                     if let Some(p) = pending.as_mut() {
                         if !p.expired(received, Instant::now(), timeout) {
@@ -158,7 +172,7 @@ impl Task {
                         }
                         bump(&self.counters.heartbeat_timeouts);
                         tracing::warn!(?timeout, "heartbeat unanswered: the connection is presumed half-open");
-                        return Ended::Lost(GapReason::HeartbeatTimeout);
+                        return Err(Ended::Lost(GapReason::HeartbeatTimeout));
                     }
                     *heartbeat_seq += 1;
                     match self.beat(conn, *heartbeat_seq, timeout, received).await {
@@ -166,10 +180,41 @@ impl Task {
                             next_beat = p.sent + interval;
                             pending = Some(p);
                         }
-                        Err(lost) => return lost,
+                        Err(lost) => return Err(lost),
                     }
                 }
             }
+        }
+    }
+
+    /// One result of `try_recv`: a heartbeat's answer, a notification to parse
+    /// and publish, or the end of the connection.
+    fn received(
+        &self,
+        next: Result<Option<PgNotification>, sqlx::Error>,
+        pending: &mut Option<Pending>,
+        received: &mut u64,
+        log: &mut MalformedLog,
+    ) -> Result<(), Ended> {
+        match next {
+            Ok(Some(n)) => {
+                *received += 1;
+                if n.channel() == self.settings.heartbeat_channel {
+                    if let Some(p) = pending.take_if(|p| p.payload == n.payload()) {
+                        bump(&self.counters.heartbeats);
+                        self.counters.set_heartbeat_rtt(p.sent.elapsed());
+                    }
+                } else {
+                    self.notification(&n, log);
+                }
+                Ok(())
+            }
+            Ok(None) => Err(Ended::Lost(GapReason::ConnectionLost {
+                detail: loss_detail(None),
+            })),
+            Err(e) => Err(Ended::Lost(GapReason::ConnectionLost {
+                detail: loss_detail(Some(&e)),
+            })),
         }
     }
 
