@@ -14,7 +14,10 @@
 //!   gap ([`MalformedPolicy`]); it never stops the source;
 //! * every heartbeat interval the task NOTIFYs its own heartbeat channel on the same
 //!   connection; if that does not come back within the heartbeat timeout, the
-//!   connection is presumed half-open (TCP alone may take many minutes to notice);
+//!   connection is presumed half-open (TCP alone may take many minutes to notice),
+//!   unless notifications kept arriving meanwhile: then the heartbeat is only
+//!   queued behind a burst the handlers are still working through, and it gets
+//!   more time (a burst never costs a spurious gap);
 //! * on a lost connection or a heartbeat timeout it emits `Health::Unhealthy` and
 //!   `Gap(ConnectionLost | HeartbeatTimeout)`, opens a *new* connection with capped,
 //!   jittered exponential backoff, LISTENs on every channel again, then emits
@@ -44,12 +47,15 @@
 //! fails [`connect`](PgListenerBuilder::connect) with an
 //! [`Error::Connection`] that says so and is not temporary.
 //!
-//! # Leaks
+//! # No leak on a half-open connection
 //!
-//! One caveat comes from sqlx: dropping a `PgListener` whose
-//! connection is half-open leaves sqlx's own `UNLISTEN` clean-up task waiting on the
-//! dead socket until the operating system gives up on it.
+//! Dropping sqlx's `PgListener` sends `UNLISTEN *` from a task that, on a
+//! half-open connection, would wait until TCP gives up (minutes, or for ever
+//! behind a middlebox). After a heartbeat timeout the source closes the
+//! connection itself instead, at once and without leaving a task behind (the
+//! session's LISTENs end with it).
 
+mod abandon;
 pub(crate) mod backoff;
 mod config;
 mod connection;

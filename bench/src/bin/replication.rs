@@ -28,7 +28,9 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::PgPool;
 
 #[derive(Parser, Debug)]
-#[command(about = "replication source vs LISTEN source vs raw floor; the cost of a killed connection")]
+#[command(
+    about = "replication source vs LISTEN source vs raw floor; the cost of a killed connection"
+)]
 struct Args {
     /// Measured rounds per side.
     #[arg(long, default_value_t = 300)]

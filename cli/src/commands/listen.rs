@@ -1,10 +1,68 @@
 //! `listen`: print events as they arrive, with their notification latency.
+//!
+//! Lines are written in the listener's own task (see [`watch`]) into a buffer
+//! flushed every [`watch::FLUSH_EVERY`]: a burst is printed in full, never
+//! skipped. Gap lines on stderr, which could come once per signal, are printed at
+//! most once a second with the count of those left out.
+
+use std::io::{BufWriter, Stdout, Write as _};
+use std::time::Instant;
 
 use anyhow::Result;
 use pgcachewatch::{Event, Signal};
 
-use super::watch::{self, Latencies};
+use super::watch::{self, Latencies, RateLimit, Sink};
 use crate::StopArgs;
+
+/// Large enough that a burst costs one `write` per few hundred lines.
+const BUFFER_BYTES: usize = 64 * 1024;
+
+/// Standard output, and what the summary needs.
+struct Printer {
+    out: BufWriter<Stdout>,
+    as_json: bool,
+    latencies: Latencies,
+    gaps: RateLimit,
+}
+
+impl Sink for Printer {
+    fn signal(&mut self, signal: &Signal) -> Result<()> {
+        match signal {
+            Signal::Event(event) => {
+                let micros = event
+                    .latency()
+                    .and_then(|d| d.num_microseconds())
+                    .map(|us| us as f64);
+                if let Some(us) = micros {
+                    self.latencies.add(us);
+                }
+                if self.as_json {
+                    let json = serde_json::to_string(&**event)?;
+                    writeln!(self.out, "{json}")?;
+                } else {
+                    writeln!(self.out, "{}", line(event, micros))?;
+                }
+            }
+            Signal::Gap(reason) => {
+                if let Some(suppressed) = self.gaps.check(Instant::now()) {
+                    let left_out = if suppressed > 0 {
+                        format!(" ({suppressed} more gaps in the last second not shown)")
+                    } else {
+                        String::new()
+                    };
+                    eprintln!("-- gap: {reason} (caches flush here){left_out}");
+                }
+            }
+            Signal::Health(health) => eprintln!("-- source is {health:?}"),
+            other => eprintln!("-- {other:?}"),
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        Ok(self.out.flush()?)
+    }
+}
 
 pub(crate) async fn listen(
     url: Option<&str>,
@@ -17,33 +75,23 @@ pub(crate) async fn listen(
         "listening on {channels:?} at {}; Ctrl-C to stop",
         target.describe()
     );
-    let mut latencies = Latencies::default();
-    let stopped = watch::pump(&source, stop, |signal| {
-        match signal {
-            Signal::Event(event) => {
-                let micros = event
-                    .latency()
-                    .and_then(|d| d.num_microseconds())
-                    .map(|us| us as f64);
-                if let Some(us) = micros {
-                    latencies.add(us);
-                }
-                if as_json {
-                    crate::output::print(&format!("{}\n", serde_json::to_string(&**event)?))?;
-                } else {
-                    crate::output::print(&format!("{}\n", line(event, micros)))?;
-                }
-            }
-            Signal::Gap(reason) => eprintln!("-- gap: {reason} (caches flush here)"),
-            Signal::Health(health) => eprintln!("-- source is {health:?}"),
-            other => eprintln!("-- {other:?}"),
-        }
-        Ok(())
-    })
-    .await?;
+    let printer = Printer {
+        out: BufWriter::with_capacity(BUFFER_BYTES, std::io::stdout()),
+        as_json,
+        latencies: Latencies::default(),
+        gaps: RateLimit::default(),
+    };
+    let result = watch::pump(&source, stop, printer).await;
     let stats = source.stats();
     source.shutdown().await;
-    eprintln!("-- stopped: {stopped}; {latencies}; listener stats: {stats:?}");
+    let (stopped, printer) = result?;
+    if printer.gaps.pending() > 0 {
+        eprintln!("-- {} more gaps not shown", printer.gaps.pending());
+    }
+    eprintln!(
+        "-- stopped: {stopped}; {}; listener stats: {stats:?}",
+        printer.latencies
+    );
     Ok(())
 }
 

@@ -1,5 +1,10 @@
 //! `record`: write received signals to a JSON-lines event log the testkit replays
 //! (format: `pgcachewatch::testkit::eventlog`).
+//!
+//! Records are written in the listener's own task as each notification is parsed
+//! (see [`watch`]), into a buffer flushed every [`watch::FLUSH_EVERY`] and on
+//! exit: the log holds every event the connection delivered, whatever the burst,
+//! and a `gap` record only where events were really lost.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -10,8 +15,31 @@ use anyhow::{Context as _, Result};
 use pgcachewatch::testkit::eventlog::{EventLogWriter, LogHeader};
 use pgcachewatch::Signal;
 
-use super::watch;
+use super::watch::{self, Sink};
 use crate::StopArgs;
+
+/// Large enough that a burst costs one `write` per ~200 records.
+const BUFFER_BYTES: usize = 256 * 1024;
+
+/// The event log being written.
+struct Recorder {
+    writer: EventLogWriter<BufWriter<File>>,
+    events: u64,
+}
+
+impl Sink for Recorder {
+    fn signal(&mut self, signal: &Signal) -> Result<()> {
+        self.writer.write_signal(signal, Instant::now())?;
+        if matches!(signal, Signal::Event(_)) {
+            self.events += 1;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        Ok(self.writer.flush()?)
+    }
+}
 
 pub(crate) async fn record(
     url: Option<&str>,
@@ -27,7 +55,7 @@ pub(crate) async fn record(
         channels.join(",")
     ));
     let start = Instant::now();
-    let mut writer = EventLogWriter::with_header(BufWriter::new(out), header)
+    let writer = EventLogWriter::with_header(BufWriter::with_capacity(BUFFER_BYTES, out), header)
         .with_context(|| format!("writing {}", file.display()))?
         .starting_at(start);
     eprintln!(
@@ -36,26 +64,15 @@ pub(crate) async fn record(
         file.display()
     );
 
-    let mut events = 0u64;
-    let result = watch::pump(&source, stop, |signal| {
-        writer.write_signal(signal, Instant::now())?;
-        // Flushed per record: whatever stops the process, the file holds every
-        // signal received so far, each on a complete line.
-        writer.flush()?;
-        if matches!(signal, Signal::Event(_)) {
-            events += 1;
-        }
-        Ok(())
-    })
-    .await;
+    let recorder = Recorder { writer, events: 0 };
+    let result = watch::pump(&source, stop, recorder).await;
     source.shutdown().await;
-    let flushed = writer.flush();
-    let stopped = result?;
-    flushed.with_context(|| format!("flushing {}", file.display()))?;
+    let (stopped, recorder) = result.with_context(|| format!("writing {}", file.display()))?;
     eprintln!(
-        "-- stopped: {stopped}; recorded {events} events ({} lines with header and \
+        "-- stopped: {stopped}; recorded {} events ({} lines with header and \
          health/gap records) to {} in {:.1} s",
-        writer.lines_written(),
+        recorder.events,
+        recorder.writer.lines_written(),
         file.display(),
         start.elapsed().as_secs_f64()
     );

@@ -1,10 +1,9 @@
 //! Counters of a running [`PgListenerSource`](super::PgListenerSource).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use parking_lot::Mutex;
 
 /// A snapshot of a listener's counters, from
 /// [`PgListenerSource::stats`](super::PgListenerSource::stats).
@@ -45,7 +44,9 @@ pub(crate) struct Counters {
     backend_pid: AtomicU32,
     /// Nanoseconds + 1; 0 = none.
     last_heartbeat_rtt: AtomicU64,
-    last_event_at: Mutex<Option<DateTime<Utc>>>,
+    /// Nanoseconds since the Unix epoch; 0 = none. An atomic, not a
+    /// lock: it is written once per event.
+    last_event_at: AtomicI64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -65,7 +66,8 @@ impl Counters {
 
     pub(crate) fn event_received(&self, at: DateTime<Utc>) {
         bump(&self.events);
-        *self.last_event_at.lock() = Some(at);
+        let nanos = at.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        self.last_event_at.store(nanos, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> ListenerStats {
@@ -79,7 +81,10 @@ impl Counters {
             gaps: get(&self.gaps),
             heartbeat_timeouts: get(&self.heartbeat_timeouts),
             heartbeats: get(&self.heartbeats),
-            last_event_at: *self.last_event_at.lock(),
+            last_event_at: match self.last_event_at.load(Ordering::Relaxed) {
+                0 => None,
+                nanos => Some(DateTime::from_timestamp_nanos(nanos)),
+            },
             last_heartbeat_rtt: (rtt > 0).then(|| Duration::from_nanos(rtt - 1)),
             backend_pid: (pid > 0).then_some(pid),
         }

@@ -11,16 +11,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::FutureExt as _;
 use pgcachewatch_core::{parse_payload, Error, GapReason, Health, PayloadError, SignalHub};
 use sqlx::postgres::PgNotification;
 use sqlx::Executor;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::abandon::abandon;
 use super::backoff::Backoff;
 use super::config::{MalformedPolicy, Settings};
 use super::connection::{self, loss_detail, Listening};
 use super::stats::{bump, Counters};
+
+/// How many already-readable notifications are handled in a row before the task
+/// looks at stop, commands and the heartbeat again.
+const DRAIN_BATCH: usize = 256;
 
 /// A request from a [`PgListenerSource`](super::PgListenerSource) handle to its task.
 #[derive(Debug)]
@@ -42,6 +48,24 @@ struct Pending {
     payload: String,
     sent: Instant,
     deadline: Instant,
+    /// Notifications received on this connection when the deadline was last set.
+    received_then: u64,
+}
+
+impl Pending {
+    /// At the deadline: `true` if the connection is presumed half-open. A
+    /// connection that delivered notifications since the deadline was set is
+    /// alive, only backlogged (a burst the handlers are still working through is
+    /// ahead of the heartbeat): the heartbeat gets another `timeout`, so a burst
+    /// never costs a spurious `Gap(HeartbeatTimeout)`.
+    fn expired(&mut self, received: u64, now: Instant, timeout: Duration) -> bool {
+        if received == self.received_then {
+            return true;
+        }
+        self.received_then = received;
+        self.deadline = now + timeout;
+        false
+    }
 }
 
 pub(crate) struct Task {
@@ -62,7 +86,11 @@ impl Task {
         loop {
             let ended = self.session(&mut conn, &mut log, &mut heartbeat_seq).await;
             self.counters.set_backend_pid(None);
-            drop(conn);
+            match ended {
+                // Presumed half-open: sqlx's UNLISTEN on drop would hang on it.
+                Ended::Lost(GapReason::HeartbeatTimeout) => abandon(conn.listener),
+                _ => drop(conn),
+            }
             let reason = match ended {
                 Ended::Stop => break,
                 Ended::Lost(reason) => reason,
@@ -81,6 +109,7 @@ impl Task {
             self.hub.set_health(Health::Healthy);
         }
         self.hub.set_health(Health::Unhealthy);
+        log.finish();
         tracing::debug!("listener task stopped");
     }
 
@@ -96,47 +125,96 @@ impl Task {
         log: &mut MalformedLog,
         heartbeat_seq: &mut u64,
     ) -> Ended {
+        match self.receive(conn, log, heartbeat_seq).await {
+            Ok(never) => match never {},
+            Err(ended) => ended,
+        }
+    }
+
+    /// [`session`](Self::session)'s loop; returns only why it ended.
+    async fn receive(
+        &mut self,
+        conn: &mut Listening,
+        log: &mut MalformedLog,
+        heartbeat_seq: &mut u64,
+    ) -> Result<std::convert::Infallible, Ended> {
         let interval = self.settings.builder.heartbeat_interval;
         let timeout = self.settings.builder.heartbeat_timeout;
         let mut next_beat = Instant::now() + interval;
         let mut pending: Option<Pending> = None;
+        // Everything this connection delivered, heartbeats included.
+        let mut received: u64 = 0;
         loop {
             let wake = pending.as_ref().map_or(next_beat, |p| p.deadline);
             tokio::select! {
                 biased;
-                _ = self.stop.changed() => return Ended::Stop,
+                _ = self.stop.changed() => return Err(Ended::Stop),
                 Some(command) = self.commands.recv() => {
-                    if let Err(lost) = self.command(conn, command).await {
-                        return lost;
-                    }
+                    self.command(conn, command).await?;
                 }
-                received = conn.listener.try_recv() => match received {
-                    Ok(Some(n)) if n.channel() == self.settings.heartbeat_channel => {
-                        if let Some(p) = pending.take_if(|p| p.payload == n.payload()) {
-                            bump(&self.counters.heartbeats);
-                            self.counters.set_heartbeat_rtt(p.sent.elapsed());
+                next = conn.listener.try_recv() => {
+                    self.received(next, &mut pending, &mut received, log)?;
+                    // A burst: take what is already readable without going
+                    // round the select (its futures cost more than a
+                    // notification), in batches so that stop, commands and the
+                    // heartbeat's deadline are still looked at between them.
+                    for _ in 0..DRAIN_BATCH {
+                        match conn.listener.try_recv().now_or_never() {
+                            Some(next) => self.received(next, &mut pending, &mut received, log)?,
+                            None => break,
                         }
                     }
-                    Ok(Some(n)) => self.notification(&n, log),
-                    Ok(None) => return Ended::Lost(GapReason::ConnectionLost { detail: loss_detail(None) }),
-                    Err(e) => return Ended::Lost(GapReason::ConnectionLost { detail: loss_detail(Some(&e)) }),
-                },
+                }
                 _ = tokio::time::sleep_until(wake) => {
-                    if pending.is_some() {
+                    if let Some(p) = pending.as_mut() {
+                        if !p.expired(received, Instant::now(), timeout) {
+                            continue;
+                        }
                         bump(&self.counters.heartbeat_timeouts);
                         tracing::warn!(?timeout, "heartbeat unanswered: the connection is presumed half-open");
-                        return Ended::Lost(GapReason::HeartbeatTimeout);
+                        return Err(Ended::Lost(GapReason::HeartbeatTimeout));
                     }
                     *heartbeat_seq += 1;
-                    match self.beat(conn, *heartbeat_seq, timeout).await {
+                    match self.beat(conn, *heartbeat_seq, timeout, received).await {
                         Ok(p) => {
                             next_beat = p.sent + interval;
                             pending = Some(p);
                         }
-                        Err(lost) => return lost,
+                        Err(lost) => return Err(lost),
                     }
                 }
             }
+        }
+    }
+
+    /// One result of `try_recv`: a heartbeat's answer, a notification to parse
+    /// and publish, or the end of the connection.
+    fn received(
+        &self,
+        next: Result<Option<PgNotification>, sqlx::Error>,
+        pending: &mut Option<Pending>,
+        received: &mut u64,
+        log: &mut MalformedLog,
+    ) -> Result<(), Ended> {
+        match next {
+            Ok(Some(n)) => {
+                *received += 1;
+                if n.channel() == self.settings.heartbeat_channel {
+                    if let Some(p) = pending.take_if(|p| p.payload == n.payload()) {
+                        bump(&self.counters.heartbeats);
+                        self.counters.set_heartbeat_rtt(p.sent.elapsed());
+                    }
+                } else {
+                    self.notification(&n, log);
+                }
+                Ok(())
+            }
+            Ok(None) => Err(Ended::Lost(GapReason::ConnectionLost {
+                detail: loss_detail(None),
+            })),
+            Err(e) => Err(Ended::Lost(GapReason::ConnectionLost {
+                detail: loss_detail(Some(&e)),
+            })),
         }
     }
 
@@ -147,6 +225,7 @@ impl Task {
         conn: &mut Listening,
         seq: u64,
         timeout: Duration,
+        received: u64,
     ) -> Result<Pending, Ended> {
         let payload = seq.to_string();
         // One round trip (simple query protocol). NOTIFY assigns a transaction id, so
@@ -163,6 +242,7 @@ impl Task {
                 payload,
                 sent,
                 deadline: sent + timeout,
+                received_then: received,
             }),
             Ok(Err(e)) => Err(Ended::Lost(GapReason::ConnectionLost {
                 detail: loss_detail(Some(&e)),
@@ -317,5 +397,39 @@ impl MalformedLog {
         );
         self.last = Some(now);
         self.suppressed = 0;
+    }
+
+    /// When the source stops: the count of those never logged, if any.
+    fn finish(&mut self) {
+        if self.suppressed > 0 {
+            tracing::warn!(
+                suppressed_since_last_warning = self.suppressed,
+                "more payloads on watched channels were not events (not logged one by one)"
+            );
+            self.suppressed = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_behind_a_backlog_gets_more_time_a_silent_one_expires() {
+        let timeout = Duration::from_millis(50);
+        let sent = Instant::now();
+        let mut p = Pending {
+            payload: "1".into(),
+            sent,
+            deadline: sent + timeout,
+            received_then: 10,
+        };
+        // Notifications came in since: alive, only backlogged.
+        let at = sent + timeout;
+        assert!(!p.expired(500, at, timeout));
+        assert_eq!(p.deadline, at + timeout);
+        // Nothing since the deadline was moved: half-open.
+        assert!(p.expired(500, at + timeout, timeout));
     }
 }
