@@ -79,14 +79,22 @@ pub fn parse_payload(
     let sent_at = wire.sent_at.and_then(|v| {
         let parsed = v.as_str().and_then(parse_timestamp);
         if parsed.is_none() {
-            tracing::warn!(table = %wire.table, sent_at = %v, "ignoring unreadable sent_at");
+            static LIMIT: crate::rate_limit::RateLimit = crate::rate_limit::RateLimit::new();
+            if let Some(suppressed) = LIMIT.check() {
+                tracing::warn!(table = %wire.table, sent_at = %v, suppressed,
+                    "ignoring unreadable sent_at (at most one such warning a second; `suppressed` were not logged)");
+            }
         }
         parsed
     });
     let keys = wire.keys.filter(|v| !v.is_null()).and_then(|v| {
         let keys = serde_json::from_value::<Vec<RowKey>>(v).ok();
         if keys.is_none() {
-            tracing::warn!(table = %wire.table, "ignoring unreadable row keys; invalidating the whole table");
+            static LIMIT: crate::rate_limit::RateLimit = crate::rate_limit::RateLimit::new();
+            if let Some(suppressed) = LIMIT.check() {
+                tracing::warn!(table = %wire.table, suppressed,
+                    "ignoring unreadable row keys; invalidating the whole table (at most one such warning a second)");
+            }
         }
         keys
     });
