@@ -263,59 +263,12 @@ impl TableRef {
     /// # Ok::<_, pgcachewatch::InvalidTableName>(())
     /// ```
     pub fn parse(text: &str) -> Result<TableRef, InvalidTableName> {
-        let bad = |reason: &'static str| InvalidTableName {
-            text: text.to_owned(),
-            reason,
-        };
-        let mut parts: Vec<String> = Vec::with_capacity(2);
-        let mut chars = text.trim().chars().peekable();
-        loop {
-            let mut part = String::new();
-            if chars.peek() == Some(&'"') {
-                chars.next();
-                loop {
-                    match chars.next() {
-                        Some('"') if chars.peek() == Some(&'"') => {
-                            chars.next();
-                            part.push('"');
-                        }
-                        Some('"') => break,
-                        Some(c) => part.push(c),
-                        None => return Err(bad("unterminated quoted identifier")),
-                    }
-                }
-                if part.is_empty() {
-                    return Err(bad("empty quoted identifier"));
-                }
-            } else {
-                while let Some(&c) = chars.peek() {
-                    if c == '.' {
-                        break;
-                    }
-                    if c == '"' || c.is_whitespace() {
-                        return Err(bad(
-                            "unexpected quote or space inside a name (quote the whole name)",
-                        ));
-                    }
-                    part.extend(c.to_lowercase());
-                    chars.next();
-                }
-                if part.is_empty() {
-                    return Err(bad("empty name"));
-                }
-            }
-            parts.push(part);
-            match chars.next() {
-                None => break,
-                Some('.') => continue,
-                Some(_) => return Err(bad("expected `.` or the end after a quoted name")),
-            }
-        }
-        let mut parts = parts.into_iter();
+        let mut parts = split_qualified(text)?.into_iter();
         match (parts.next(), parts.next(), parts.next()) {
             (Some(table), None, None) => Ok(TableRef::unqualified(table)),
             (Some(schema), Some(table), None) => Ok(TableRef::new(schema, table)),
-            _ => Err(bad(
+            _ => Err(InvalidTableName::new(
+                text,
                 "expected `table` or `schema.table` (quote names containing dots)",
             )),
         }
@@ -346,7 +299,74 @@ pub struct InvalidTableName {
     /// The text given.
     pub text: String,
     /// What is wrong with it.
-    pub reason: &'static str,
+    pub reason: String,
+}
+
+impl InvalidTableName {
+    fn new(text: &str, reason: impl Into<String>) -> Self {
+        InvalidTableName {
+            text: text.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Splits `a.b` into its identifiers, unquoting and case-folding each as
+/// PostgreSQL does: unquoted names fold ASCII letters to lower case and may hold
+/// letters, digits (not first), `_` and `$`; quoted ones are taken as written
+/// (`""` is a quote).
+fn split_qualified(text: &str) -> Result<Vec<String>, InvalidTableName> {
+    let bad = |reason: String| InvalidTableName::new(text, reason);
+    let mut parts = Vec::new();
+    let mut chars = text.trim().chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => part.push(c),
+                    None => return Err(bad("unterminated quoted identifier".into())),
+                }
+            }
+            if part.is_empty() {
+                return Err(bad("empty quoted identifier".into()));
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                let ok = c == '_'
+                    || c.is_alphabetic()
+                    || (!part.is_empty() && (c.is_ascii_digit() || c == '$'));
+                if !ok {
+                    return Err(bad(format!(
+                        "{c:?} is not allowed in an unquoted name; \
+                         quote the name in double quotes, e.g. '\"{}\"'",
+                        text.trim().replace('"', "\"\"")
+                    )));
+                }
+                // PostgreSQL folds only ASCII letters in unquoted identifiers.
+                part.push(c.to_ascii_lowercase());
+                chars.next();
+            }
+            if part.is_empty() {
+                return Err(bad("empty name".into()));
+            }
+        }
+        parts.push(part);
+        match chars.next() {
+            None => return Ok(parts),
+            Some('.') => continue,
+            Some(c) => return Err(bad(format!("unexpected {c:?} after a name"))),
+        }
+    }
 }
 
 /// Anything that names a table: a [`TableRef`], SQL-style text parsed by

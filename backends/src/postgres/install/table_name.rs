@@ -46,17 +46,12 @@ impl TableName {
         Ok(TableName { schema, table })
     }
 
-    /// Parses `table` or `schema.table` with PostgreSQL's quoting rules.
+    /// Parses `table` or `schema.table` with PostgreSQL's quoting rules — the
+    /// same parser as every other table name in pgcachewatch
+    /// ([`TableRef::parse`](pgcachewatch_core::TableRef::parse)).
     pub fn parse(text: &str) -> Result<Self, InstallError> {
-        let parts = split_qualified(text)?;
-        match parts.as_slice() {
-            [table] => TableName::new(DEFAULT_SCHEMA, table.clone()),
-            [schema, table] => TableName::new(schema.clone(), table.clone()),
-            _ => Err(bad(
-                text,
-                "expected `table` or `schema.table` (quote names containing dots)",
-            )),
-        }
+        let t = pgcachewatch_core::TableRef::parse(text).map_err(|e| bad(text, &e.reason))?;
+        TableName::new(t.schema.as_deref().unwrap_or(DEFAULT_SCHEMA), t.table)
     }
 
     /// The schema, as stored in the catalog.
@@ -94,63 +89,6 @@ fn bad(text: &str, reason: &str) -> InstallError {
         what: "table",
         name: text.to_owned(),
         reason: reason.to_owned(),
-    }
-}
-
-/// Splits `a.b` into its identifiers, unquoting and case-folding each.
-fn split_qualified(text: &str) -> Result<Vec<String>, InstallError> {
-    let mut parts = Vec::new();
-    let mut chars = text.trim().chars().peekable();
-    loop {
-        let mut part = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    Some('"') if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        part.push('"');
-                    }
-                    Some('"') => break,
-                    Some(c) => part.push(c),
-                    None => return Err(bad(text, "unterminated quoted identifier")),
-                }
-            }
-            if part.is_empty() {
-                return Err(bad(text, "empty quoted identifier"));
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c == '.' {
-                    break;
-                }
-                let ok = c == '_'
-                    || c.is_alphabetic()
-                    || (!part.is_empty() && (c.is_ascii_digit() || c == '$'));
-                if !ok {
-                    return Err(bad(
-                        text,
-                        &format!(
-                            "{c:?} is not allowed in an unquoted name; \
-                             quote the name in double quotes, e.g. '\"{}\"'",
-                            text.trim().replace('"', "\"\"")
-                        ),
-                    ));
-                }
-                // PostgreSQL folds only ASCII letters in unquoted identifiers.
-                part.push(c.to_ascii_lowercase());
-                chars.next();
-            }
-            if part.is_empty() {
-                return Err(bad(text, "empty name"));
-            }
-        }
-        parts.push(part);
-        match chars.next() {
-            None => return Ok(parts),
-            Some('.') => continue,
-            Some(c) => return Err(bad(text, &format!("unexpected {c:?} after a name"))),
-        }
     }
 }
 
