@@ -268,20 +268,36 @@ impl Row {
 struct Processed<'a> {
     sub: Subscription,
     dispatcher: &'a pgcachewatch_core::DispatcherHandle,
+    source: &'a PgListenerSource,
+    /// Gaps this subscription has seen (it was made before the source's first).
+    gaps_seen: u64,
 }
 
 impl Processed<'_> {
     /// Forget what was emitted so far (call before a write).
     fn forget(&mut self) {
-        while self.sub.try_recv().is_ok() {}
+        while let Ok(s) = self.sub.try_recv() {
+            self.gaps_seen += u64::from(s.is_gap());
+        }
     }
 
-    /// Waits until the source delivered the write's event, or a gap (after which
-    /// the dispatcher flushes), and the dispatcher applied it.
-    async fn wait(&mut self, txid: i64) {
+    /// The source's gap count, read right after a write committed: only a gap
+    /// counted beyond it was emitted after the commit, and so covers the write.
+    fn gaps_now(&self) -> u64 {
+        self.source.stats().gaps
+    }
+
+    /// Waits until the source delivered the write's event, or a gap emitted after
+    /// the write committed (after which the dispatcher flushes), and the
+    /// dispatcher applied it.
+    async fn wait(&mut self, txid: i64, gaps_at_commit: u64) {
+        let gaps_seen = &mut self.gaps_seen;
         until(&mut self.sub, |s| match s {
             Signal::Event(e) => e.txid == Some(txid),
-            Signal::Gap(_) => true,
+            Signal::Gap(_) => {
+                *gaps_seen += 1;
+                *gaps_seen > gaps_at_commit
+            }
             _ => false,
         })
         .await;
@@ -335,6 +351,8 @@ async fn killed_backend_gap_flush_reconnect_and_no_stale_read_meanwhile() {
     let mut processed_wait = Processed {
         sub: source.subscribe(),
         dispatcher: &dispatcher,
+        source: &source,
+        gaps_seen: 0,
     };
     let mut observer = source.subscribe();
     assert!(is_health(&next(&mut observer).await, Health::Healthy));
@@ -357,7 +375,8 @@ async fn killed_backend_gap_flush_reconnect_and_no_stale_read_meanwhile() {
             version += 1;
             processed_wait.forget();
             let txid = row.write(&channel, version).await;
-            processed_wait.wait(txid).await;
+            let gaps = processed_wait.gaps_now();
+            processed_wait.wait(txid, gaps).await;
             processed.store(version, Ordering::SeqCst);
         }
         let hits = cache.stats().hits;
@@ -376,7 +395,8 @@ async fn killed_backend_gap_flush_reconnect_and_no_stale_read_meanwhile() {
             version += 1;
             processed_wait.forget();
             let txid = row.write(&channel, version).await;
-            processed_wait.wait(txid).await;
+            let gaps = processed_wait.gaps_now();
+            processed_wait.wait(txid, gaps).await;
             processed.store(version, Ordering::SeqCst);
         }
 
@@ -408,11 +428,12 @@ async fn killed_backend_gap_flush_reconnect_and_no_stale_read_meanwhile() {
         version += 1;
         processed_wait.forget();
         let txid = row.write(&channel, version).await;
+        let gaps = processed_wait.gaps_now();
         until(&mut observer, |s| {
             s.as_event().is_some_and(|e| e.txid == Some(txid))
         })
         .await;
-        processed_wait.wait(txid).await;
+        processed_wait.wait(txid, gaps).await;
         processed.store(version, Ordering::SeqCst);
     }
 
