@@ -10,10 +10,10 @@
 //!   nothing was lost, so there is **no `Gap`**. It turns `Healthy` once it has
 //!   read up to where the stream ended when it came back.
 //! * If the stream no longer holds that sequence (its limits discarded it) it
-//!   emits `Gap(Lagged)` before resuming. While connected it also checks, when it
-//!   sees sequence numbers it skipped, that the stream did not discard them
-//!   unread; if it may have, that is a `Gap` too (conservatively: a skipped
-//!   message may belong to a table it does not watch).
+//!   emits `Gap(Lagged)` before resuming. While connected it also checks, before
+//!   delivering a message that skips sequence numbers, that the stream did not
+//!   discard any of them unread; if it may have, a `Gap` comes first
+//!   (conservatively: a skipped message may belong to a table it does not watch).
 //! * A relay gap marker, or a change of the relay's epoch, is a `Gap`.
 //! * It is `Unhealthy` while disconnected from NATS, while the relay's heartbeat
 //!   says its own source is unhealthy, and when no heartbeat came for the

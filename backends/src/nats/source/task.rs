@@ -27,8 +27,6 @@ pub(super) struct State {
     /// The stream's last sequence when the current consumer started.
     target: u64,
     max_lsn: Option<Lsn>,
-    /// The first sequence skipped since the last check (maybe discarded unread).
-    suspect_from: Option<u64>,
 }
 
 pub(super) struct Task {
@@ -171,7 +169,6 @@ impl Task {
             .map_err(|e| e.to_string())?;
         let messages = consumer.messages().await.map_err(|e| e.to_string())?;
         self.stats.lock().consumers += 1;
-        self.state.suspect_from = None;
         self.state.target = info.state.last_sequence;
         self.state.caught_up = self.next_seq > self.state.target;
         self.update_health();
@@ -192,36 +189,50 @@ impl Task {
                     }
                 }
                 msg = messages.next() => match msg {
-                    Some(Ok(m)) => self.on_message(&m),
+                    Some(Ok(m)) => {
+                        self.check_skipped(&m).await;
+                        self.on_message(&m);
+                    }
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "NATS consumer error; resuming");
                         return Exit::Reopen;
                     }
                     None => return Exit::Reopen,
                 },
-                _ = tick.tick() => {
-                    self.check_skipped().await;
-                    self.update_health();
-                }
+                _ = tick.tick() => self.update_health(),
             }
         }
     }
 
-    /// Sequences were skipped: if the stream discarded any of them, this source
-    /// may have missed one of its messages.
-    async fn check_skipped(&mut self) {
-        let Some(from) = self.state.suspect_from else {
+    /// Before a message that skips sequences is delivered: if the stream has
+    /// discarded any sequence in between, one of them may have been this
+    /// source's, so a `Gap` comes first — never after the events that follow it.
+    /// (Skips are normal: the consumer is filtered to some tables. Discards only
+    /// move the stream's first sequence up, so one check now is exact; when the
+    /// stream cannot be asked, the gap is assumed.)
+    async fn check_skipped(&mut self, m: &async_nats::jetstream::Message) {
+        let Ok(info) = m.info() else {
             return;
         };
-        if let Ok(info) = self.stream.get_info().await {
-            self.state.suspect_from = None;
-            if info.state.first_sequence > from {
-                let missed = info.state.first_sequence - from;
+        let from = self.next_seq;
+        if info.stream_sequence <= from {
+            return;
+        }
+        match self.stream.get_info().await {
+            Ok(stream) if stream.state.first_sequence <= from => {}
+            Ok(stream) => {
+                let missed = stream.state.first_sequence - from;
                 tracing::warn!(
                     missed,
                     "the stream discarded messages this source skipped: gap"
                 );
                 self.gap(GapReason::Lagged { missed });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell whether skipped messages were discarded: gap");
+                self.gap(GapReason::Injected {
+                    detail: "skipped stream sequences could not be checked".into(),
+                });
             }
         }
     }
@@ -233,9 +244,6 @@ impl Task {
         let seq = info.stream_sequence;
         if seq < self.next_seq {
             return;
-        }
-        if seq > self.next_seq && self.state.suspect_from.is_none() {
-            self.state.suspect_from = Some(self.next_seq);
         }
         self.next_seq = seq + 1;
         let published_ns = info.published.unix_timestamp_nanos();
