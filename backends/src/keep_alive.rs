@@ -29,3 +29,15 @@ pub(crate) fn subscription<T: Send + Sync + 'static>(
 ) -> Subscription {
     subscription.with_guard(keep)
 }
+
+/// Waits for a source's background task once it has been told to stop; a panic
+/// in it is logged (`what` names the task), never propagated.
+#[cfg(any(feature = "postgres", feature = "nats"))]
+pub(crate) async fn join_task(task: Option<tokio::task::JoinHandle<()>>, what: &str) {
+    let Some(task) = task else { return };
+    if let Err(e) = task.await {
+        if e.is_panic() {
+            tracing::error!("{what} task panicked: {e}");
+        }
+    }
+}

@@ -269,13 +269,7 @@ impl RelayHandle {
     /// Stops the relay after the messages in flight are acknowledged (or 5 s).
     pub async fn shutdown(mut self) {
         self.stop.send_replace(true);
-        if let Some(task) = self.task.take() {
-            if let Err(e) = task.await {
-                if e.is_panic() {
-                    tracing::error!("relay task panicked: {e}");
-                }
-            }
-        }
+        crate::keep_alive::join_task(self.task.take(), "relay").await;
     }
 
     /// Stops the relay at once, as a crash would: messages in flight may or may

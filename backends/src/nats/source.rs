@@ -146,13 +146,7 @@ impl NatsSource {
         self.inner.hub.close();
         self.inner.stop.send_replace(true);
         let task = self.inner.task.lock().take();
-        if let Some(task) = task {
-            if let Err(e) = task.await {
-                if e.is_panic() {
-                    tracing::error!("NATS source task panicked: {e}");
-                }
-            }
-        }
+        keep_alive::join_task(task, "NATS source").await;
     }
 }
 

@@ -261,13 +261,7 @@ impl PgListenerSource {
         self.inner.hub.close();
         self.inner.stop.send_replace(true);
         let task = self.inner.task.lock().take();
-        if let Some(task) = task {
-            if let Err(e) = task.await {
-                if e.is_panic() {
-                    tracing::error!("listener task panicked: {e}");
-                }
-            }
-        }
+        keep_alive::join_task(task, "listener").await;
     }
 }
 

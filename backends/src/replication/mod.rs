@@ -235,13 +235,7 @@ impl PgReplicationSource {
         self.inner.hub.close();
         self.inner.stop.send_replace(true);
         let task = self.inner.task.lock().take();
-        if let Some(task) = task {
-            if let Err(e) = task.await {
-                if e.is_panic() {
-                    tracing::error!("replication task panicked: {e}");
-                }
-            }
-        }
+        keep_alive::join_task(task, "replication").await;
     }
 }
 
