@@ -407,6 +407,7 @@ async fn a_dropped_slot_is_a_gap_and_a_clear_error() {
         .await
         .unwrap();
     source.shutdown().await;
+    support::wait_slot_released(&f.db, &slot).await;
     let source = PgReplicationSource::builder(database_url())
         .slot(&slot)
         .publication(&f.publication)

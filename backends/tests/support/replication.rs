@@ -203,3 +203,21 @@ pub async fn kill_walsender(db: &PgPool, slot: &str) -> bool {
     .flatten()
     .unwrap_or(false)
 }
+
+/// Waits (up to 10 s) until no walsender holds `slot`: a shut-down source's
+/// server process lets go of its slot a moment after the connection closes.
+pub async fn wait_slot_released(db: &PgPool, slot: &str) {
+    for _ in 0..200 {
+        let active: Option<bool> =
+            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(slot)
+                .fetch_optional(db)
+                .await
+                .expect("pg_replication_slots");
+        if active != Some(true) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("slot {slot} still active 10 s after its source shut down");
+}
