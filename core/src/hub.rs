@@ -170,6 +170,9 @@ impl SignalHub {
 
     /// A new subscription; its first signal is the current health.
     pub fn subscribe(&self) -> Subscription {
+        // Under the emission lock, so no health change falls between the health
+        // read here and the receiver's first buffered signal (it would repeat it).
+        let _emitting = self.inline.handlers.lock();
         let rx = self.tx.subscribe();
         Subscription::from_hub(Signal::Health(self.health()), rx, self.healthy.clone())
     }
@@ -193,6 +196,11 @@ impl SignalHub {
     pub fn send(&self, signal: Signal) {
         // One lock orders emissions: inline handlers and subscribers see the same order.
         let mut handlers = self.inline.handlers.lock();
+        self.emit_locked(&mut handlers, signal);
+    }
+
+    /// Emits with the emission lock held.
+    fn emit_locked(&self, handlers: &mut [(u64, InlineHandler)], signal: Signal) {
         for (_, handler) in handlers.iter_mut() {
             handler(&signal);
         }
@@ -207,9 +215,13 @@ impl SignalHub {
 
     /// Records a health change and tells subscribers; does nothing if unchanged.
     pub fn set_health(&self, health: Health) {
+        // The change and its signal under one lock: a subscriber or handler
+        // joining meanwhile sees either the old health and then the signal, or
+        // the new health and no signal — never the new health twice.
+        let mut handlers = self.inline.handlers.lock();
         let was = self.healthy.swap(health.is_healthy(), Ordering::AcqRel);
         if was != health.is_healthy() {
-            self.send(Signal::Health(health));
+            self.emit_locked(&mut handlers, Signal::Health(health));
         }
     }
 
@@ -221,5 +233,121 @@ impl SignalHub {
     /// How many subscriptions are alive.
     pub fn subscriber_count(&self) -> usize {
         self.tx.receiver_count()
+    }
+}
+
+#[cfg(all(test, not(pgcachewatch_loom)))]
+mod tests {
+    use super::*;
+
+    /// Subscriptions (or handlers) that join while the health flips.
+    const JOINERS: usize = 1000;
+    /// Each race is run this many times (it is a race: one round may miss it).
+    const ROUNDS: usize = 20;
+
+    /// Flips the hub's health until told to stop, at most `FLIPS` times (fewer
+    /// than a subscription buffers, so none lags).
+    fn flip_until_stopped(hub: &SignalHub, stop: &AtomicBool) {
+        const FLIPS: usize = 3000;
+        let mut healthy = false;
+        for i in 0..FLIPS {
+            if i > 0 && stop.load(Ordering::Acquire) {
+                break;
+            }
+            healthy = !healthy;
+            hub.set_health(if healthy {
+                Health::Healthy
+            } else {
+                Health::Unhealthy
+            });
+        }
+    }
+
+    /// Health signals a subscription saw, in order.
+    fn healths(sub: &mut Subscription) -> Vec<Health> {
+        let mut seen = Vec::new();
+        while let Ok(signal) = sub.try_recv() {
+            if let Signal::Health(h) = signal {
+                seen.push(h);
+            }
+        }
+        seen
+    }
+
+    /// A subscription made while another thread flips the health never sees
+    /// the same health twice in a row: its first signal and the broadcast
+    /// change are ordered by the emission lock.
+    #[test]
+    fn subscribing_during_health_changes_never_repeats_a_health() {
+        for _ in 0..ROUNDS {
+            subscribing_during_health_changes_round();
+        }
+    }
+
+    fn subscribing_during_health_changes_round() {
+        let hub = SignalHub::with_health(4096, Health::Unhealthy);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let hub = hub.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || flip_until_stopped(&hub, &stop))
+        };
+        // Join while it flips (it flips at least once).
+        while hub.health() == Health::Unhealthy && !flipper.is_finished() {
+            std::thread::yield_now();
+        }
+        let subs: Vec<Subscription> = (0..JOINERS).map(|_| hub.subscribe()).collect();
+        stop.store(true, Ordering::Release);
+        let mut subs = subs;
+        flipper.join().expect("the flipping thread panicked");
+        for (n, sub) in subs.iter_mut().enumerate() {
+            let seen = healths(sub);
+            for pair in seen.windows(2) {
+                assert_ne!(pair[0], pair[1], "subscription {n} saw {seen:?}");
+            }
+        }
+    }
+
+    /// The same for inline handlers attached during health changes.
+    #[test]
+    fn attaching_during_health_changes_never_repeats_a_health() {
+        for _ in 0..ROUNDS {
+            attaching_during_health_changes_round();
+        }
+    }
+
+    fn attaching_during_health_changes_round() {
+        use std::sync::Mutex as StdMutex;
+        let hub = SignalHub::with_health(16, Health::Unhealthy);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let hub = hub.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || flip_until_stopped(&hub, &stop))
+        };
+        // Join while it flips (it flips at least once).
+        while hub.health() == Health::Unhealthy && !flipper.is_finished() {
+            std::thread::yield_now();
+        }
+        let mut logs = Vec::new();
+        let mut attachments = Vec::new();
+        for _ in 0..JOINERS {
+            let log: Arc<StdMutex<Vec<Health>>> = Arc::default();
+            let sink = log.clone();
+            attachments.push(hub.attach_inline(Box::new(move |s: &Signal| {
+                if let Signal::Health(h) = s {
+                    sink.lock().expect("log poisoned").push(*h);
+                }
+            })));
+            logs.push(log);
+        }
+        stop.store(true, Ordering::Release);
+        flipper.join().expect("the flipping thread panicked");
+        for (n, log) in logs.iter().enumerate() {
+            let seen = log.lock().expect("log poisoned").clone();
+            for pair in seen.windows(2) {
+                assert_ne!(pair[0], pair[1], "handler {n} saw {seen:?}");
+            }
+        }
     }
 }
