@@ -72,6 +72,15 @@ pub trait Confirm: Send + Sync + fmt::Debug + 'static {
     fn confirmed(&self, lsn: Lsn);
 }
 
+/// The replication source's gate: the slot's confirmed position follows what
+/// JetStream acknowledged.
+#[cfg(feature = "replication")]
+impl Confirm for crate::replication::ConfirmGate {
+    fn confirmed(&self, lsn: Lsn) {
+        self.applied(lsn);
+    }
+}
+
 /// The default heartbeat interval.
 pub const DEFAULT_RELAY_HEARTBEAT: Duration = Duration::from_secs(1);
 /// The default number of messages published but not yet acknowledged.
@@ -184,17 +193,104 @@ impl RelayBuilder {
         self,
         source: &S,
     ) -> Result<RelayHandle, NatsError> {
+        self.check()?;
+        let (client, js) = self.open().await?;
+        let subscription = source.subscribe();
+        Ok(self.run(client, js, subscription, Continuity::None).await)
+    }
+
+    /// Starts a relay over a replication source started with
+    /// [`connect_durable`](crate::replication::PgReplicationBuilder::connect_durable):
+    /// lossless end to end. The relay reads every event from the slot's
+    /// confirmed position on, and the slot is confirmed only up to what
+    /// JetStream acknowledged, so a relay killed at any moment loses nothing:
+    /// the next one republishes what was not confirmed (JetStream drops the
+    /// copies it still remembers; consumers skip the others). When the slot
+    /// resumed, the relay continues the stream's epoch, so consumers keep their
+    /// caches across relay restarts; a created or recreated slot starts a new
+    /// epoch (a gap for every consumer).
+    ///
+    /// Returns the relay and the source (shut the source down after the relay).
+    ///
+    /// ```no_run
+    /// use pgcachewatch::nats::{NatsConnect, Relay};
+    /// use pgcachewatch::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let start = PgReplicationSource::builder("postgres://postgres@127.0.0.1/test")
+    ///     .connect_durable()
+    ///     .await?;
+    /// let (relay, source) = Relay::builder(NatsConnect::new("nats://127.0.0.1:4222"))
+    ///     .start_durable(start)
+    ///     .await?;
+    /// relay.shutdown().await;
+    /// source.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`NatsError`] if connecting or the stream fails, or a confirm target was
+    /// already set with [`confirm`](Self::confirm).
+    #[cfg(feature = "replication")]
+    pub async fn start_durable(
+        mut self,
+        start: crate::replication::DurableStart,
+    ) -> Result<(RelayHandle, crate::replication::PgReplicationSource), NatsError> {
+        self.check()?;
+        if self.confirm.is_some() {
+            return Err(NatsError::Config(
+                "start_durable confirms to the replication slot itself: do not also set confirm()"
+                    .into(),
+            ));
+        }
+        let resumed = start.resumed();
+        let (source, subscription, gate) = start.into_parts();
+        let origin = format!("slot:{}", source.slot());
+        self.confirm = Some(Arc::new(gate));
+        let (client, js) = self.open().await?;
+        let resume = if resumed {
+            last_epoch(&js, &self.stream, &origin).await
+        } else {
+            None
+        };
+        let handle = self
+            .run(client, js, subscription, Continuity::Origin(origin, resume))
+            .await;
+        Ok((handle, source))
+    }
+
+    fn check(&self) -> Result<(), NatsError> {
         if self.heartbeat.is_zero() {
             return Err(NatsError::Config(
                 "the heartbeat interval must be above zero".into(),
             ));
         }
-        self.stream.check()?;
+        self.stream.check()
+    }
+
+    async fn open(
+        &self,
+    ) -> Result<(async_nats::Client, async_nats::jetstream::Context), NatsError> {
         let client = self.connect.connect().await?;
         let js = async_nats::jetstream::new(client.clone());
         self.stream.ensure(&js).await?;
-        let subscription = source.subscribe();
-        let epoch = task::new_epoch();
+        Ok((client, js))
+    }
+
+    async fn run(
+        self,
+        client: async_nats::Client,
+        js: async_nats::jetstream::Context,
+        subscription: pgcachewatch_core::Subscription,
+        continuity: Continuity,
+    ) -> RelayHandle {
+        let (origin, resume) = match continuity {
+            Continuity::None => (None, None),
+            Continuity::Origin(origin, resume) => (Some(origin), resume),
+        };
+        let epoch = resume
+            .as_ref()
+            .map_or_else(|| task::new_epoch(origin.as_deref()), |r| r.epoch.clone());
         let status = Arc::new(Mutex::new(RelayStatus {
             epoch: epoch.clone(),
             upstream: Health::Unhealthy,
@@ -216,6 +312,7 @@ impl RelayBuilder {
             self.stream.prefix().to_owned(),
             subscription,
             epoch,
+            (origin, resume),
             self.heartbeat,
             self.max_in_flight,
             self.confirm,
@@ -223,13 +320,63 @@ impl RelayBuilder {
             stop_rx,
         );
         let handle = tokio::spawn(task.run());
-        Ok(RelayHandle {
+        RelayHandle {
             status,
             stop: stop_tx,
             task: Some(handle),
             client,
-        })
+        }
     }
+}
+
+/// Whether the relay's upstream has an identity that outlives the relay.
+enum Continuity {
+    /// No: every start is a new epoch (the LISTEN source).
+    None,
+    /// Yes (a replication slot), and maybe the epoch to continue.
+    Origin(String, Option<task::Resume>),
+}
+
+/// The epoch of the stream's last message, if it came from a relay over the
+/// same upstream (`<origin>/…`): the one to continue.
+#[cfg(feature = "replication")]
+async fn last_epoch(
+    js: &async_nats::jetstream::Context,
+    stream: &StreamSettings,
+    origin: &str,
+) -> Option<task::Resume> {
+    let handle = match stream.open(js).await {
+        Ok(handle) => handle,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the stream's last message: starting a new epoch");
+            return None;
+        }
+    };
+    let last = match handle
+        .get_last_raw_message_by_subject(&format!("{}.>", stream.prefix()))
+        .await
+    {
+        Ok(last) => last,
+        Err(e) => {
+            tracing::info!(error = %e, "no earlier relay message: starting a new epoch");
+            return None;
+        }
+    };
+    let msg = match super::wire::WireMessage::from_json(&last.payload) {
+        Ok(msg) => msg,
+        Err(e) => {
+            tracing::warn!(error = %e, "the stream's last message is not a relay message: starting a new epoch");
+            return None;
+        }
+    };
+    let continues = msg
+        .epoch
+        .strip_prefix(origin)
+        .is_some_and(|rest| rest.starts_with('/'));
+    continues.then(|| task::Resume {
+        epoch: msg.epoch,
+        next_n: msg.n.saturating_add(1),
+    })
 }
 
 /// A running relay. Dropping it stops the relay (as

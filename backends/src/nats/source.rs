@@ -108,6 +108,10 @@ pub struct NatsSourceStats {
     pub events: u64,
     /// Gaps emitted.
     pub gaps: u64,
+    /// Messages skipped as copies of ones already delivered (a restarted relay
+    /// republishing what it had not confirmed, after JetStream's duplicate
+    /// window forgot them).
+    pub duplicates: u64,
     /// Consumers created (1 + resumptions).
     pub consumers: u64,
     /// The relay epoch last seen.

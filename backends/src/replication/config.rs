@@ -216,6 +216,39 @@ impl PgReplicationBuilder {
         PgReplicationSource::start(settings).await
     }
 
+    /// Like [`connect`](Self::connect), for a consumer that must see every
+    /// event and confirm what it has stored (the NATS relay, an outbox writer):
+    /// the returned [`DurableStart`] holds a subscription and a
+    /// [`ConfirmGate`](super::ConfirmGate) made before the first message was
+    /// read, and says whether the slot resumed where it was confirmed.
+    ///
+    /// ```no_run
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// use pgcachewatch_core::Signal;
+    /// # async fn run() -> Result<(), pgcachewatch_core::Error> {
+    /// let start = PgReplicationSource::builder("postgres://postgres@127.0.0.1/test")
+    ///     .connect_durable()
+    ///     .await?;
+    /// let (_source, mut events, gate) = start.into_parts();
+    /// while let Some(signal) = events.recv().await {
+    ///     if let Signal::Event(e) = signal {
+    ///         // … store `e` durably, then:
+    ///         if let Some(lsn) = e.lsn {
+    ///             gate.applied(lsn);
+    ///         }
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect).
+    pub async fn connect_durable(self) -> Result<super::DurableStart, Error> {
+        let settings = self.validate()?;
+        PgReplicationSource::start_with(settings, true).await
+    }
+
     pub(crate) fn validate(self) -> Result<Settings, Error> {
         let (options, url_parts) = match &self.target {
             Target::Options(o) => ((**o).clone(), UrlParts::default()),

@@ -73,6 +73,9 @@ impl Progress {
 pub struct ConfirmGate {
     id: u64,
     progress: Arc<Progress>,
+    /// Dropping it keeps its hold (a durable consumer that is gone must not
+    /// let the source confirm what it never stored).
+    sticky: bool,
 }
 
 impl fmt::Debug for ConfirmGate {
@@ -85,10 +88,24 @@ impl fmt::Debug for ConfirmGate {
 
 impl ConfirmGate {
     pub(crate) fn new(progress: Arc<Progress>) -> Self {
+        Self::with_hold(progress, false)
+    }
+
+    fn with_hold(progress: Arc<Progress>, sticky: bool) -> Self {
         let id = progress.next_id.fetch_add(1, Ordering::Relaxed);
         let start = progress.confirmed().unwrap_or(Lsn::ZERO);
         progress.gates.lock().insert(id, start);
-        ConfirmGate { id, progress }
+        ConfirmGate {
+            id,
+            progress,
+            sticky,
+        }
+    }
+
+    /// A gate whose hold outlives it: once dropped, the source confirms no
+    /// further than its last report for as long as the source runs.
+    pub(crate) fn new_sticky(progress: Arc<Progress>) -> Self {
+        Self::with_hold(progress, true)
     }
 
     /// Everything up to `lsn` (an [`Event::lsn`](pgcachewatch_core::Event::lsn) or a
@@ -114,6 +131,9 @@ impl ConfirmGate {
 
 impl Drop for ConfirmGate {
     fn drop(&mut self) {
+        if self.sticky {
+            return;
+        }
         self.progress.gates.lock().remove(&self.id);
         self.progress.changed.notify_one();
     }
@@ -145,5 +165,18 @@ mod tests {
         // Never backwards.
         let _c = ConfirmGate::new(p.clone());
         assert_eq!(p.advance(), Lsn(300));
+    }
+
+    #[test]
+    fn a_sticky_gate_keeps_its_hold_after_it_is_dropped() {
+        let p = Arc::new(Progress::default());
+        let durable = ConfirmGate::new_sticky(p.clone());
+        p.set_emitted(Lsn(500));
+        assert_eq!(p.advance(), Lsn::ZERO, "nothing reported yet");
+        durable.applied(Lsn(200));
+        assert_eq!(p.advance(), Lsn(200));
+        drop(durable);
+        p.set_emitted(Lsn(900));
+        assert_eq!(p.advance(), Lsn(200), "the consumer is gone: no further");
     }
 }

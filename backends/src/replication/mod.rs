@@ -175,12 +175,24 @@ impl PgReplicationSource {
     }
 
     pub(crate) async fn start(settings: Settings) -> Result<Self, Error> {
+        Ok(Self::start_with(settings, false).await?.source)
+    }
+
+    /// Connects and spawns the task; with `durable`, the subscription and the
+    /// gate exist before the first message is read.
+    pub(crate) async fn start_with(
+        settings: Settings,
+        durable: bool,
+    ) -> Result<DurableStart, Error> {
         let first = client::open(&settings, None).await?;
+        let resumed =
+            first.slot == client::SlotOutcome::Existing && !settings.builder.temporary_slot;
         tracing::info!(
             target = %settings.describe_target(),
             slot = %settings.builder.slot,
             publication = %settings.builder.publication,
             tls = ?settings.tls_mode(),
+            resumed,
             "replication started"
         );
         let settings = Arc::new(settings);
@@ -188,6 +200,7 @@ impl PgReplicationSource {
         counters.set_backend_pid(first.backend_pid);
         let progress = Arc::new(Progress::default());
         let hub = SignalHub::with_health(settings.builder.buffer, Health::Unhealthy);
+        let early = durable.then(|| (hub.subscribe(), ConfirmGate::new_sticky(progress.clone())));
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = Task {
             settings: settings.clone(),
@@ -200,7 +213,7 @@ impl PgReplicationSource {
             progress_pending: None,
         };
         let handle = tokio::spawn(task.run(first));
-        Ok(PgReplicationSource {
+        let source = PgReplicationSource {
             inner: Arc::new(Inner {
                 hub: ClosableHub::new(hub),
                 counters,
@@ -209,6 +222,13 @@ impl PgReplicationSource {
                 stop: stop_tx,
                 task: Mutex::new(Some(handle)),
             }),
+        };
+        let early =
+            early.map(|(sub, gate)| (keep_alive::subscription(sub, source.inner.clone()), gate));
+        Ok(DurableStart {
+            source,
+            early,
+            resumed,
         })
     }
 
@@ -236,6 +256,47 @@ impl PgReplicationSource {
         self.inner.stop.send_replace(true);
         let task = self.inner.task.lock().take();
         keep_alive::join_task(task, "replication").await;
+    }
+}
+
+/// A replication source started for a durable consumer (a relay, an outbox
+/// writer): [`PgReplicationBuilder::connect_durable`].
+///
+/// Its subscription and gate ([`into_parts`](Self::into_parts)) existed before
+/// the source read its first message, so the consumer sees every event from
+/// the slot's confirmed position on, and the server discards nothing the
+/// consumer has not reported through the gate — even after the gate is
+/// dropped: a consumer that stopped (or crashed) never lets the source confirm
+/// what it did not store; the next run resumes from its last report. A source from
+/// [`connect`](PgReplicationBuilder::connect) starts streaming at once: what
+/// it reads before a later `subscribe` reaches nobody, and is confirmed.
+#[derive(Debug)]
+#[must_use = "the source stops when its last handle, subscription and attachment are dropped"]
+pub struct DurableStart {
+    source: PgReplicationSource,
+    early: Option<(Subscription, ConfirmGate)>,
+    resumed: bool,
+}
+
+impl DurableStart {
+    /// The source (for health, stats, shutdown, more subscribers).
+    pub fn source(&self) -> &PgReplicationSource {
+        &self.source
+    }
+
+    /// Whether the slot existed and streaming resumes right after what was
+    /// confirmed before (`false` when it was created or recreated now, or is
+    /// temporary: what happened before it is unknown).
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// The source, the subscription made before streaming, and the gate.
+    pub fn into_parts(self) -> (PgReplicationSource, Subscription, ConfirmGate) {
+        let (subscription, gate) = self
+            .early
+            .unwrap_or_else(|| (self.source.subscribe(), self.source.confirm_gate()));
+        (self.source, subscription, gate)
     }
 }
 

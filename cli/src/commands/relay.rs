@@ -1,4 +1,5 @@
-//! `relay`: publish the LISTEN source's events to NATS JetStream; `relay status`.
+//! `relay`: publish a source's events to NATS JetStream (the logical-replication
+//! source by default, lossless; or the LISTEN source); `relay status`.
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use pgcachewatch::nats::report::RelayReport;
 use pgcachewatch::nats::wire::WireKind;
 use pgcachewatch::nats::{NatsAuth, NatsConnect, Relay, StreamSettings};
 use pgcachewatch::postgres::DEFAULT_CHANNEL;
+use pgcachewatch::replication::{PgReplicationSource, DEFAULT_PUBLICATION, DEFAULT_SLOT};
 
 use super::watch;
 
@@ -34,9 +36,31 @@ pub(crate) enum RelayAction {
     },
 }
 
+/// Where the relay's events come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum SourceKind {
+    /// A logical-replication slot (`pgcachewatch replication setup` first):
+    /// lossless; the slot is confirmed only up to what JetStream acknowledged,
+    /// so a relay killed at any moment loses nothing and consumers keep their
+    /// caches across its restarts.
+    Replication,
+    /// LISTEN/NOTIFY (`pgcachewatch install` first): every reconnect of the
+    /// relay or of its connection is a gap for every consumer.
+    Listen,
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// Channel to listen on; repeat for several.
+    /// Where events come from.
+    #[arg(long, value_enum, default_value = "replication")]
+    source: SourceKind,
+    /// The replication slot (with --source replication).
+    #[arg(long, default_value = DEFAULT_SLOT)]
+    slot: String,
+    /// The publication (with --source replication).
+    #[arg(long, default_value = DEFAULT_PUBLICATION)]
+    publication: String,
+    /// Channel to listen on (with --source listen); repeat for several.
     #[arg(long = "channel", default_value = DEFAULT_CHANNEL, value_parser = crate::channel_name)]
     channels: Vec<String>,
     #[command(flatten)]
@@ -140,47 +164,93 @@ pub(crate) async fn relay(url: Option<&str>, args: RelayArgs) -> Result<()> {
 }
 
 async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
-    let (source, target) = watch::connect(url, args.channels.clone()).await?;
     let stream = args
         .nats
         .stream()
         .max_age(args.max_age)
         .max_bytes(args.max_bytes)
         .max_messages(args.max_messages);
-    let relay = Relay::builder(args.nats.connect()?)
+    let builder = Relay::builder(args.nats.connect()?)
         .stream(stream)
-        .heartbeat_interval(args.heartbeat)
-        .start(&source)
-        .await?;
-    eprintln!(
-        "relaying {:?} at {} to stream {} (subjects {}.>) on {}; Ctrl-C to stop",
-        args.channels,
-        target.describe(),
-        args.nats.stream,
-        args.nats.prefix,
-        args.nats.nats_url
-    );
+        .heartbeat_interval(args.heartbeat);
+    let (relay, upstream) = match args.source {
+        SourceKind::Replication => {
+            let target = crate::connect::Target::resolve(url)?;
+            let source = match url {
+                Some(url) => PgReplicationSource::builder(url),
+                None => PgReplicationSource::builder_with_options(target.options.clone()),
+            };
+            let start = source
+                .slot(&args.slot)
+                .publication(&args.publication)
+                .connect_durable()
+                .await
+                .with_context(|| format!("starting replication from slot {:?}", args.slot))?;
+            let resumed = start.resumed();
+            let (relay, source) = builder.start_durable(start).await?;
+            eprintln!(
+                "relaying slot {:?} (publication {:?}, {}) at {} to stream {} (subjects {}.>) on {}; Ctrl-C to stop",
+                args.slot,
+                args.publication,
+                if resumed { "resumed" } else { "new: consumers start with a gap" },
+                target.describe(),
+                args.nats.stream,
+                args.nats.prefix,
+                args.nats.nats_url
+            );
+            (relay, Upstream::Replication(source))
+        }
+        SourceKind::Listen => {
+            let (source, target) = watch::connect(url, args.channels.clone()).await?;
+            let relay = builder.start(&source).await?;
+            eprintln!(
+                "relaying {:?} at {} to stream {} (subjects {}.>) on {}; Ctrl-C to stop",
+                args.channels,
+                target.describe(),
+                args.nats.stream,
+                args.nats.prefix,
+                args.nats.nats_url
+            );
+            (relay, Upstream::Listen(source))
+        }
+    };
     let mut every = tokio::time::interval(args.report_every);
     every.tick().await;
-    loop {
+    let outcome = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = tokio::signal::ctrl_c() => break Ok(()),
             _ = every.tick() => {
                 let s = relay.status();
                 eprintln!(
-                    "-- source {:?}, epoch {}, {} events acknowledged, {} in flight, stream seq {}, lag {:?}, {} retries",
-                    s.upstream, s.epoch, s.events, s.in_flight, s.last_stream_seq, s.last_event_lag, s.retries
+                    "-- source {:?}, epoch {}, {} events acknowledged, {} in flight, stream seq {}, confirmed {}, lag {:?}, {} retries",
+                    s.upstream, s.epoch, s.events, s.in_flight, s.last_stream_seq,
+                    s.confirmed.map_or("-".to_owned(), |l| l.to_string()), s.last_event_lag, s.retries
                 );
                 if relay.is_finished() {
-                    anyhow::bail!("the relay stopped: its source ended");
+                    break Err(anyhow::anyhow!("the relay stopped: its source ended"));
                 }
             }
         }
-    }
+    };
     relay.shutdown().await;
-    source.shutdown().await;
+    upstream.shutdown().await;
     eprintln!("-- stopped");
-    Ok(())
+    outcome
+}
+
+/// The relay's source, to shut down after the relay.
+enum Upstream {
+    Replication(PgReplicationSource),
+    Listen(pgcachewatch::postgres::PgListenerSource),
+}
+
+impl Upstream {
+    async fn shutdown(self) {
+        match self {
+            Upstream::Replication(s) => s.shutdown().await,
+            Upstream::Listen(s) => s.shutdown().await,
+        }
+    }
 }
 
 async fn status(nats: &NatsArgs, json: bool) -> Result<()> {

@@ -13,9 +13,21 @@ use super::{Confirm, RelayStatus};
 use crate::nats::subject;
 use crate::nats::wire::{WireKind, WireMessage};
 
-/// A fresh epoch id: 64 random bits in hexadecimal.
-pub(super) fn new_epoch() -> String {
-    format!("{:016x}", rand::random::<u64>())
+/// A fresh epoch id: 64 random bits in hexadecimal, after `<origin>/` when the
+/// relay's upstream has an identity that survives restarts (a replication slot).
+pub(super) fn new_epoch(origin: Option<&str>) -> String {
+    match origin {
+        Some(origin) => format!("{origin}/{:016x}", rand::random::<u64>()),
+        None => format!("{:016x}", rand::random::<u64>()),
+    }
+}
+
+/// Where a restarted relay over a lossless upstream goes on: the epoch of the
+/// stream's last message and the number after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Resume {
+    pub(super) epoch: String,
+    pub(super) next_n: u64,
 }
 
 /// The message id of an event: its commit position and index within the
@@ -29,6 +41,10 @@ pub(crate) fn event_msg_id(epoch: &str, n: u64, lsn: Option<(Lsn, u32)>) -> Stri
 
 pub(super) struct Task {
     prefix: String,
+    /// The upstream's lasting identity (epochs are `<origin>/<random>`).
+    origin: Option<String>,
+    /// Continue this epoch instead of starting one.
+    resume: Option<Resume>,
     subscription: Subscription,
     epoch: String,
     epoch_started: Instant,
@@ -58,14 +74,18 @@ impl Task {
         prefix: String,
         subscription: Subscription,
         epoch: String,
+        continuity: (Option<String>, Option<Resume>),
         heartbeat: Duration,
         max_in_flight: usize,
         confirm: Option<Arc<dyn Confirm>>,
         status: Arc<Mutex<RelayStatus>>,
         stop: watch::Receiver<bool>,
     ) -> Self {
+        let (origin, resume) = continuity;
         Task {
             prefix,
+            origin,
+            resume,
             subscription,
             epoch,
             epoch_started: Instant::now(),
@@ -110,7 +130,7 @@ impl Task {
 
     /// Starts a new epoch whose first message is a gap marker.
     async fn new_epoch(&mut self, reason: GapReason) {
-        self.epoch = new_epoch();
+        self.epoch = new_epoch(self.origin.as_deref());
         self.epoch_started = Instant::now();
         self.n = 0;
         {
@@ -220,10 +240,22 @@ impl Task {
     }
 
     pub(super) async fn run(mut self) {
-        self.new_epoch(GapReason::Injected {
-            detail: "relay started".into(),
-        })
-        .await;
+        match self.resume.take() {
+            // The upstream resumes right after what this epoch's last run
+            // confirmed: nothing was lost, consumers keep their caches.
+            Some(resume) => {
+                tracing::info!(epoch = %resume.epoch, next = resume.next_n, "relay continues its epoch");
+                self.epoch = resume.epoch;
+                self.n = resume.next_n;
+                self.status.lock().epoch = self.epoch.clone();
+            }
+            None => {
+                self.new_epoch(GapReason::Injected {
+                    detail: "relay started".into(),
+                })
+                .await
+            }
+        }
         let mut beat = tokio::time::interval(self.heartbeat);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -274,9 +274,12 @@ impl Task {
             WireKind::Event(event) => {
                 if let (Some(lsn), Some(max)) = (event.lsn, self.state.max_lsn) {
                     if lsn < max {
-                        self.gap(GapReason::Injected {
-                            detail: format!("event at {lsn} arrived after {max}").into(),
-                        });
+                        // Within one epoch positions only grow: an earlier
+                        // commit again is a restarted relay republishing what
+                        // it had not confirmed, already delivered.
+                        self.stats.lock().duplicates += 1;
+                        self.update_health();
+                        return;
                     }
                 }
                 if let Some(lsn) = event.lsn {
@@ -298,8 +301,12 @@ impl Task {
                 }
             }
             WireKind::Progress(lsn) => {
-                self.state.max_lsn = Some(self.state.max_lsn.map_or(lsn, |m| m.max(lsn)));
-                self.hub.send(Signal::Progress(lsn));
+                if self.state.max_lsn.is_some_and(|max| lsn < max) {
+                    self.stats.lock().duplicates += 1;
+                } else {
+                    self.state.max_lsn = Some(lsn);
+                    self.hub.send(Signal::Progress(lsn));
+                }
             }
         }
         self.update_health();
