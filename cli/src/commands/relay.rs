@@ -1,4 +1,5 @@
-//! `relay`: publish the LISTEN source's events to NATS JetStream; `relay status`.
+//! `relay`: publish the LISTEN source's events to NATS JetStream and/or serve
+//! them over WebSocket to PGCacheWatch's `WSEventQueue` clients; `relay status`.
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use pgcachewatch::nats::report::RelayReport;
 use pgcachewatch::nats::wire::WireKind;
 use pgcachewatch::nats::{NatsAuth, NatsConnect, Relay, StreamSettings};
 use pgcachewatch::postgres::DEFAULT_CHANNEL;
+use pgcachewatch::websocket::{WsServer, WsServerHandle, DEFAULT_CLIENT_BUFFER};
 
 use super::watch;
 
@@ -41,6 +43,8 @@ pub(crate) struct RunArgs {
     channels: Vec<String>,
     #[command(flatten)]
     nats: NatsArgs,
+    #[command(flatten)]
+    ws: WsArgs,
     /// Discard messages older than this (500ms, 10s, 2m, 1h).
     #[arg(long, default_value = "24h", value_parser = crate::duration::parse)]
     max_age: Duration,
@@ -56,6 +60,83 @@ pub(crate) struct RunArgs {
     /// Print the relay's status this often.
     #[arg(long, default_value = "10s", value_parser = crate::duration::parse)]
     report_every: Duration,
+}
+
+/// The WebSocket endpoint for PGCacheWatch's `WSEventQueue` (a drop-in for its
+/// `pg_event_distributor`).
+#[derive(Debug, Args)]
+pub(crate) struct WsArgs {
+    /// Also serve the events over WebSocket at ws://ADDR/pgpubsub/{channel}, the
+    /// protocol of PGCacheWatch's pg_event_distributor (its WSEventQueue connects
+    /// unchanged). A non-loopback ADDR (0.0.0.0:8000) needs a token.
+    #[arg(long, value_name = "ADDR")]
+    ws_listen: Option<std::net::SocketAddr>,
+    /// Bearer token clients must send (Authorization: Bearer TOKEN). Prefer
+    /// PGCACHEWATCH_WS_TOKEN or --ws-token-env: arguments are visible to `ps`.
+    #[arg(
+        long,
+        env = "PGCACHEWATCH_WS_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    ws_token: Option<String>,
+    /// Read the bearer token from the environment variable NAME.
+    #[arg(long, value_name = "NAME", conflicts_with = "ws_token")]
+    ws_token_env: Option<String>,
+    /// Channel served at /pgpubsub/CHANNEL; repeat for several. Default: every
+    /// --channel. Each must be one of the --channel values.
+    #[arg(long = "ws-channel", value_name = "CHANNEL", value_parser = crate::channel_name)]
+    ws_channels: Vec<String>,
+    /// Messages buffered per WebSocket client; a client that falls further
+    /// behind is disconnected (close code 1008, with the reason).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CLIENT_BUFFER)]
+    ws_client_buffer: usize,
+    /// Serve WebSocket only: no NATS (needs --ws-listen).
+    #[arg(long, requires = "ws_listen")]
+    no_nats: bool,
+}
+
+impl WsArgs {
+    fn token(&self) -> Result<Option<String>> {
+        match (&self.ws_token, &self.ws_token_env) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(name)) => std::env::var(name)
+                .map(Some)
+                .with_context(|| format!("--ws-token-env {name}: the variable is not set")),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Starts the WebSocket server if `--ws-listen` was given.
+    async fn start(
+        &self,
+        channels: &[String],
+        source: &pgcachewatch::postgres::listener::PgListenerSource,
+    ) -> Result<Option<(WsServerHandle, Vec<String>)>> {
+        let Some(addr) = self.ws_listen else {
+            return Ok(None);
+        };
+        let served = if self.ws_channels.is_empty() {
+            channels.to_vec()
+        } else {
+            self.ws_channels.clone()
+        };
+        if let Some(c) = served.iter().find(|c| !channels.contains(c)) {
+            anyhow::bail!("--ws-channel {c:?} is not listened to: add --channel {c:?}");
+        }
+        let mut b = WsServer::builder()
+            .listen(addr)
+            .channels(served.iter().cloned())
+            .client_buffer(self.ws_client_buffer);
+        if let Some(token) = self.token()? {
+            b = b.token(token);
+        }
+        let server = b
+            .start(source)
+            .await
+            .context("starting the WebSocket server")?;
+        Ok(Some((server, served)))
+    }
 }
 
 /// Where NATS is, which stream, and the credentials.
@@ -141,46 +222,82 @@ pub(crate) async fn relay(url: Option<&str>, args: RelayArgs) -> Result<()> {
 
 async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
     let (source, target) = watch::connect(url, args.channels.clone()).await?;
-    let stream = args
-        .nats
-        .stream()
-        .max_age(args.max_age)
-        .max_bytes(args.max_bytes)
-        .max_messages(args.max_messages);
-    let relay = Relay::builder(args.nats.connect()?)
-        .stream(stream)
-        .heartbeat_interval(args.heartbeat)
-        .start(&source)
-        .await?;
-    eprintln!(
-        "relaying {:?} at {} to stream {} (subjects {}.>) on {}; Ctrl-C to stop",
-        args.channels,
-        target.describe(),
-        args.nats.stream,
-        args.nats.prefix,
-        args.nats.nats_url
-    );
+    // The WebSocket server first: a bad token or address fails before NATS is touched.
+    let ws = args.ws.start(&args.channels, &source).await?;
+    if let Some((server, served)) = &ws {
+        let auth = if args.ws.ws_token.is_some() || args.ws.ws_token_env.is_some() {
+            "bearer token required"
+        } else {
+            "no token"
+        };
+        eprintln!(
+            "serving {served:?} at ws://{}/pgpubsub/{{channel}} ({auth})",
+            server.local_addr()
+        );
+    }
+    let relay = if args.ws.no_nats {
+        None
+    } else {
+        let stream = args
+            .nats
+            .stream()
+            .max_age(args.max_age)
+            .max_bytes(args.max_bytes)
+            .max_messages(args.max_messages);
+        let relay = Relay::builder(args.nats.connect()?)
+            .stream(stream)
+            .heartbeat_interval(args.heartbeat)
+            .start(&source)
+            .await?;
+        eprintln!(
+            "relaying {:?} at {} to stream {} (subjects {}.>) on {}",
+            args.channels,
+            target.describe(),
+            args.nats.stream,
+            args.nats.prefix,
+            args.nats.nats_url
+        );
+        Some(relay)
+    };
+    eprintln!("listening at {}; Ctrl-C to stop", target.describe());
     let mut every = tokio::time::interval(args.report_every);
     every.tick().await;
-    loop {
+    let result = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = tokio::signal::ctrl_c() => break Ok(()),
             _ = every.tick() => {
-                let s = relay.status();
-                eprintln!(
-                    "-- source {:?}, epoch {}, {} events acknowledged, {} in flight, stream seq {}, lag {:?}, {} retries",
-                    s.upstream, s.epoch, s.events, s.in_flight, s.last_stream_seq, s.last_event_lag, s.retries
-                );
-                if relay.is_finished() {
-                    anyhow::bail!("the relay stopped: its source ended");
+                if let Some(relay) = &relay {
+                    let s = relay.status();
+                    eprintln!(
+                        "-- source {:?}, epoch {}, {} events acknowledged, {} in flight, stream seq {}, lag {:?}, {} retries",
+                        s.upstream, s.epoch, s.events, s.in_flight, s.last_stream_seq, s.last_event_lag, s.retries
+                    );
+                    if relay.is_finished() {
+                        break Err(anyhow::anyhow!("the relay stopped: its source ended"));
+                    }
+                }
+                if let Some((server, _)) = &ws {
+                    let s = server.stats();
+                    eprintln!(
+                        "-- websocket: {} clients, {} accepted, {} refused, {} messages, {} disconnected for lag, {} closed on a gap or outage",
+                        s.clients, s.accepted, s.refused, s.sent, s.lagged, s.closed_by_source
+                    );
+                    if server.is_finished() {
+                        break Err(anyhow::anyhow!("the WebSocket server stopped: its source ended"));
+                    }
                 }
             }
         }
+    };
+    if let Some(relay) = relay {
+        relay.shutdown().await;
     }
-    relay.shutdown().await;
+    if let Some((server, _)) = ws {
+        server.shutdown().await;
+    }
     source.shutdown().await;
     eprintln!("-- stopped");
-    Ok(())
+    result
 }
 
 async fn status(nats: &NatsArgs, json: bool) -> Result<()> {
