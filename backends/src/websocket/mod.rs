@@ -170,6 +170,27 @@ impl WsServer {
 }
 
 /// Configures and starts a [`WsServer`].
+///
+/// A non-loopback address without a token does not start:
+///
+/// ```
+/// use pgcachewatch::memory::InMemorySource;
+/// use pgcachewatch::websocket::{WsError, WsServer};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let (source, _handle) = InMemorySource::pair();
+/// let builder = WsServer::builder()
+///     .listen("0.0.0.0:0".parse().unwrap())
+///     .channel("ch_pgcachewatch_table_change")
+///     .client_buffer(256);
+/// let refused = builder.clone().start(&source).await.unwrap_err();
+/// assert!(matches!(refused, WsError::TokenRequired { .. }));
+/// // With a token, clients must send `Authorization: Bearer <token>`.
+/// let server = builder.token("a-long-random-secret").start(&source).await?;
+/// server.shutdown().await;
+/// # Ok::<(), WsError>(())
+/// # }).unwrap();
+/// ```
 #[derive(Clone)]
 pub struct WsServerBuilder {
     listen: SocketAddr,
