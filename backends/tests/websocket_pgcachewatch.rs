@@ -145,6 +145,7 @@ fn pgcachewatch_python() -> Option<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgcachewatch_wseventqueue_reads_the_events_and_bypasses_once_the_source_loses_postgres() {
+    // With a token: the service only adds the header to its `connect` call.
     let Some(python) = pgcachewatch_python() else {
         return;
     };
@@ -155,6 +156,7 @@ async fn pgcachewatch_wseventqueue_reads_the_events_and_bypasses_once_the_source
     let srv = WsServer::builder()
         .listen("127.0.0.1:0".parse().unwrap())
         .channel(&channel)
+        .token("py-secret")
         .start(&source)
         .await
         .unwrap();
@@ -165,6 +167,7 @@ async fn pgcachewatch_wseventqueue_reads_the_events_and_bypasses_once_the_source
         .arg(format!("ws://{}/pgpubsub/{channel}", srv.local_addr()))
         .arg(&channel)
         .arg("3")
+        .arg("py-secret")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()

@@ -57,8 +57,12 @@ pub(super) async fn serve(
             incoming = stream.next() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break End::ClientLeft,
                 Some(Ok(_)) => {
-                    if sink.flush().await.is_err() {
-                        break End::ClientLeft;
+                    tokio::select! {
+                        biased;
+                        c = &mut close => break End::Server(c.unwrap_or_else(|_| Close::shutdown("the server is shutting down"))),
+                        flushed = sink.flush() => if flushed.is_err() {
+                            break End::ClientLeft;
+                        },
                     }
                 }
             },

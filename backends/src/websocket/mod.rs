@@ -24,7 +24,9 @@
 //!   closed, `connection_healthy()` is false and PGCacheWatch's cache decorator
 //!   bypasses the cache (every call goes to the database) until the service
 //!   builds a new `WSEventQueue`. Stale data is never served; a service that
-//!   wants caching back reconnects.
+//!   wants caching back reconnects. (PGCacheWatch logs the closed connection as
+//!   critical; for a code other than 1000/1001 asyncio also logs the queue's
+//!   task's `ConnectionClosedError` as "Task exception was never retrieved".)
 //! * **Access control.** It listens on `127.0.0.1:8000` by default. On any other
 //!   than a loopback address it refuses to start without a bearer
 //!   [`token`](WsServerBuilder::token); with a token, a client must send
@@ -363,8 +365,8 @@ impl WsServerBuilder {
             local_addr,
             hub,
             stop: stop_tx,
-            pump,
-            server,
+            pump: Some(pump),
+            server: Some(server),
             close_timeout: self.close_timeout,
         })
     }
@@ -477,16 +479,23 @@ pub struct WsStats {
     pub closed_by_source: u64,
 }
 
-/// A running [`WsServer`]. Dropping it leaves the server running (its tasks
-/// hold what they need); [`shutdown`](Self::shutdown) stops it.
+/// A running [`WsServer`]. Dropping it stops the server (as
+/// [`shutdown`](Self::shutdown) does, without waiting).
 #[derive(Debug)]
+#[must_use = "the server stops when its handle is dropped"]
 pub struct WsServerHandle {
     local_addr: SocketAddr,
     hub: Arc<Hub>,
     stop: watch::Sender<bool>,
-    pump: JoinHandle<()>,
-    server: JoinHandle<()>,
+    pump: Option<JoinHandle<()>>,
+    server: Option<JoinHandle<()>>,
     close_timeout: Duration,
+}
+
+impl Drop for WsServerHandle {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
 }
 
 impl WsServerHandle {
@@ -502,15 +511,15 @@ impl WsServerHandle {
 
     /// Whether the server stopped (shut down, or its source ended).
     pub fn is_finished(&self) -> bool {
-        self.pump.is_finished()
+        self.pump.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
     /// Closes every client (code [`CLOSE_SHUTDOWN`]), waits up to the close
     /// timeout for them to go, and stops listening.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.stop.send_replace(true);
-        crate::keep_alive::join_task(Some(self.pump), "WebSocket pump").await;
+        crate::keep_alive::join_task(self.pump.take(), "WebSocket pump").await;
         let _ = tokio::time::timeout(self.close_timeout, self.hub.all_gone()).await;
-        crate::keep_alive::join_task(Some(self.server), "WebSocket server").await;
+        crate::keep_alive::join_task(self.server.take(), "WebSocket server").await;
     }
 }

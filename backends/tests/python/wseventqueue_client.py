@@ -2,7 +2,10 @@
 WebSocket server through its own ``WSEventQueue``, ``Greedy`` strategy and
 ``cache`` decorator.
 
-Usage: python wseventqueue_client.py WS_URL CHANNEL EVENTS
+Usage: python wseventqueue_client.py WS_URL CHANNEL EVENTS [TOKEN]
+
+With TOKEN, the handshake carries ``Authorization: Bearer TOKEN``: the one line
+a service adds to reach a token-protected server.
 
 Prints (one line each, flushed): ``ready``; then each event received as JSON;
 ``cached <loader calls after two calls>`` while connected; and, once the server
@@ -22,9 +25,10 @@ def out(line: str) -> None:
     print(line, flush=True)
 
 
-async def main(url: str, channel: str, expected: int) -> None:
+async def main(url: str, channel: str, expected: int, token: str | None) -> None:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     # WSEventQueue reads `ws.closed`, which only websockets' legacy client has.
-    ws = await websockets.legacy.client.connect(url)
+    ws = await websockets.legacy.client.connect(url, extra_headers=headers)
     queue = listeners.WSEventQueue()
     await queue.connect(ws, channel)
     out("ready")
@@ -66,4 +70,5 @@ async def main(url: str, channel: str, expected: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(asyncio.wait_for(main(sys.argv[1], sys.argv[2], int(sys.argv[3])), timeout=90))
+    token = sys.argv[4] if len(sys.argv) > 4 else None
+    asyncio.run(asyncio.wait_for(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), token), timeout=90))
