@@ -32,7 +32,7 @@ pub(crate) fn subscription<T: Send + Sync + 'static>(
 
 /// Waits for a source's background task once it has been told to stop; a panic
 /// in it is logged (`what` names the task), never propagated.
-#[cfg(any(feature = "postgres", feature = "nats"))]
+#[cfg(any(feature = "postgres", feature = "nats", feature = "websocket"))]
 pub(crate) async fn join_task(task: Option<tokio::task::JoinHandle<()>>, what: &str) {
     let Some(task) = task else { return };
     if let Err(e) = task.await {

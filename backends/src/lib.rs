@@ -11,6 +11,9 @@
 //!   lossless across reconnects, and the setup of its publication and slot.
 //! * `nats` (feature `nats`): a relay from any source to NATS JetStream, and
 //!   the source that reads it back.
+//! * `websocket` (feature `websocket`): a WebSocket server, fed by any source,
+//!   that speaks the protocol of PGCacheWatch's `pg_event_distributor`, so
+//!   Python services using its `WSEventQueue` connect to it unchanged.
 //!
 //! All pass the conformance suite in `pgcachewatch-testkit`.
 //!
@@ -28,6 +31,7 @@
 //!   `ReplicationSetup` (implies `postgres`; its connection is pgwire-replication
 //!   with rustls, whatever the TLS feature; needs Rust 1.88).
 //! * `nats`: the JetStream relay and the `NatsSource` (async-nats).
+//! * `websocket`: the `/pgpubsub/{channel}` WebSocket server (axum).
 //!
 //! ## A source outlives its local handle
 //!
@@ -49,5 +53,8 @@ pub mod postgres;
 #[cfg(feature = "replication")]
 #[cfg_attr(docsrs, doc(cfg(feature = "replication")))]
 pub mod replication;
+#[cfg(feature = "websocket")]
+#[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]
+pub mod websocket;
 
 pub use memory::{InMemoryHandle, InMemorySource};

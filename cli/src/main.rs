@@ -8,6 +8,7 @@
 //! pgcachewatch listen                                       # live events with their latency
 //! pgcachewatch record events.jsonl --duration 30s           # an event log the testkit replays
 //! pgcachewatch relay --nats-url nats://127.0.0.1:4222      # LISTEN → JetStream, for many services
+//! pgcachewatch relay --ws-listen 127.0.0.1:8000 --no-nats   # LISTEN → WebSocket, for PGCacheWatch's WSEventQueue
 //! pgcachewatch relay status                                 # the relay's heartbeat, stream and lag
 //! pgcachewatch uninstall --commit                           # removes what install installed
 //! pgcachewatch replication setup public.users --commit      # publication + slot for the replication source
@@ -108,8 +109,10 @@ enum Command {
         stop: StopArgs,
     },
     /// Publish the events of the LISTEN channels to NATS JetStream (one PostgreSQL
-    /// connection for every service that subscribes through NATS); `relay status`
-    /// shows its health and lag.
+    /// connection for every service that subscribes through NATS) and/or, with
+    /// --ws-listen, serve them at ws://ADDR/pgpubsub/{channel} to PGCacheWatch's
+    /// WSEventQueue (--no-nats: WebSocket only); `relay status` shows the NATS
+    /// relay's health and lag.
     Relay(Box<commands::RelayArgs>),
     /// Write received events to FILE as a JSON-lines event log that the testkit replays.
     Record {

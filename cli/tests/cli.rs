@@ -117,6 +117,12 @@ impl Drop for Scratch {
 
 /// Spawns the binary and waits until its stderr shows `ready` (it is listening).
 fn spawn_until(args: &[&str], ready: &str) -> (Child, mpsc::Receiver<String>) {
+    let (child, rx, _) = spawn_until_line(args, ready);
+    (child, rx)
+}
+
+/// [`spawn_until`], also returning the line that showed `ready`.
+fn spawn_until_line(args: &[&str], ready: &str) -> (Child, mpsc::Receiver<String>, String) {
     let mut child = pgcachewatch()
         .args(args)
         .stdout(Stdio::piped())
@@ -140,7 +146,7 @@ fn spawn_until(args: &[&str], ready: &str) -> (Child, mpsc::Receiver<String>) {
             }
         };
         if line.contains(ready) {
-            return (child, rx);
+            return (child, rx, line);
         }
     }
 }
@@ -564,4 +570,89 @@ fn tls_settings_in_the_url_are_honoured() {
         )
         .arg("status"));
     assert!(out.status.success(), "{stderr}");
+}
+
+#[test]
+fn relay_serves_pgcachewatch_websocket_clients_without_nats() {
+    use std::io::{Read, Write};
+
+    // Off loopback without a token: refused before anything is served.
+    let (_, stderr) = fails(
+        pgcachewatch().args(["relay", "--no-nats", "--ws-listen", "0.0.0.0:0"]),
+        Some(1),
+    );
+    assert!(stderr.contains("bearer token"), "{stderr}");
+    // --no-nats needs --ws-listen.
+    fails(pgcachewatch().args(["relay", "--no-nats"]), Some(2));
+
+    let s = Scratch::new("pgcw_cli_ws");
+    let channel = unique("pgcw_cli_ws");
+    let table = s.table();
+    ok(&[
+        "install",
+        &table,
+        "--commit",
+        "--function-schema",
+        &s.schema,
+        "--channel",
+        &channel,
+    ]);
+    let (mut child, _stderr, serving) = spawn_until_line(
+        &[
+            "relay",
+            "--no-nats",
+            "--channel",
+            &channel,
+            "--ws-listen",
+            "127.0.0.1:0",
+        ],
+        "serving",
+    );
+    // "serving [..] at ws://ADDR/pgpubsub/{channel} (no token)"
+    let addr = serving
+        .split("ws://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {serving:?}"))
+        .to_owned();
+    let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        tcp,
+        "GET /pgpubsub/{channel} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+
+    s.exec(&format!("INSERT INTO \"{}\".t VALUES (1, 'a')", s.schema));
+    // One unmasked text frame (FIN + opcode 1), its length in 7 or 7+16 bits.
+    let mut h = [0u8; 2];
+    tcp.read_exact(&mut h).unwrap();
+    assert_eq!(h[0], 0x81, "a text frame");
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            tcp.read_exact(&mut l).unwrap();
+            usize::from(u16::from_be_bytes(l))
+        }
+        n => usize::from(n),
+    };
+    let mut body = vec![0u8; len];
+    tcp.read_exact(&mut body).unwrap();
+    let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(event["operation"], "insert");
+    assert_eq!(event["table"], "t");
+    assert_eq!(event["channel"], channel.as_str());
+    assert!(event["sent_at"].is_string());
+
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -16,6 +16,7 @@
 //! | `tls-native-tls` | no | TLS through the platform's library instead (turn default features off, pick `postgres` and this) |
 //! | `replication` | no | `pgcachewatch::replication`: the logical-replication source (lossless, commit positions) and `ReplicationSetup` (pgwire-replication; Rust 1.88) |
 //! | `nats` | no | `pgcachewatch::nats`: the JetStream relay and `NatsSource` (async-nats) |
+//! | `websocket` | no | `pgcachewatch::websocket`: the `/pgpubsub/{channel}` server for PGCacheWatch's `WSEventQueue` (axum) |
 //! | `testkit` | no | `pgcachewatch::testkit`: event logs, replay, virtual clock, model checker, conformance suite, fault proxy |
 //!
 //! The architecture (the event flow, the design decisions, the PostgreSQL facts it
@@ -57,6 +58,14 @@ pub mod replication {
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats {
     pub use pgcachewatch_backends::nats::*;
+}
+
+/// The WebSocket server PGCacheWatch's `WSEventQueue` clients connect to: a
+/// drop-in for its `pg_event_distributor`, fed by any source.
+#[cfg(feature = "websocket")]
+#[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]
+pub mod websocket {
+    pub use pgcachewatch_backends::websocket::*;
 }
 
 /// Record/replay, generators, the staleness model checker and the conformance suite.

@@ -1,5 +1,7 @@
 //! `relay`: publish a source's events to NATS JetStream (the logical-replication
-//! source by default, lossless; or the LISTEN source); `relay status`.
+//! source by default, lossless; or the LISTEN source), and/or serve the LISTEN
+//! source's events over WebSocket to PGCacheWatch's `WSEventQueue` clients;
+//! `relay status`.
 
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use pgcachewatch::nats::wire::WireKind;
 use pgcachewatch::nats::{NatsAuth, NatsConnect, Relay, StreamSettings};
 use pgcachewatch::postgres::DEFAULT_CHANNEL;
 use pgcachewatch::replication::{PgReplicationSource, DEFAULT_PUBLICATION, DEFAULT_SLOT};
+use pgcachewatch::websocket::{WsServer, WsServerHandle, DEFAULT_CLIENT_BUFFER};
 
 use super::watch;
 
@@ -51,9 +54,9 @@ pub(crate) enum SourceKind {
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// Where events come from.
-    #[arg(long, value_enum, default_value = "replication")]
-    source: SourceKind,
+    /// Where events come from [default: replication; listen with --ws-listen].
+    #[arg(long, value_enum)]
+    source: Option<SourceKind>,
     /// The replication slot (with --source replication).
     #[arg(long, default_value = DEFAULT_SLOT)]
     slot: String,
@@ -65,6 +68,8 @@ pub(crate) struct RunArgs {
     channels: Vec<String>,
     #[command(flatten)]
     nats: NatsArgs,
+    #[command(flatten)]
+    ws: WsArgs,
     /// Discard messages older than this (500ms, 10s, 2m, 1h).
     #[arg(long, default_value = "24h", value_parser = crate::duration::parse)]
     max_age: Duration,
@@ -80,6 +85,83 @@ pub(crate) struct RunArgs {
     /// Print the relay's status this often.
     #[arg(long, default_value = "10s", value_parser = crate::duration::parse)]
     report_every: Duration,
+}
+
+/// The WebSocket endpoint for PGCacheWatch's `WSEventQueue` (a drop-in for its
+/// `pg_event_distributor`).
+#[derive(Debug, Args)]
+pub(crate) struct WsArgs {
+    /// Also serve the events over WebSocket at ws://ADDR/pgpubsub/{channel}, the
+    /// protocol of PGCacheWatch's pg_event_distributor (its WSEventQueue connects
+    /// unchanged). A non-loopback ADDR (0.0.0.0:8000) needs a token.
+    #[arg(long, value_name = "ADDR")]
+    ws_listen: Option<std::net::SocketAddr>,
+    /// Bearer token clients must send (Authorization: Bearer TOKEN). Prefer
+    /// PGCACHEWATCH_WS_TOKEN or --ws-token-env: arguments are visible to `ps`.
+    #[arg(
+        long,
+        env = "PGCACHEWATCH_WS_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    ws_token: Option<String>,
+    /// Read the bearer token from the environment variable NAME.
+    #[arg(long, value_name = "NAME", conflicts_with = "ws_token")]
+    ws_token_env: Option<String>,
+    /// Channel served at /pgpubsub/CHANNEL; repeat for several. Default: every
+    /// --channel. Each must be one of the --channel values.
+    #[arg(long = "ws-channel", value_name = "CHANNEL", value_parser = crate::channel_name)]
+    ws_channels: Vec<String>,
+    /// Messages buffered per WebSocket client; a client that falls further
+    /// behind is disconnected (close code 1008, with the reason).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CLIENT_BUFFER)]
+    ws_client_buffer: usize,
+    /// Serve WebSocket only: no NATS (needs --ws-listen).
+    #[arg(long, requires = "ws_listen")]
+    no_nats: bool,
+}
+
+impl WsArgs {
+    fn token(&self) -> Result<Option<String>> {
+        match (&self.ws_token, &self.ws_token_env) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(name)) => std::env::var(name)
+                .map(Some)
+                .with_context(|| format!("--ws-token-env {name}: the variable is not set")),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Starts the WebSocket server if `--ws-listen` was given.
+    async fn start(
+        &self,
+        channels: &[String],
+        source: &pgcachewatch::postgres::listener::PgListenerSource,
+    ) -> Result<Option<(WsServerHandle, Vec<String>)>> {
+        let Some(addr) = self.ws_listen else {
+            return Ok(None);
+        };
+        let served = if self.ws_channels.is_empty() {
+            channels.to_vec()
+        } else {
+            self.ws_channels.clone()
+        };
+        if let Some(c) = served.iter().find(|c| !channels.contains(c)) {
+            anyhow::bail!("--ws-channel {c:?} is not listened to: add --channel {c:?}");
+        }
+        let mut b = WsServer::builder()
+            .listen(addr)
+            .channels(served.iter().cloned())
+            .client_buffer(self.ws_client_buffer);
+        if let Some(token) = self.token()? {
+            b = b.token(token);
+        }
+        let server = b
+            .start(source)
+            .await
+            .context("starting the WebSocket server")?;
+        Ok(Some((server, served)))
+    }
 }
 
 /// Where NATS is, which stream, and the credentials.
@@ -164,6 +246,16 @@ pub(crate) async fn relay(url: Option<&str>, args: RelayArgs) -> Result<()> {
 }
 
 async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
+    // WSEventQueue clients read NOTIFY channels: --ws-listen means the LISTEN source.
+    let source_kind = match (args.source, args.ws.ws_listen.is_some()) {
+        (None, false) => SourceKind::Replication,
+        (None, true) | (Some(SourceKind::Listen), _) => SourceKind::Listen,
+        (Some(SourceKind::Replication), true) => anyhow::bail!(
+            "--ws-listen serves PGCacheWatch's WSEventQueue clients, whose events come from \
+             NOTIFY channels: use it with --source listen (the replication source has no channels)"
+        ),
+        (Some(SourceKind::Replication), false) => SourceKind::Replication,
+    };
     let stream = args
         .nats
         .stream()
@@ -173,7 +265,7 @@ async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
     let builder = Relay::builder(args.nats.connect()?)
         .stream(stream)
         .heartbeat_interval(args.heartbeat);
-    let (relay, upstream) = match args.source {
+    let (relay, ws, upstream) = match source_kind {
         SourceKind::Replication => {
             let target = crate::connect::Target::resolve(url)?;
             let source = match url {
@@ -198,44 +290,80 @@ async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
                 args.nats.prefix,
                 args.nats.nats_url
             );
-            (relay, Upstream::Replication(source))
+            (Some(relay), None, Upstream::Replication(source))
         }
         SourceKind::Listen => {
             let (source, target) = watch::connect(url, args.channels.clone()).await?;
-            let relay = builder.start(&source).await?;
-            eprintln!(
-                "relaying {:?} at {} to stream {} (subjects {}.>) on {}; Ctrl-C to stop",
-                args.channels,
-                target.describe(),
-                args.nats.stream,
-                args.nats.prefix,
-                args.nats.nats_url
-            );
-            (relay, Upstream::Listen(source))
+            // The WebSocket server first: a bad token or address fails before NATS is touched.
+            let ws = args.ws.start(&args.channels, &source).await?;
+            if let Some((server, served)) = &ws {
+                let auth = if args.ws.ws_token.is_some() || args.ws.ws_token_env.is_some() {
+                    "bearer token required"
+                } else {
+                    "no token"
+                };
+                eprintln!(
+                    "serving {served:?} at ws://{}/pgpubsub/{{channel}} ({auth})",
+                    server.local_addr()
+                );
+            }
+            let relay = if args.ws.no_nats {
+                None
+            } else {
+                let relay = builder.start(&source).await?;
+                eprintln!(
+                    "relaying {:?} at {} to stream {} (subjects {}.>) on {}",
+                    args.channels,
+                    target.describe(),
+                    args.nats.stream,
+                    args.nats.prefix,
+                    args.nats.nats_url
+                );
+                Some(relay)
+            };
+            eprintln!("listening at {}; Ctrl-C to stop", target.describe());
+            (relay, ws, Upstream::Listen(source))
         }
     };
     let mut every = tokio::time::interval(args.report_every);
     every.tick().await;
-    let outcome = loop {
+    let result = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break Ok(()),
             _ = every.tick() => {
-                let s = relay.status();
-                eprintln!(
-                    "-- source {:?}, epoch {}, {} events acknowledged, {} in flight, stream seq {}, confirmed {}, lag {:?}, {} retries",
-                    s.upstream, s.epoch, s.events, s.in_flight, s.last_stream_seq,
-                    s.confirmed.map_or("-".to_owned(), |l| l.to_string()), s.last_event_lag, s.retries
-                );
-                if relay.is_finished() {
-                    break Err(anyhow::anyhow!("the relay stopped: its source ended"));
+                if let Some(relay) = &relay {
+                    let s = relay.status();
+                    eprintln!(
+                        "-- source {:?}, epoch {}, {} events acknowledged, {} in flight, stream seq {}, confirmed {}, lag {:?}, {} retries",
+                        s.upstream, s.epoch, s.events, s.in_flight, s.last_stream_seq,
+                        s.confirmed.map_or("-".to_owned(), |l| l.to_string()), s.last_event_lag, s.retries
+                    );
+                    if relay.is_finished() {
+                        break Err(anyhow::anyhow!("the relay stopped: its source ended"));
+                    }
+                }
+                if let Some((server, _)) = &ws {
+                    let s = server.stats();
+                    eprintln!(
+                        "-- websocket: {} clients, {} accepted, {} refused, {} messages, {} disconnected for lag, {} closed on a gap or outage",
+                        s.clients, s.accepted, s.refused, s.sent, s.lagged, s.closed_by_source
+                    );
+                    if server.is_finished() {
+                        break Err(anyhow::anyhow!("the WebSocket server stopped: its source ended"));
+                    }
                 }
             }
         }
     };
-    relay.shutdown().await;
+    if let Some(relay) = relay {
+        relay.shutdown().await;
+    }
+    if let Some((server, _)) = ws {
+        server.shutdown().await;
+    }
     upstream.shutdown().await;
     eprintln!("-- stopped");
-    outcome
+    result
 }
 
 /// The relay's source, to shut down after the relay.
