@@ -656,3 +656,130 @@ fn relay_serves_pgcachewatch_websocket_clients_without_nats() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Waits for a relay report line that counts at least one acknowledged event;
+/// returns the epoch it reports.
+fn until_events_acknowledged(child: &mut Child, rx: &mpsc::Receiver<String>) -> String {
+    loop {
+        let line = match rx.recv_timeout(PATIENCE) {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = child.kill();
+                panic!("the relay never acknowledged an event: {e}");
+            }
+        };
+        let acked = line
+            .split(", ")
+            .find_map(|part| part.strip_suffix(" events acknowledged"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if acked.is_some_and(|n| n > 0) {
+            return line
+                .split(", ")
+                .find_map(|part| part.strip_prefix("epoch "))
+                .unwrap_or_else(|| panic!("no epoch in {line:?}"))
+                .to_owned();
+        }
+    }
+}
+
+#[test]
+fn relay_streams_a_replication_slot_and_resumes_it_after_a_kill() {
+    let s = Scratch::new("pgcw_cli_rrel");
+    let table = s.table();
+    let slot = unique("pgcw_slot");
+    let publication = unique("pgcw_cli_rpub");
+    let prefix = unique("pgcw_cli_rrel");
+    let stream = prefix.to_uppercase();
+    ok(&[
+        "replication",
+        "setup",
+        &table,
+        "--slot",
+        &slot,
+        "--publication",
+        &publication,
+        "--commit",
+    ]);
+    let args = [
+        "relay",
+        "--slot",
+        &slot,
+        "--publication",
+        &publication,
+        "--stream",
+        &stream,
+        "--prefix",
+        &prefix,
+        "--max-age",
+        "10m",
+        "--report-every",
+        "100ms",
+    ];
+    let (mut child, rx, _) = spawn_until_line(&args, "relaying slot");
+    s.exec(&format!("INSERT INTO {table} VALUES (1, 'a')"));
+    let epoch = until_events_acknowledged(&mut child, &rx);
+    // Killed, as a crash: a write while it is down is kept by the slot.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    s.exec(&format!("INSERT INTO {table} VALUES (2, 'b')"));
+    let (mut child, rx, line) = (0..100)
+        .find_map(|_| {
+            // The server lets go of the slot a moment after the relay died.
+            std::thread::sleep(Duration::from_millis(100));
+            let (out_child, rx, line) = spawn_until_line_or_exit(&args, "relaying slot")?;
+            Some((out_child, rx, line))
+        })
+        .expect("the relay restarts on its slot");
+    assert!(line.contains("resumed"), "{line}");
+    // The write made while it was down arrives, in the same epoch: the
+    // stream's subscribers see no gap.
+    assert_eq!(until_events_acknowledged(&mut child, &rx), epoch);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Drop the slot once the server has let go of it.
+    let teardown = [
+        "replication",
+        "teardown",
+        "--slot",
+        &slot,
+        "--publication",
+        &publication,
+        "--commit",
+    ];
+    let dropped = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        run(pgcachewatch().args(teardown)).0.status.success()
+    });
+    assert!(dropped, "replication teardown failed");
+}
+
+/// [`spawn_until_line`], or `None` if the process exits before printing `ready`.
+fn spawn_until_line_or_exit(
+    args: &[&str],
+    ready: &str,
+) -> Option<(Child, mpsc::Receiver<String>, String)> {
+    let mut child = pgcachewatch()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        match rx.recv_timeout(PATIENCE) {
+            Ok(line) if line.contains(ready) => return Some((child, rx, line)),
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
