@@ -10,10 +10,11 @@ use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::applied::Applied;
 use crate::cache::InvalidationTarget;
+use crate::event::Event;
 use crate::health::HealthVote;
 use crate::signal::{GapReason, Health, Signal};
 use crate::strategy::{Decision, InvalidationStrategy};
@@ -217,6 +218,9 @@ pub struct DispatcherStats {
     pub progress: u64,
     /// Panics caught in strategies (or targets); each flushed its cache.
     pub strategy_panics: u64,
+    /// Events applied later than [`Dispatcher::max_latency`](super::Dispatcher::max_latency)
+    /// after they were sent (0 when no bound is set).
+    pub late_events: u64,
 }
 
 #[derive(Debug, Default)]
@@ -227,6 +231,7 @@ pub(super) struct Counters {
     ticks: AtomicU64,
     progress: AtomicU64,
     panics: AtomicU64,
+    late: AtomicU64,
 }
 
 impl Counters {
@@ -239,6 +244,7 @@ impl Counters {
             ticks: get(&self.ticks),
             progress: get(&self.progress),
             strategy_panics: get(&self.panics),
+            late_events: get(&self.late),
         }
     }
 }
@@ -251,6 +257,8 @@ pub(super) struct Bindings {
     list: Vec<Box<dyn Binding>>,
     pub(super) counters: Arc<Counters>,
     pub(super) applied: Arc<Applied>,
+    /// Warn about (and count) events applied later than this after being sent.
+    max_latency: Option<Duration>,
 }
 
 impl Bindings {
@@ -259,6 +267,37 @@ impl Bindings {
             list,
             counters: Arc::default(),
             applied: Arc::default(),
+            max_latency: None,
+        }
+    }
+
+    pub(super) fn with_max_latency(mut self, bound: Option<Duration>) -> Self {
+        self.max_latency = bound;
+        self
+    }
+
+    /// Counts, and warns about (at most once a second), an event applied more
+    /// than `bound` after it was sent.
+    #[cold]
+    fn check_latency(&self, event: &Event, bound: Duration) {
+        static LIMIT: crate::rate_limit::RateLimit = crate::rate_limit::RateLimit::new();
+        let Some(sent_at) = event.sent_at else {
+            return;
+        };
+        let Ok(latency) = (chrono::Utc::now() - sent_at).to_std() else {
+            return; // sent "in the future": clocks disagree, not a late event
+        };
+        if latency > bound {
+            self.counters.late.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = LIMIT.check() {
+                tracing::warn!(
+                    latency_ms = latency.as_millis() as u64,
+                    bound_ms = bound.as_millis() as u64,
+                    table = %event.table,
+                    suppressed,
+                    "an event was applied later than max_latency after it was sent (at most one such warning a second; `suppressed` were not logged)"
+                );
+            }
         }
     }
 
@@ -296,7 +335,12 @@ impl Bindings {
         // Recorded after every cache applied it: a read-your-writes waiter woken now
         // reads through caches that already dropped what the event changed.
         match signal {
-            Signal::Event(e) => self.applied.record(e.lsn, e.txid),
+            Signal::Event(e) => {
+                self.applied.record(e.lsn, e.txid);
+                if let Some(bound) = self.max_latency {
+                    self.check_latency(e, bound);
+                }
+            }
             Signal::Progress(lsn) => self.applied.progress(*lsn),
             _ => {}
         }

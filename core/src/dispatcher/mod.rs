@@ -76,6 +76,7 @@ use crate::strategy::InvalidationStrategy;
 #[derive(Default)]
 pub struct Dispatcher {
     bindings: Vec<Box<dyn Binding>>,
+    max_latency: Option<Duration>,
 }
 
 impl fmt::Debug for Dispatcher {
@@ -90,6 +91,39 @@ impl Dispatcher {
     /// A dispatcher with nothing attached.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Warns when an event is applied more than `bound` after it was sent (its
+    /// [`sent_at`](crate::Event::sent_at): the trigger's or the commit's time),
+    /// at most once a second, and counts such events in
+    /// [`DispatcherStats::late_events`]: PGCacheWatch's `max_latency`. A late
+    /// event is still applied; the warning says the pipeline (database, network,
+    /// a lagging source) is slower than the bound the application relies on.
+    /// Off by default.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgcachewatch::{Cache, Dispatcher, Event, EventSource, Health, Operation, SignalHub, Subscription};
+    /// use pgcachewatch::strategies::Greedy;
+    /// # #[derive(Debug)] struct Source(SignalHub);
+    /// # impl EventSource for Source { fn subscribe(&self) -> Subscription { self.0.subscribe() } fn health(&self) -> Health { self.0.health() } }
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let source = Source(SignalHub::new(16));
+    /// let cache: Cache<u32, String> = Cache::new(100);
+    /// let handle = Dispatcher::new()
+    ///     .max_latency(Duration::from_millis(500))
+    ///     .attach(Greedy::new(), cache.clone())
+    ///     .spawn(&source);
+    /// let mut late = Event::new("ch", Operation::Update, "public", "users");
+    /// late.sent_at = Some(late.received_at - Duration::from_secs(2)); // sent 2 s ago
+    /// source.0.publish(late);
+    /// handle.sync().await;
+    /// assert_eq!(handle.stats().late_events, 1);
+    /// # });
+    /// ```
+    pub fn max_latency(mut self, bound: Duration) -> Self {
+        self.max_latency = Some(bound);
+        self
     }
 
     /// Applies `strategy`'s decisions to `target` (usually a [`Cache`](crate::Cache)).
@@ -155,7 +189,7 @@ impl Dispatcher {
     /// a gap, since nothing watched the source for these caches before) and takes
     /// the source's current health.
     fn attach_to<S: EventSource + ?Sized>(self, source: &S) -> Arc<Shared> {
-        let mut bindings = Bindings::new(self.bindings);
+        let mut bindings = Bindings::new(self.bindings).with_max_latency(self.max_latency);
         bindings.attach(source.health());
         Shared::new(bindings)
     }
@@ -180,7 +214,7 @@ impl Dispatcher {
     pub async fn run(self, subscription: Subscription) {
         let (_stop_tx, stop_rx) = oneshot::channel();
         let (_sync_tx, sync_rx) = mpsc::unbounded_channel();
-        let mut bindings = Bindings::new(self.bindings);
+        let mut bindings = Bindings::new(self.bindings).with_max_latency(self.max_latency);
         bindings.attach(Health::Unhealthy);
         task::run(Shared::new(bindings), subscription, stop_rx, sync_rx).await;
     }
