@@ -123,6 +123,9 @@ enum Command {
         channels: ChannelArgs,
         #[command(flatten)]
         stop: StopArgs,
+        /// Print the closing summary as JSON on stdout instead of text on stderr.
+        #[arg(long)]
+        json: bool,
     },
     /// The publication and slot of the logical-replication source: setup, teardown, status.
     Replication {
@@ -242,6 +245,10 @@ fn channel_name(value: &str) -> Result<String, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Two rustls crypto providers are linked (NATS's ring, the replication
+    // client's aws-lc-rs): rustls then picks none by itself, and sqlx's
+    // verify-ca verifier would panic. Choose one for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

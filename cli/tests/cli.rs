@@ -380,9 +380,13 @@ fn record_writes_a_replayable_log_and_flushes_on_ctrl_c() {
     assert!(status.success(), "record exited with {status}");
     let summary: Vec<String> = stderr.try_iter().collect();
     assert!(
+        summary.iter().any(|l| l.contains("stopped: interrupted")),
+        "{summary:?}"
+    );
+    assert!(
         summary
             .iter()
-            .any(|l| l.contains("interrupted") && l.contains("recorded 2 events")),
+            .any(|l| summary_row(l, "events") == Some("2")),
         "{summary:?}"
     );
 
@@ -782,4 +786,9 @@ fn spawn_until_line_or_exit(
             }
         }
     }
+}
+
+/// The value of an aligned summary row (`  label   value`), if `line` is that row.
+fn summary_row<'a>(line: &'a str, label: &str) -> Option<&'a str> {
+    line.trim_start().strip_prefix(label).map(str::trim)
 }

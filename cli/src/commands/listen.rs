@@ -88,10 +88,47 @@ pub(crate) async fn listen(
     if printer.gaps.pending() > 0 {
         eprintln!("-- {} more gaps not shown", printer.gaps.pending());
     }
-    eprintln!(
-        "-- stopped: {stopped}; {}; listener stats: {stats:?}",
-        printer.latencies
-    );
+    if as_json {
+        // One JSON object on stderr: stdout is the event stream.
+        let summary = serde_json::json!({
+            "stopped": stopped.to_string(),
+            "events": stats.events,
+            "latency": printer.latencies.to_json(),
+            "malformed": stats.malformed,
+            "gaps": stats.gaps,
+            "reconnects": stats.reconnects,
+            "heartbeats": stats.heartbeats,
+            "heartbeat_timeouts": stats.heartbeat_timeouts,
+            "last_heartbeat_rtt_us": stats.last_heartbeat_rtt.map(|d| d.as_micros() as u64),
+        });
+        eprintln!("{summary}");
+    } else {
+        let latency = match printer.latencies.summary() {
+            None => "- (no event carried sent_at)".to_owned(),
+            Some((p50, p99, max, _)) => {
+                format!("p50 {p50:.0} µs, p99 {p99:.0} µs, max {max:.0} µs")
+            }
+        };
+        eprint!(
+            "-- stopped: {stopped}\n{}",
+            crate::output::aligned(&[
+                ("events", stats.events.to_string()),
+                ("latency", latency),
+                ("malformed payloads", stats.malformed.to_string()),
+                ("gaps", stats.gaps.to_string()),
+                ("reconnects", stats.reconnects.to_string()),
+                (
+                    "heartbeats",
+                    format!(
+                        "{} answered, {} timed out, last round trip {}",
+                        stats.heartbeats,
+                        stats.heartbeat_timeouts,
+                        crate::output::duration(stats.last_heartbeat_rtt)
+                    )
+                ),
+            ])
+        );
+    }
     Ok(())
 }
 

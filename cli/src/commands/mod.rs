@@ -41,7 +41,8 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             file,
             channels,
             stop,
-        } => record::record(url, &file, channels.channels, stop).await,
+            json,
+        } => record::record(url, &file, channels.channels, stop, json).await,
         Command::Replication { command } => replication::run(url, command).await,
     }
 }

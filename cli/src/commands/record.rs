@@ -46,6 +46,7 @@ pub(crate) async fn record(
     file: &Path,
     channels: Vec<String>,
     stop: StopArgs,
+    as_json: bool,
 ) -> Result<()> {
     let (source, target) = watch::connect(url, channels.clone()).await?;
     let out = File::create(file).with_context(|| format!("creating {}", file.display()))?;
@@ -68,13 +69,34 @@ pub(crate) async fn record(
     let result = watch::pump(&source, stop, recorder).await;
     source.shutdown().await;
     let (stopped, recorder) = result.with_context(|| format!("writing {}", file.display()))?;
-    eprintln!(
-        "-- stopped: {stopped}; recorded {} events ({} lines with header and \
-         health/gap records) to {} in {:.1} s",
-        recorder.events,
-        recorder.writer.lines_written(),
-        file.display(),
-        start.elapsed().as_secs_f64()
-    );
+    let seconds = start.elapsed().as_secs_f64();
+    if as_json {
+        crate::output::print(&format!(
+            "{}\n",
+            serde_json::json!({
+                "stopped": stopped.to_string(),
+                "file": file.display().to_string(),
+                "events": recorder.events,
+                "lines": recorder.writer.lines_written(),
+                "seconds": seconds,
+            })
+        ))?;
+    } else {
+        eprint!(
+            "-- stopped: {stopped}\n{}",
+            crate::output::aligned(&[
+                ("file", file.display().to_string()),
+                ("events", recorder.events.to_string()),
+                (
+                    "lines",
+                    format!(
+                        "{} (with the header and health/gap records)",
+                        recorder.writer.lines_written()
+                    )
+                ),
+                ("duration", format!("{seconds:.1} s")),
+            ])
+        );
+    }
     Ok(())
 }

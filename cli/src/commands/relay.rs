@@ -334,9 +334,11 @@ async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
                 if let Some(relay) = &relay {
                     let s = relay.status();
                     eprintln!(
-                        "-- source {:?}, epoch {}, {} events acknowledged, {} in flight, stream seq {}, confirmed {}, lag {:?}, {} retries",
-                        s.upstream, s.epoch, s.events, s.in_flight, s.last_stream_seq,
-                        s.confirmed.map_or("-".to_owned(), |l| l.to_string()), s.last_event_lag, s.retries
+                        "-- source {}, epoch {}, {} events acknowledged, {} in flight, stream seq {}, confirmed {}, lag {}, {} retries",
+                        if s.upstream.is_healthy() { "healthy" } else { "UNHEALTHY" },
+                        s.epoch, s.events, s.in_flight, s.last_stream_seq,
+                        s.confirmed.map_or("-".to_owned(), |l| l.to_string()),
+                        crate::output::duration(s.last_event_lag), s.retries
                     );
                     if relay.is_finished() {
                         break Err(anyhow::anyhow!("the relay stopped: its source ended"));

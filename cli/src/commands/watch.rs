@@ -227,21 +227,37 @@ impl Latencies {
     }
 }
 
-impl fmt::Display for Latencies {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Latencies {
+    /// p50, p99 and max in microseconds, and the count; `None` without samples.
+    pub(crate) fn summary(&self) -> Option<(f64, f64, f64, usize)> {
         if self.0.is_empty() {
-            return f.write_str("no latencies (no event carried sent_at)");
+            return None;
         }
         let mut v = self.0.clone();
         v.sort_by(f64::total_cmp);
         let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        write!(
-            f,
-            "latency p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs over {} events",
-            at(0.5),
-            at(0.99),
-            v[v.len() - 1],
-            v.len()
-        )
+        Some((at(0.5), at(0.99), v[v.len() - 1], v.len()))
+    }
+
+    /// The summary as JSON (`null` without samples).
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        match self.summary() {
+            None => serde_json::Value::Null,
+            Some((p50, p99, max, n)) => serde_json::json!({
+                "p50_us": p50, "p99_us": p99, "max_us": max, "events": n,
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Latencies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.summary() {
+            None => f.write_str("no latencies (no event carried sent_at)"),
+            Some((p50, p99, max, n)) => write!(
+                f,
+                "latency p50 {p50:.0} µs, p99 {p99:.0} µs, max {max:.0} µs over {n} events"
+            ),
+        }
     }
 }
