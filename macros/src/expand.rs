@@ -13,7 +13,7 @@ enum Output {
     Result {
         value: Type,
         /// `E` when written out (for a check with a readable error).
-        error: Option<Type>,
+        error: Option<Box<Type>>,
     },
     /// A plain `T`: always cached.
     Plain(Type),
@@ -43,7 +43,7 @@ fn output(item: &ItemFn) -> syn::Result<Output> {
                 return Ok(match args.as_slice() {
                     [value, error] => Output::Result {
                         value: (*value).clone(),
-                        error: Some((*error).clone()),
+                        error: Some(Box::new((*error).clone())),
                     },
                     // An alias such as `io::Result<T>`: read the types through a trait.
                     _ => Output::Result {
