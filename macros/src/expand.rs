@@ -73,8 +73,8 @@ fn args(item: &ItemFn) -> syn::Result<Vec<Option<Arg<'_>>>> {
                 return Err(syn::Error::new_spanned(
                     receiver,
                     "`#[cached]` caches a function, not a method: one cache serves every caller, \
-                     so a `self` receiver would share results between instances. Write an \
-                     associated or free function and pass what the result depends on as arguments",
+                     so a `self` receiver would share results between instances. Write a \
+                     free function and pass what the result depends on as arguments",
                 ))
             }
             FnArg::Typed(typed) => match &*typed.pat {
