@@ -12,7 +12,8 @@ use parking_lot::Mutex;
 ///
 /// Each dispatcher attachment holds a [`HealthVote`]. The board is healthy when:
 ///
-/// * nothing was ever attached (a standalone cache, invalidated by hand), or
+/// * nothing was ever attached (a standalone cache, invalidated by hand; unless
+///   the board was built [awaiting its first attachment](Self::awaiting_attachment)), or
 /// * every vote is healthy, and every dispatcher that fed the target and stopped
 ///   has been replaced by a new attachment.
 ///
@@ -55,11 +56,14 @@ struct Votes {
     live: Vec<(u64, bool)>,
     /// Votes dropped since the last attachment.
     stopped: u64,
+    /// Nothing was attached yet, and the board was told to wait for a first
+    /// attachment ([`HealthBoard::awaiting_attachment`]).
+    awaiting: bool,
 }
 
 impl Votes {
     fn healthy(&self) -> bool {
-        self.stopped == 0 && self.live.iter().all(|(_, h)| *h)
+        !self.awaiting && self.stopped == 0 && self.live.iter().all(|(_, h)| *h)
     }
 }
 
@@ -94,6 +98,31 @@ impl HealthBoard {
             name,
             healthy: AtomicBool::new(true),
             state: Mutex::new(Votes::default()),
+        }
+    }
+
+    /// A board that is unhealthy until its first attachment: for a target that
+    /// must never be trusted before something feeds it (a cache declared with a
+    /// strategy, whose dispatcher is attached at start-up). After the first
+    /// attachment it follows the usual rules.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use pgcachewatch::{HealthBoard, HealthVote};
+    /// let board = Arc::new(HealthBoard::awaiting_attachment(Some("users".into())));
+    /// assert!(!board.is_healthy()); // nothing feeds it yet
+    /// let vote = HealthVote::new(board.clone());
+    /// vote.set(true);
+    /// assert!(board.is_healthy());
+    /// ```
+    pub fn awaiting_attachment(name: Option<String>) -> Self {
+        HealthBoard {
+            name,
+            healthy: AtomicBool::new(false),
+            state: Mutex::new(Votes {
+                awaiting: true,
+                ..Votes::default()
+            }),
         }
     }
 
@@ -132,6 +161,7 @@ impl HealthBoard {
         let id = votes.next_id;
         votes.next_id += 1;
         votes.live.push((id, false));
+        votes.awaiting = false;
         // The new dispatcher takes the place of one that stopped.
         votes.stopped = votes.stopped.saturating_sub(1);
         self.publish(&votes);

@@ -37,6 +37,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 mod cache;
+pub mod cached;
 mod closable_hub;
 mod dispatcher;
 mod error;

@@ -11,6 +11,7 @@ use pgcachewatch::{
     Cache, Decision, Dispatcher, Error, Event, EventSource, GapReason, Health, InvalidationTarget,
     Operation, Signal, TableRef,
 };
+use pgcachewatch_testkit::scenarios::{self, LoadGate};
 use tokio::sync::oneshot;
 
 fn update(table: &str) -> Event {
@@ -53,37 +54,21 @@ async fn start_gated_load(
     (release, loading)
 }
 
-/// Starts `n` concurrent `get_or_load(1)` calls whose loader counts its runs and
-/// returns `outcome` once the gate opens; returns when all `n` have missed (each is
-/// the leader or waits on it).
-async fn start_concurrent_misses(
+/// A read through `get_or_load_tagged(key, ["users"])` whose loader is `gate`'s:
+/// the reader the shared scenarios drive (the `#[cached]` tests drive theirs).
+fn tagged_reader(
     cache: &Cache<u32, String>,
-    n: usize,
-    outcome: Result<&'static str, &'static str>,
-) -> (
-    tokio::sync::watch::Sender<bool>,
-    Arc<AtomicUsize>,
-    Vec<tokio::task::JoinHandle<Result<String, Error>>>,
-) {
-    let runs = Arc::new(AtomicUsize::new(0));
-    let (release, gate) = tokio::sync::watch::channel(false);
-    let mut tasks = Vec::new();
-    for _ in 0..n {
-        let (cache, runs, mut gate) = (cache.clone(), runs.clone(), gate.clone());
-        tasks.push(tokio::spawn(async move {
+    gate: &LoadGate,
+) -> impl Fn(u32) -> futures::future::BoxFuture<'static, Result<String, Error>> {
+    let (cache, gate) = (cache.clone(), gate.clone());
+    move |key| {
+        let (cache, gate) = (cache.clone(), gate.clone());
+        Box::pin(async move {
             cache
-                .get_or_load(1, || async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    let _ = gate.wait_for(|open| *open).await;
-                    outcome.map(str::to_string).map_err(std::io::Error::other)
-                })
+                .get_or_load_tagged(key, &["users"], || async move { gate.load().await })
                 .await
-        }));
+        })
     }
-    while cache.stats().misses < n as u64 {
-        tokio::task::yield_now().await;
-    }
-    (release, runs, tasks)
 }
 
 #[tokio::test]
@@ -143,25 +128,11 @@ async fn stale_set_race_is_closed_for_key_table_and_all_invalidations() {
             Decision::keys([7]).merge(Decision::tables([TableRef::unqualified("users")])),
         ),
     ];
-    for (name, decision) in invalidations {
-        let cache: Cache<u32, String> = Cache::new(100);
-        let (release, loading) = start_gated_load(&cache, 7, "old").await;
-        cache.apply(&decision);
-        release.send(()).expect("loader is waiting");
-        let got = loading.await.expect("no panic").expect("loader ok");
-        assert_eq!(got, "old", "{name}: the caller of the load gets its value");
-        assert_eq!(
-            cache.get(&7),
-            None,
-            "{name}: a load that began before the invalidation was served after it"
-        );
-        assert_eq!(cache.stats().discarded_loads, 1, "{name}");
-        assert_eq!(load(&cache, 7, "new").await, "new", "{name}");
-        assert_eq!(
-            cache.get(&7).as_deref(),
-            Some("new"),
-            "{name}: caching resumes"
-        );
+    let cache: Cache<u32, String> = Cache::new(100);
+    let gate = LoadGate::new();
+    let read = tagged_reader(&cache, &gate);
+    for (_name, decision) in invalidations {
+        scenarios::stale_set_race(&cache, &gate, &read, decision).await;
     }
 }
 
@@ -178,44 +149,28 @@ async fn invalidating_another_key_or_table_keeps_a_load_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_flight_runs_the_loader_once_for_concurrent_misses() {
-    const N: usize = 64;
     let cache: Cache<u32, String> = Cache::new(100);
-    let (release, runs, tasks) = start_concurrent_misses(&cache, N, Ok("shared")).await;
-    release.send_replace(true);
-    for t in tasks {
-        assert_eq!(t.await.expect("no panic").expect("loader ok"), "shared");
-    }
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        1,
-        "the loader ran more than once"
-    );
-    assert_eq!(cache.stats().loads, 1);
+    let gate = LoadGate::new();
+    scenarios::single_flight(&cache, &gate, &tagged_reader(&cache, &gate), 64).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loader_error_reaches_every_waiter_and_is_not_cached() {
-    const N: usize = 32;
     let cache: Cache<u32, String> = Cache::new(100);
-    let (release, runs, tasks) = start_concurrent_misses(&cache, N, Err("database is down")).await;
-    release.send_replace(true);
-    for t in tasks {
-        let err = t
-            .await
-            .expect("no panic")
-            .expect_err("the error must reach every waiter");
-        assert!(matches!(err, Error::Load { .. }));
-        let io = err
-            .load_error()
-            .and_then(|e| e.downcast_ref::<std::io::Error>())
-            .expect("the loader's own error type");
-        assert_eq!(io.to_string(), "database is down");
-    }
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
-    assert_eq!(cache.get(&1), None, "an error was cached");
-    // The next call retries.
-    assert_eq!(load(&cache, 1, "recovered").await, "recovered");
-    assert_eq!(cache.stats().load_errors, 1);
+    let gate = LoadGate::new();
+    let read = tagged_reader(&cache, &gate);
+    scenarios::error_shared_not_cached(&cache, &gate, &read, 32).await;
+    // `get_or_load` shares the loader's own error inside `Error::Load`.
+    gate.reset("unused");
+    gate.set_outcome(Err("still down"));
+    gate.set_open(true);
+    cache.invalidate_all();
+    let err = read(scenarios::KEY).await.expect_err("the loader fails");
+    let own = err
+        .load_error()
+        .and_then(|e| e.downcast_ref::<scenarios::GateError>())
+        .expect("the loader's own error type");
+    assert_eq!(own.0, "still down");
 }
 
 #[tokio::test]

@@ -18,6 +18,8 @@
 //!   [ARCHITECTURE.md](https://github.com/pgcachewatch/pgcachewatch/blob/main/ARCHITECTURE.md#the-guarantee).
 //! * `generators` (feature `proptest`): events, gap reasons, event logs with bursts,
 //!   transactions and outages, and checker schedules.
+//! * [`scenarios`]: the cache's guarantees (single-flight, errors not cached,
+//!   the stale-set race) as scenarios over any way of reading through a cache.
 //! * `proxy`: a TCP proxy that pauses or cuts connections on demand.
 //! * [`env`](mod@env): the test database's URL and names unique across parallel tests.
 //!
@@ -46,3 +48,4 @@ pub mod eventlog;
 #[cfg_attr(docsrs, doc(cfg(feature = "proptest")))]
 pub mod generators;
 pub mod replay;
+pub mod scenarios;

@@ -42,6 +42,7 @@ pub struct CacheBuilder<K, V> {
     weigher: Option<(u64, WeighFn<K, V>)>,
     listener: Option<Listener<K, V>>,
     while_unhealthy: WhileUnhealthy,
+    until_attached: bool,
     _types: PhantomData<fn() -> (K, V)>,
 }
 
@@ -55,6 +56,7 @@ impl<K, V> fmt::Debug for CacheBuilder<K, V> {
             .field("max_weight", &self.weigher.as_ref().map(|(w, _)| w))
             .field("eviction_listener", &self.listener.is_some())
             .field("while_unhealthy", &self.while_unhealthy)
+            .field("unhealthy_until_attached", &self.until_attached)
             .finish()
     }
 }
@@ -69,6 +71,7 @@ impl<K, V> Default for CacheBuilder<K, V> {
             weigher: None,
             listener: None,
             while_unhealthy: WhileUnhealthy::Bypass,
+            until_attached: false,
             _types: PhantomData,
         }
     }
@@ -138,8 +141,31 @@ where
         self
     }
 
+    /// Makes the cache unhealthy until a dispatcher is first attached to it: until
+    /// then every read bypasses it (or, with [`WhileUnhealthy::ServeWithin`], is
+    /// served only within the bound), as after a dispatcher stopped. For a cache
+    /// that something is *meant* to invalidate: a read before the dispatcher is
+    /// attached must not store a value nothing would ever drop. (By default a
+    /// cache nothing was attached to is healthy: a cache you invalidate by hand.)
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let users: Cache<u32, String> = Cache::builder().unhealthy_until_attached().build();
+    /// users.get_or_load(1, || async { Ok::<_, std::io::Error>("ann".to_string()) }).await?;
+    /// assert_eq!(users.get(&1), None); // not stored: nothing invalidates it yet
+    /// assert!(!users.is_healthy());
+    /// # Ok::<_, pgcachewatch::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn unhealthy_until_attached(mut self) -> Self {
+        self.until_attached = true;
+        self
+    }
+
     /// Builds the cache. It is healthy while nothing is attached to it (a cache
-    /// you invalidate by hand); once a dispatcher feeds it, its health follows the
+    /// you invalidate by hand; see also
+    /// [`unhealthy_until_attached`](Self::unhealthy_until_attached)); once a dispatcher feeds it, its health follows the
     /// rules of [`HealthBoard`].
     pub fn build(self) -> Cache<K, V> {
         // Entries keep their times relative to a process-wide origin, set before
@@ -154,7 +180,11 @@ where
             Store::with(estimated, weight, weigher, Default::default(), evictions);
         Cache {
             inner: Arc::new(Inner {
-                health: HealthBoard::with_name(self.name.clone()),
+                health: if self.until_attached {
+                    HealthBoard::awaiting_attachment(self.name.clone())
+                } else {
+                    HealthBoard::with_name(self.name.clone())
+                },
                 name: self.name,
                 store,
                 gens: Generations::default(),

@@ -6,10 +6,12 @@
 //! cargo run -p pgcachewatch-examples --bin demo -- --keep           # leave the table and triggers behind
 //! ```
 //!
-//! An axum app whose `GET /users/{id}` returns a row through a [`pgcachewatch::Cache`].
+//! An axum app whose `GET /users/{id}` returns a row through `user_by_id`, an
+//! async fn declared `#[pgcachewatch::cached(strategy = Greedy::with_predicate(…))]`.
 //! The cache is kept fresh by the database itself: triggers on the table NOTIFY, a
-//! [`PgListenerSource`] receives, and a [`Dispatcher`] applies a [`Greedy`] strategy
-//! (drop everything on every change of the table). On start the demo creates its
+//! [`PgListenerSource`] receives, and [`cached::attach`] feeds every declared
+//! cache from it through its strategy (here: drop everything on every change of
+//! the table). On start the demo creates its
 //! table if missing and installs its triggers, then drives itself (reads and writes
 //! over HTTP and through the cache) and prints hits, misses and the write →
 //! fresh-read latency; then it serves on 127.0.0.1 until Ctrl-C. On exit (also after
@@ -30,9 +32,8 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
+use pgcachewatch::cached;
 use pgcachewatch::postgres::listener::PgListenerSource;
-use pgcachewatch::strategies::Greedy;
-use pgcachewatch::{Cache, Dispatcher, Event};
 
 use app::{AppState, TABLE};
 
@@ -127,8 +128,9 @@ async fn serve(
     db: &sqlx::PgPool,
     table: &pgcachewatch::postgres::TableName,
 ) -> Result<()> {
-    // The source, the cache, and the dispatcher that ties them together. The
-    // listener connects where the pool connects.
+    // The source, and every `#[cached]` function's cache attached to it through
+    // the strategy declared with the function. The listener connects where the
+    // pool connects.
     let source = Arc::new(
         PgListenerSource::from_pool(db)
             .channel(&args.channel)
@@ -136,16 +138,11 @@ async fn serve(
             .await
             .context("starting the LISTEN connection")?,
     );
-    let users = Cache::builder().name("users").capacity(10_000).build();
-    let is_demo_table = |e: &Event| e.table == TABLE;
-    let dispatcher = Dispatcher::new()
-        .attach(Greedy::with_predicate(is_demo_table), users.clone())
-        .spawn(&source);
+    let caches = cached::attach(source.clone());
     let state = AppState {
         db: db.clone(),
-        users,
         source: source.clone(),
-        dispatcher: Arc::new(dispatcher),
+        caches: Arc::new(caches),
     };
 
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, args.port))
@@ -200,9 +197,9 @@ async fn serve(
 
     let _ = stop_tx.send(());
     server.await.context("the HTTP server task")??;
-    let AppState { dispatcher, .. } = state;
-    if let Ok(dispatcher) = Arc::try_unwrap(dispatcher) {
-        dispatcher.shutdown().await;
+    let AppState { caches, .. } = state;
+    if let Ok(caches) = Arc::try_unwrap(caches) {
+        caches.shutdown().await;
     }
     source.shutdown().await;
     driven

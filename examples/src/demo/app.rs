@@ -3,7 +3,6 @@
 //! The Rust counterpart of PGCacheWatch's FastAPI example: a handler that returns a
 //! query result through a cache which the database's NOTIFY events keep fresh.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -11,8 +10,10 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use pgcachewatch::cached::AttachedCaches;
 use pgcachewatch::postgres::listener::PgListenerSource;
-use pgcachewatch::{Cache, DispatcherHandle};
+use pgcachewatch::strategies::Greedy;
+use pgcachewatch::{cached, Event};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
@@ -43,42 +44,44 @@ pub enum Outcome {
     Miss,
 }
 
+/// The user `id`, through a cache that PostgreSQL keeps fresh: any change of the
+/// table drops it (`Greedy`, for events of this table), as soon as its NOTIFY
+/// arrives. A hit costs a hash lookup; a miss runs one SELECT (once, however many
+/// requests wait for it). `None` (no such user) is cached too, until the table
+/// changes; errors are not cached. The cache is `user_by_id_cache()`.
+#[cached(
+    name = "users",
+    capacity = 10_000,
+    key = id,
+    strategy = Greedy::with_predicate(|e: &Event| e.table == TABLE),
+)]
+pub async fn user_by_id(db: &PgPool, id: i32) -> Result<Option<Arc<User>>, Arc<sqlx::Error>> {
+    let sql = format!("SELECT id, name, version FROM {TABLE} WHERE id = $1");
+    let row: Option<User> = sqlx::query_as(&sql).bind(id).fetch_optional(db).await?;
+    Ok(row.map(Arc::new))
+}
+
 /// What every handler shares.
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub db: PgPool,
-    /// `user id → row` (`None`: no such user; cached too, until the table changes).
-    pub users: Cache<i32, Option<Arc<User>>>,
     pub source: Arc<PgListenerSource>,
-    pub dispatcher: Arc<DispatcherHandle>,
+    /// The dispatchers feeding the `#[cached]` functions' caches from `source`.
+    pub caches: Arc<AttachedCaches>,
 }
 
 impl AppState {
-    /// The user, through the cache: a hit costs a hash lookup; a miss runs one SELECT
-    /// (once, however many requests wait for it).
+    /// The user, and whether the cache answered (for the `x-cache` header).
     pub async fn read_user(
         &self,
         id: i32,
-    ) -> Result<(Option<Arc<User>>, Outcome), pgcachewatch::Error> {
-        let loaded = AtomicBool::new(false);
-        let user = self
-            .users
-            .get_or_load(id, || async {
-                loaded.store(true, Ordering::Relaxed);
-                let sql = format!("SELECT id, name, version FROM {TABLE} WHERE id = $1");
-                let row: Option<User> = sqlx::query_as(&sql)
-                    .bind(id)
-                    .fetch_optional(&self.db)
-                    .await?;
-                Ok::<_, sqlx::Error>(row.map(Arc::new))
-            })
-            .await?;
-        let outcome = if loaded.load(Ordering::Relaxed) {
-            Outcome::Miss
-        } else {
+    ) -> Result<(Option<Arc<User>>, Outcome), Arc<sqlx::Error>> {
+        let outcome = if user_by_id_cache().contains_key(&id) {
             Outcome::Hit
+        } else {
+            Outcome::Miss
         };
-        Ok((user, outcome))
+        Ok((user_by_id(&self.db, id).await?, outcome))
     }
 
     /// Renames a user, and returns once the cache reflects it (read-your-writes).
@@ -106,14 +109,14 @@ impl AppState {
             return Ok(None);
         };
         let applied = match self
-            .dispatcher
+            .caches
             .wait_for_txid(txid, std::time::Duration::from_secs(2))
             .await
         {
             Ok(()) => ReadYourWrites::Applied,
             Err(e) => {
                 tracing::warn!(error = %e, id, "the write's event is late: dropping its entry by hand");
-                self.users.invalidate(&id);
+                user_by_id_cache().invalidate(&id);
                 ReadYourWrites::InvalidatedByHand
             }
         };
@@ -187,8 +190,16 @@ async fn put_user(
 
 /// Counters of the cache, the dispatcher and the listener.
 async fn stats(State(state): State<AppState>) -> Response {
-    let c = state.users.stats();
-    let d = state.dispatcher.stats();
+    let c = user_by_id_cache().stats();
+    let (mut events, mut gaps, mut health_changes) = (0, 0, 0);
+    for d in state.caches.handles() {
+        let d = d.stats();
+        (events, gaps, health_changes) = (
+            events + d.events,
+            gaps + d.gaps,
+            health_changes + d.health_changes,
+        );
+    }
     let l = state.source.stats();
     Json(serde_json::json!({
         "cache": {
@@ -196,9 +207,9 @@ async fn stats(State(state): State<AppState>) -> Response {
             "invalidations": c.invalidations, "discarded_loads": c.discarded_loads,
             "bypasses": c.bypasses, "entries": c.entries,
         },
-        "dispatcher": { "events": d.events, "gaps": d.gaps, "health_changes": d.health_changes },
+        "dispatcher": { "events": events, "gaps": gaps, "health_changes": health_changes },
         "listener": {
-            "healthy": state.users.is_healthy(), "events": l.events, "malformed": l.malformed,
+            "healthy": user_by_id_cache().is_healthy(), "events": l.events, "malformed": l.malformed,
             "reconnects": l.reconnects, "gaps": l.gaps, "heartbeats": l.heartbeats,
             "last_heartbeat_rtt_us": l.last_heartbeat_rtt.map(|d| d.as_micros() as u64),
         },

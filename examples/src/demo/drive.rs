@@ -12,7 +12,7 @@ use hyper::{header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::app::{AppState, ReadYourWrites, User};
+use super::app::{user_by_id_cache, AppState, ReadYourWrites, User};
 use super::setup::USERS;
 
 /// One keep-alive HTTP/1.1 connection to the demo server (hyper's own client).
@@ -160,14 +160,14 @@ pub async fn drive(state: &AppState, addr: SocketAddr, rounds: usize) -> Result<
     );
 
     // 2. A read-heavy load: the cache answers, PostgreSQL is left alone.
-    let before = state.users.stats();
+    let before = user_by_id_cache().stats();
     let reads = 100_000;
     let started = Instant::now();
     for i in 0..reads {
         state.read_user((i % USERS) + 1).await?;
     }
     let elapsed = started.elapsed();
-    let after = state.users.stats();
+    let after = user_by_id_cache().stats();
     println!("2. {reads} reads of the {USERS} rows through the cache (no HTTP)");
     println!(
         "     {} hits, {} misses (loads from PostgreSQL); {:.2} M reads/s on one task",
@@ -224,7 +224,7 @@ pub async fn drive(state: &AppState, addr: SocketAddr, rounds: usize) -> Result<
         return Err(anyhow!("a read after its own write was stale"));
     }
 
-    let c = state.users.stats();
+    let c = user_by_id_cache().stats();
     let l = state.source.stats();
     println!(
         "cache:    {} hits, {} misses, {} loads, {} flushes, {} loads discarded (stale-set race closed)",

@@ -1,0 +1,6 @@
+#[pgcachewatch::cached]
+fn name(id: u32) -> String {
+    id.to_string()
+}
+
+fn main() {}
