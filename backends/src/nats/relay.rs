@@ -330,6 +330,7 @@ impl RelayBuilder {
 }
 
 /// Whether the relay's upstream has an identity that outlives the relay.
+#[cfg_attr(not(feature = "replication"), allow(dead_code))]
 enum Continuity {
     /// No: every start is a new epoch (the LISTEN source).
     None,
