@@ -218,7 +218,7 @@ impl PgReplicationBuilder {
 
     /// Like [`connect`](Self::connect), for a consumer that must see every
     /// event and confirm what it has stored (the NATS relay, an outbox writer):
-    /// the returned [`DurableStart`] holds a subscription and a
+    /// the returned [`DurableStart`](super::DurableStart) holds a subscription and a
     /// [`ConfirmGate`](super::ConfirmGate) made before the first message was
     /// read, and says whether the slot resumed where it was confirmed.
     ///
