@@ -131,15 +131,18 @@ impl Task {
     /// Starts a new epoch whose first message is a gap marker.
     async fn new_epoch(&mut self, reason: GapReason) {
         self.epoch = new_epoch(self.origin.as_deref());
-        self.epoch_started = Instant::now();
-        self.n = 0;
         {
             let mut s = self.status.lock();
             s.epoch = self.epoch.clone();
-            if s.received > 0 || s.acked > 0 {
-                s.epochs += 1;
-            }
+            s.epochs += 1;
         }
+        self.open_epoch(reason).await;
+    }
+
+    /// Starts the current epoch: numbering from 0, its gap marker first.
+    async fn open_epoch(&mut self, reason: GapReason) {
+        self.epoch_started = Instant::now();
+        self.n = 0;
         tracing::info!(epoch = %self.epoch, %reason, "relay starts a new epoch");
         self.publish_control("gap", WireKind::Gap(reason), None)
             .await;
@@ -249,8 +252,9 @@ impl Task {
                 self.n = resume.next_n;
                 self.status.lock().epoch = self.epoch.clone();
             }
+            // The epoch the handle reports from the start.
             None => {
-                self.new_epoch(GapReason::Injected {
+                self.open_epoch(GapReason::Injected {
                     detail: "relay started".into(),
                 })
                 .await
