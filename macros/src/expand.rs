@@ -298,6 +298,7 @@ pub(crate) fn expand(options: Options, item: ItemFn) -> syn::Result<TokenStream>
     let key_var = Ident::new("__pgcachewatch_key", Span::mixed_site());
     let out_var = Ident::new("__pgcachewatch_out", Span::mixed_site());
     let cache_var = Ident::new("__pgcachewatch_cache", Span::mixed_site());
+    let hit_var = Ident::new("__pgcachewatch_hit", Span::mixed_site());
     let tables = match &options.tables {
         Some(t) => {
             let elems = t.value.elems.iter();
@@ -411,16 +412,31 @@ pub(crate) fn expand(options: Options, item: ItemFn) -> syn::Result<TokenStream>
 
     let value_check =
         quote_spanned!(value_ty.span()=> let _ = ::pgcachewatch::__private::value::<#value_ty>;);
+    let hit_value = match &output {
+        Output::Result { .. } => {
+            quote!(<#ret as ::pgcachewatch::__private::IsResult>::from_ok(#hit_var))
+        }
+        Output::Plain(_) => quote!(#hit_var),
+    };
+    // A hit returns before the load's future is built: that future (with the
+    // function's body inside) is large, and is boxed so that this function's
+    // own future stays small — a hit costs what `Cache::get` costs.
     Ok(quote! {
         #(#attrs)*
         #vis #sig {
             #checks
             #value_check
             #key_binding
-            ::pgcachewatch::__private::#load(#cache_ref, #key_var, #tables, move || async move {
+            let #cache_var = #cache_ref;
+            if let ::core::option::Option::Some(#hit_var) =
+                ::pgcachewatch::__private::hit(#cache_var, &#key_var)
+            {
+                return #hit_value;
+            }
+            ::std::boxed::Box::pin(::pgcachewatch::__private::#load(#cache_var, #key_var, #tables, move || async move {
                 let #out_var: #ret = async move #block.await;
                 #out_var
-            })
+            }))
             .await
         }
 

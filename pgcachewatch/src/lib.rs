@@ -100,11 +100,30 @@ pub mod __private {
         type Ok;
         /// The error type.
         type Err;
+        /// `Ok(value)`.
+        fn from_ok(value: Self::Ok) -> Self;
     }
 
     impl<T, E> IsResult for Result<T, E> {
         type Ok = T;
         type Err = E;
+        #[inline]
+        fn from_ok(value: T) -> Self {
+            Ok(value)
+        }
+    }
+
+    /// The fresh cached value for `key`, counting a hit when there is one (a
+    /// miss is counted by the load that follows). The hit path of a `#[cached]`
+    /// function: checked before the load's future is built, so a hit costs no
+    /// more than [`Cache::get`].
+    #[inline]
+    pub fn hit<K, V>(cache: &Cache<K, V>, key: &K) -> Option<V>
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+    {
+        cache.hit_only(key)
     }
 
     /// An error a `#[cached]` function may return: shared by every caller of one load.

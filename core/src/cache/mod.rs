@@ -177,6 +177,19 @@ where
         found
     }
 
+    /// The fresh cached value for `key`, counting a hit if there is one and
+    /// nothing otherwise (the load that follows a `None` counts the miss). For
+    /// the `#[cached]` attribute's hit path; not part of the stable API.
+    #[doc(hidden)]
+    #[inline]
+    pub fn hit_only(&self, key: &K) -> Option<V> {
+        let found = self.lookup(key);
+        if found.is_some() {
+            self.inner.counters.hits.bump();
+        }
+        found
+    }
+
     /// The value for `key`: from the cache if fresh, else from `loader` (run once for
     /// all concurrent callers), stored unless an invalidation arrived meanwhile.
     ///
