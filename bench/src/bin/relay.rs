@@ -708,6 +708,12 @@ async fn run(args: &Args, pool: &PgPool, n: &Names) -> anyhow::Result<()> {
             "\nOnly {direct_n} direct replication sources were started: {free} slots/walsenders were free and {reserve} were left for other clients (--reserve-slots)."
         );
     }
+    if listen_n < args.listen_sources {
+        println!(
+            "Only {listen_n} of {} LISTEN sources were started: max_connections = {max_conn}, {active} connections open, 20 left for other clients.",
+            args.listen_sources
+        );
+    }
     println!(
         "The subscribers' cache loads go through the application's own pool (not counted: a service has it anyway); NatsSources hold no PostgreSQL connection.\n"
     );
