@@ -12,8 +12,11 @@
 //! dropped with a warning, so the event still invalidates (at table level when the
 //! keys are unreadable) rather than being lost.
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use std::borrow::Cow;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::event::{Event, Operation, RowKey};
 
@@ -29,18 +32,23 @@ pub enum PayloadError {
     UnknownOperation(String),
 }
 
+/// The payload as read: text fields borrowed from it where no escape forces a
+/// copy, optional fields kept raw so that an unreadable one degrades alone (and
+/// costs no `serde_json::Value` tree when it is fine).
 #[derive(Deserialize)]
-struct Wire {
-    operation: String,
-    #[serde(default)]
-    schema: Option<String>,
-    table: String,
-    #[serde(default)]
-    sent_at: Option<serde_json::Value>,
-    #[serde(default)]
-    keys: Option<serde_json::Value>,
-    #[serde(default)]
-    txid: Option<serde_json::Value>,
+struct Wire<'a> {
+    #[serde(borrow)]
+    operation: Cow<'a, str>,
+    #[serde(default, borrow)]
+    schema: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    table: Cow<'a, str>,
+    #[serde(default, borrow)]
+    sent_at: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    keys: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    txid: Option<&'a RawValue>,
 }
 
 /// Parses one NOTIFY payload received on `channel` at `received_at`.
@@ -72,23 +80,23 @@ pub fn parse_payload(
     let operation: Operation = wire
         .operation
         .parse()
-        .map_err(|_| PayloadError::UnknownOperation(wire.operation.clone()))?;
+        .map_err(|_| PayloadError::UnknownOperation(wire.operation.clone().into_owned()))?;
     if wire.table.is_empty() {
         return Err(PayloadError::Malformed("empty table name".into()));
     }
-    let sent_at = wire.sent_at.and_then(|v| {
-        let parsed = v.as_str().and_then(parse_timestamp);
+    let sent_at = wire.sent_at.and_then(|raw| {
+        let parsed = raw_str(raw).and_then(|s| parse_timestamp(&s));
         if parsed.is_none() {
             static LIMIT: crate::rate_limit::RateLimit = crate::rate_limit::RateLimit::new();
             if let Some(suppressed) = LIMIT.check() {
-                tracing::warn!(table = %wire.table, sent_at = %v, suppressed,
+                tracing::warn!(table = %wire.table, sent_at = %raw.get(), suppressed,
                     "ignoring unreadable sent_at (at most one such warning a second; `suppressed` were not logged)");
             }
         }
         parsed
     });
-    let keys = wire.keys.filter(|v| !v.is_null()).and_then(|v| {
-        let keys = serde_json::from_value::<Vec<RowKey>>(v).ok();
+    let keys = wire.keys.filter(|raw| raw.get() != "null").and_then(|raw| {
+        let keys = serde_json::from_str::<Vec<RowKey>>(raw.get()).ok();
         if keys.is_none() {
             static LIMIT: crate::rate_limit::RateLimit = crate::rate_limit::RateLimit::new();
             if let Some(suppressed) = LIMIT.check() {
@@ -98,16 +106,15 @@ pub fn parse_payload(
         }
         keys
     });
-    let txid = wire.txid.and_then(|v| match &v {
-        serde_json::Value::Number(n) => n.as_i64(),
-        serde_json::Value::String(s) => s.parse().ok(),
-        _ => None,
+    let txid = wire.txid.and_then(|raw| match raw_str(raw) {
+        Some(s) => s.parse().ok(),
+        None => raw.get().parse().ok(),
     });
     Ok(Event {
         channel: channel.to_owned(),
         operation,
-        schema: wire.schema.filter(|s| !s.is_empty()),
-        table: wire.table,
+        schema: wire.schema.filter(|s| !s.is_empty()).map(Cow::into_owned),
+        table: wire.table.into_owned(),
         sent_at,
         received_at,
         keys,
@@ -116,26 +123,95 @@ pub fn parse_payload(
     })
 }
 
+/// The text of a raw JSON string (`None` for any other JSON value).
+fn raw_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let text = raw.get();
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        serde_json::from_str::<String>(text).ok().map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(inner))
+    }
+}
+
 /// Parses the timestamp shapes PostgreSQL produces: RFC 3339 from
 /// `json_build_object`, and the text form `2024-05-01 10:00:00.123+00`.
 fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Some(t.with_timezone(&Utc));
+    // The shapes PostgreSQL writes, read by hand: a trigger sends one per event.
+    if let Some(t) = parse_postgres_timestamp(s.trim()) {
+        return Some(t);
     }
-    let mut normal = s.trim().replacen(' ', "T", 1);
-    // "+00" / "-05" → "+00:00" / "-05:00"
-    if let Some(pos) = normal.rfind(['+', '-']).filter(|&p| p > 10) {
-        if normal.len() - pos == 3 {
-            normal.push_str(":00");
-        }
-    }
-    if let Ok(t) = DateTime::parse_from_rfc3339(&normal) {
-        return Some(t.with_timezone(&Utc));
-    }
-    // No offset at all: PostgreSQL `timestamp` (without time zone); read as UTC.
-    NaiveDateTime::parse_from_str(&normal, "%Y-%m-%dT%H:%M:%S%.f")
+    // Anything else RFC 3339 allows.
+    DateTime::parse_from_rfc3339(s.trim())
         .ok()
-        .map(|t| t.and_utc())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// `YYYY-MM-DD[T ]HH:MM:SS[.f{1,9}][Z | ±HH[:MM[:SS]] | ±HHMM]`; no offset
+/// (a `timestamp` without time zone) is read as UTC.
+fn parse_postgres_timestamp(s: &str) -> Option<DateTime<Utc>> {
+    let b = s.as_bytes();
+    let digits = |from: usize, len: usize| -> Option<u32> {
+        let part = b.get(from..from + len)?;
+        part.iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let date = NaiveDate::from_ymd_opt(
+        i32::try_from(digits(0, 4)?).ok()?,
+        digits(5, 2)?,
+        digits(8, 2)?,
+    )?;
+    let (hour, minute, second) = (digits(11, 2)?, digits(14, 2)?, digits(17, 2)?);
+    let mut at = 19;
+    let mut nanos = 0u32;
+    if b.get(at) == Some(&b'.') {
+        at += 1;
+        let start = at;
+        while at < b.len() && b[at].is_ascii_digit() {
+            at += 1;
+        }
+        let n = at - start;
+        if n == 0 || n > 9 {
+            return None;
+        }
+        nanos = digits(start, n)? * 10u32.pow(u32::try_from(9 - n).ok()?);
+    }
+    let offset_seconds: i64 = match b.get(at) {
+        None => 0,
+        Some(b'Z' | b'z') if at + 1 == b.len() => 0,
+        Some(&sign @ (b'+' | b'-')) => {
+            let rest = &s[at + 1..];
+            let (h, m, sec) = match rest.len() {
+                2 => (digits(at + 1, 2)?, 0, 0),
+                4 => (digits(at + 1, 2)?, digits(at + 3, 2)?, 0),
+                5 if b[at + 3] == b':' => (digits(at + 1, 2)?, digits(at + 4, 2)?, 0),
+                8 if b[at + 3] == b':' && b[at + 6] == b':' => {
+                    (digits(at + 1, 2)?, digits(at + 4, 2)?, digits(at + 7, 2)?)
+                }
+                _ => return None,
+            };
+            let magnitude = i64::from(h * 3600 + m * 60 + sec);
+            if sign == b'-' {
+                -magnitude
+            } else {
+                magnitude
+            }
+        }
+        Some(_) => return None,
+    };
+    let time = NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)?;
+    let local = NaiveDateTime::new(date, time).and_utc();
+    local.checked_sub_signed(chrono::TimeDelta::try_seconds(offset_seconds)?)
 }
 
 #[cfg(test)]
@@ -157,6 +233,77 @@ mod tests {
         }
         assert!(parse_timestamp("yesterday").is_none());
         assert!(parse_timestamp("").is_none());
+    }
+
+    #[test]
+    fn timestamps_read_to_the_nanosecond_and_offset() {
+        let cases = [
+            (
+                "2024-05-01 10:00:00.123456+00",
+                "2024-05-01T10:00:00.123456Z",
+            ),
+            ("2024-05-01 12:30:00.5+02:30", "2024-05-01T10:00:00.5Z"),
+            ("2024-05-01 05:00:00-05", "2024-05-01T10:00:00Z"),
+            (
+                "2024-05-01T10:00:00.000000001Z",
+                "2024-05-01T10:00:00.000000001Z",
+            ),
+            ("2024-05-01 10:00:00", "2024-05-01T10:00:00Z"),
+            ("2024-05-01 10:00:00+0100", "2024-05-01T09:00:00Z"),
+            (
+                "1999-12-31 23:59:59.999+00:00:00",
+                "1999-12-31T23:59:59.999Z",
+            ),
+        ];
+        for (text, utc) in cases {
+            let want = DateTime::parse_from_rfc3339(utc)
+                .unwrap()
+                .with_timezone(&Utc);
+            assert_eq!(parse_timestamp(text), Some(want), "{text}");
+        }
+        for bad in [
+            "2024-13-01 10:00:00+00",
+            "2024-05-01 25:00:00+00",
+            "2024-05-01 10:00:00.+00",
+            "2024-05-01 10:00:00.1234567890+00",
+            "2024-05-01 10:00:00+0",
+            "2024-05-01 10:00:00 +00",
+            "2024-05-01 10:00",
+            "２０２４-05-01 10:00:00",
+        ] {
+            assert_eq!(parse_timestamp(bad), None, "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any instant, written as PostgreSQL writes `timestamptz` (text form
+        /// at any whole-minute offset) and as RFC 3339, reads back exactly.
+        #[test]
+        fn any_timestamp_reads_back(
+            secs in 0i64..4_102_444_800,
+            nanos in 0u32..1_000_000_000,
+            offset_minutes in -(14 * 60)..=(14 * 60),
+        ) {
+            let at = DateTime::from_timestamp(secs, nanos).unwrap();
+            let offset = chrono::FixedOffset::east_opt(offset_minutes * 60).unwrap();
+            let local = at.with_timezone(&offset);
+            let text = local.format("%Y-%m-%d %H:%M:%S%.f%:z").to_string();
+            proptest::prop_assert_eq!(parse_timestamp(&text), Some(at), "{}", text);
+            let rfc = local.to_rfc3339();
+            proptest::prop_assert_eq!(parse_timestamp(&rfc), Some(at), "{}", rfc);
+        }
+    }
+
+    #[test]
+    fn escaped_and_unusual_fields_still_parse() {
+        let p = r#"{"operation":"insert","schema":"a\"b","table":"t\u00e9","sent_at":"2024-05-01 10:00:00+00","txid":"9","keys":null}"#;
+        let e = parse_payload("c", p, Utc::now()).unwrap();
+        assert_eq!(
+            (e.schema.as_deref(), e.table.as_str()),
+            (Some("a\"b"), "té")
+        );
+        assert_eq!((e.txid, e.keys), (Some(9), None));
+        assert!(e.sent_at.is_some());
     }
 
     #[test]
