@@ -1,0 +1,28 @@
+//! The series only the backends emit (feature `metrics`); their names are in
+//! `pgcachewatch_core::telemetry`, with the core's.
+
+#![cfg_attr(not(any(feature = "postgres", feature = "nats")), allow(dead_code))]
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use pgcachewatch_core::telemetry as names;
+
+/// A source's own handles, registered when it starts.
+#[derive(Debug, Clone)]
+pub(crate) struct SourceMetrics {
+    pub(crate) reconnects: Counter,
+    pub(crate) heartbeat_rtt: Histogram,
+    pub(crate) queue_usage: Gauge,
+    pub(crate) slot_lag: Gauge,
+}
+
+impl SourceMetrics {
+    pub(crate) fn new(source: &str) -> Self {
+        let source = source.to_owned();
+        SourceMetrics {
+            reconnects: counter!(names::SOURCE_RECONNECTS, "source" => source.clone()),
+            heartbeat_rtt: histogram!(names::SOURCE_HEARTBEAT_RTT, "source" => source.clone()),
+            queue_usage: gauge!(names::SOURCE_NOTIFY_QUEUE_USAGE, "source" => source.clone()),
+            slot_lag: gauge!(names::SOURCE_SLOT_LAG, "source" => source),
+        }
+    }
+}
