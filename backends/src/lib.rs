@@ -53,6 +53,8 @@ pub mod postgres;
 #[cfg(feature = "replication")]
 #[cfg_attr(docsrs, doc(cfg(feature = "replication")))]
 pub mod replication;
+#[cfg(feature = "metrics")]
+mod telemetry;
 #[cfg(feature = "websocket")]
 #[cfg_attr(docsrs, doc(cfg(feature = "websocket")))]
 pub mod websocket;

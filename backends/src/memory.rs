@@ -65,7 +65,7 @@ impl InMemorySource {
     /// they get a [`GapReason::Lagged`] gap.
     pub fn with_capacity(capacity: usize) -> (InMemorySource, InMemoryHandle) {
         let shared = Arc::new(Shared {
-            hub: ClosableHub::new(SignalHub::new(capacity)),
+            hub: ClosableHub::new(SignalHub::new(capacity).with_label(LABEL)),
             published: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             to_lose: AtomicU64::new(0),
@@ -79,7 +79,14 @@ impl InMemorySource {
     }
 }
 
+/// The `source` label of every in-memory source.
+const LABEL: &str = "memory";
+
 impl EventSource for InMemorySource {
+    fn label(&self) -> String {
+        LABEL.into()
+    }
+
     /// A subscription that keeps the source's state alive while it exists.
     fn subscribe(&self) -> Subscription {
         keep_alive::subscription(self.shared.hub.subscribe(), self.shared.clone())

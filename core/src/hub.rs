@@ -54,6 +54,9 @@ pub struct SignalHub {
     tx: broadcast::Sender<Signal>,
     healthy: Arc<AtomicBool>,
     inline: Arc<Inline>,
+    /// The source's series, once [`with_label`](SignalHub::with_label)led.
+    #[cfg(feature = "metrics")]
+    metrics: Option<Arc<crate::telemetry::SourceMetrics>>,
 }
 
 /// The inline handlers, and the lock that orders every emission.
@@ -131,7 +134,33 @@ impl SignalHub {
             tx,
             healthy: Arc::new(AtomicBool::new(health.is_healthy())),
             inline: Arc::default(),
+            #[cfg(feature = "metrics")]
+            metrics: None,
         }
+    }
+
+    /// Names the source this hub belongs to in metrics (feature `metrics`): the
+    /// hub then counts the events and gaps it emits and reports the health, under
+    /// the label `source` (see [`telemetry`](crate::telemetry)). Use the label the
+    /// source's [`EventSource::label`](crate::EventSource::label) returns. Without
+    /// the feature, it does nothing. Call it before handing out clones.
+    ///
+    /// ```
+    /// use pgcachewatch::{Event, Operation, SignalHub};
+    /// let hub = SignalHub::new(16).with_label("orders-feed");
+    /// hub.publish(Event::new("ch", Operation::Insert, "public", "orders"));
+    /// ```
+    #[must_use]
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables, unused_mut))]
+    pub fn with_label(mut self, source: impl Into<String>) -> Self {
+        #[cfg(feature = "metrics")]
+        {
+            self.metrics = Some(Arc::new(crate::telemetry::SourceMetrics::new(
+                &source.into(),
+                self.health(),
+            )));
+        }
+        self
     }
 
     /// Runs `handler` for every signal emitted from now on, synchronously, in the
@@ -201,6 +230,10 @@ impl SignalHub {
 
     /// Emits with the emission lock held.
     fn emit_locked(&self, handlers: &mut [(u64, InlineHandler)], signal: Signal) {
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.metrics {
+            metrics.emitted(&signal);
+        }
         for (_, handler) in handlers.iter_mut() {
             handler(&signal);
         }

@@ -32,6 +32,8 @@
 //! * `parking_lot`: short, uncontended locks around in-flight loads.
 //! * `chrono` + `serde`/`serde_json`: timestamps and payloads as PostgreSQL sends them.
 //! * `thiserror`: the [`Error`] enum; `tracing`: logs (this crate never prints).
+//! * `metrics` (feature `metrics`, off by default): the series of [`telemetry`]
+//!   through the `metrics` facade.
 
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 #![deny(rustdoc::broken_intra_doc_links)]
@@ -51,6 +53,8 @@ mod signal;
 mod source;
 mod strategy;
 mod sync;
+#[cfg(feature = "metrics")]
+pub mod telemetry;
 
 pub use cache::{
     Cache, CacheBuilder, CacheStats, InvalidationTarget, RemovalCause, WhileUnhealthy,

@@ -84,6 +84,27 @@ pub trait EventSource: Send + Sync + fmt::Debug + 'static {
         let _ = handler;
         None
     }
+
+    /// A short name for the source in metrics and logs (the `source` label of
+    /// [`telemetry`](crate::telemetry)'s series, with feature `metrics`): its kind
+    /// and, where it has one, its name — `listen`, `replication:<slot>`,
+    /// `nats:<stream>`, `memory`. The default is `custom`.
+    ///
+    /// ```
+    /// use pgcachewatch::{EventSource, Health, SignalHub, Subscription};
+    /// #[derive(Debug)]
+    /// struct Orders(SignalHub);
+    /// impl EventSource for Orders {
+    ///     fn subscribe(&self) -> Subscription { self.0.subscribe() }
+    ///     fn health(&self) -> Health { self.0.health() }
+    ///     fn label(&self) -> String { "orders-feed".into() }
+    /// }
+    /// let source = Orders(SignalHub::new(16).with_label("orders-feed"));
+    /// assert_eq!(source.label(), "orders-feed");
+    /// ```
+    fn label(&self) -> String {
+        "custom".into()
+    }
 }
 
 /// A callback run for every signal by the emitting task; see
@@ -121,6 +142,9 @@ impl<T: EventSource + ?Sized> EventSource for Arc<T> {
     fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
         (**self).attach_inline(handler)
     }
+    fn label(&self) -> String {
+        (**self).label()
+    }
 }
 
 impl<T: EventSource + ?Sized> EventSource for Box<T> {
@@ -132,6 +156,9 @@ impl<T: EventSource + ?Sized> EventSource for Box<T> {
     }
     fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
         (**self).attach_inline(handler)
+    }
+    fn label(&self) -> String {
+        (**self).label()
     }
 }
 

@@ -18,6 +18,7 @@
 //! | `nats` | no | `pgcachewatch::nats`: the JetStream relay and `NatsSource` (async-nats) |
 //! | `websocket` | no | `pgcachewatch::websocket`: the `/pgpubsub/{channel}` server for PGCacheWatch's `WSEventQueue` (axum) |
 //! | `macros` | yes | `#[pgcachewatch::cached]`: an async fn read through a cache, declared with its strategy |
+//! | `metrics` | no | series through the `metrics` facade, per cache (`cache` label) and per source (`source` label): hits, misses, loads, load errors and duration, invalidations by kind, bypasses, entries; events, gaps by reason, health, reconnects, event latency, heartbeat round trip, NOTIFY queue usage, slot lag. Names and details: `pgcachewatch::telemetry` and the README's "Metrics" |
 //! | `testkit` | no | `pgcachewatch::testkit`: event logs, replay, virtual clock, model checker, conformance suite, fault proxy |
 //!
 //! The architecture (the event flow, the design decisions, the PostgreSQL facts it

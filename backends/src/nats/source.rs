@@ -90,6 +90,8 @@ struct Inner {
     task: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<Mutex<NatsSourceStats>>,
     description: String,
+    /// `nats:<stream>`.
+    label: String,
 }
 
 impl Drop for Inner {
@@ -240,7 +242,8 @@ impl NatsSourceBuilder {
             .await
             .map_err(|e| NatsError::js("stream info", e))?;
         let start = info.state.last_sequence + 1;
-        let hub = SignalHub::with_health(buffer, Health::Unhealthy);
+        let label = format!("nats:{}", self.stream.name());
+        let hub = SignalHub::with_health(buffer, Health::Unhealthy).with_label(label.clone());
         let (stop_tx, stop_rx) = watch::channel(false);
         let stats = Arc::new(Mutex::new(NatsSourceStats::default()));
         let description = format!("{} ({})", self.stream.name(), self.filters().join(", "));
@@ -256,6 +259,8 @@ impl NatsSourceBuilder {
             nats_events: events_rx,
             stats: stats.clone(),
             state: task::State::default(),
+            #[cfg(feature = "metrics")]
+            metrics: crate::telemetry::SourceMetrics::new(&label),
         };
         let handle = tokio::spawn(task.run());
         Ok(NatsSource {
@@ -265,12 +270,18 @@ impl NatsSourceBuilder {
                 task: Mutex::new(Some(handle)),
                 stats,
                 description,
+                label,
             }),
         })
     }
 }
 
 impl EventSource for NatsSource {
+    /// `nats:<stream>`.
+    fn label(&self) -> String {
+        self.inner.label.clone()
+    }
+
     /// A subscription that keeps the source running while it exists.
     fn subscribe(&self) -> Subscription {
         keep_alive::subscription(self.inner.hub.subscribe(), self.inner.clone())

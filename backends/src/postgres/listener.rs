@@ -196,9 +196,10 @@ impl PgListenerSource {
             "listening"
         );
         let settings = Arc::new(settings);
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters::for_source(LABEL));
         counters.set_backend_pid(Some(first.backend_pid));
-        let hub = SignalHub::with_health(settings.builder.buffer, Health::Healthy);
+        let hub =
+            SignalHub::with_health(settings.builder.buffer, Health::Healthy).with_label(LABEL);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (command_tx, command_rx) = mpsc::channel(16);
         let task = Task {
@@ -265,7 +266,15 @@ impl PgListenerSource {
     }
 }
 
+/// The `source` label of LISTEN sources.
+const LABEL: &str = "listen";
+
 impl EventSource for PgListenerSource {
+    /// `listen`.
+    fn label(&self) -> String {
+        LABEL.into()
+    }
+
     /// A subscription that keeps the listener running while it exists.
     fn subscribe(&self) -> Subscription {
         keep_alive::subscription(self.inner.hub.subscribe(), self.inner.clone())

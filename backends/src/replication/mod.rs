@@ -196,10 +196,12 @@ impl PgReplicationSource {
             "replication started"
         );
         let settings = Arc::new(settings);
-        let counters = Arc::new(Counters::default());
+        let label = label_of(&settings.builder.slot);
+        let counters = Arc::new(Counters::for_source(&label));
         counters.set_backend_pid(first.backend_pid);
         let progress = Arc::new(Progress::default());
-        let hub = SignalHub::with_health(settings.builder.buffer, Health::Unhealthy);
+        let hub =
+            SignalHub::with_health(settings.builder.buffer, Health::Unhealthy).with_label(label);
         let early = durable.then(|| (hub.subscribe(), ConfirmGate::new_sticky(progress.clone())));
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = Task {
@@ -300,7 +302,17 @@ impl DurableStart {
     }
 }
 
+/// The `source` label of a replication source: `replication:<slot>`.
+fn label_of(slot: &str) -> String {
+    format!("replication:{slot}")
+}
+
 impl EventSource for PgReplicationSource {
+    /// `replication:<slot>`.
+    fn label(&self) -> String {
+        label_of(self.slot())
+    }
+
     /// The subscription keeps the source running while it lives.
     fn subscribe(&self) -> Subscription {
         keep_alive::subscription(self.inner.hub.subscribe(), self.inner.clone())

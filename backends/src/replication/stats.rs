@@ -63,6 +63,9 @@ pub(crate) struct Counters {
     backend_pid: AtomicU32,
     last_error: Mutex<Option<String>>,
     last_event_at: Mutex<Option<DateTime<Utc>>>,
+    /// The source's series (feature `metrics`).
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: Option<crate::telemetry::SourceMetrics>,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -74,8 +77,43 @@ pub(crate) fn raise(position: &AtomicU64, lsn: Lsn) {
 }
 
 impl Counters {
+    /// Counters of the source labelled `source` (its series, with `metrics`).
+    #[cfg_attr(
+        not(feature = "metrics"),
+        allow(unused_variables, clippy::needless_update)
+    )]
+    pub(crate) fn for_source(source: &str) -> Self {
+        Counters {
+            #[cfg(feature = "metrics")]
+            metrics: Some(crate::telemetry::SourceMetrics::new(source)),
+            ..Counters::default()
+        }
+    }
+
     pub(crate) fn set_backend_pid(&self, pid: Option<u32>) {
         self.backend_pid.store(pid.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub(crate) fn reconnected(&self) {
+        bump(&self.reconnects);
+        #[cfg(feature = "metrics")]
+        if let Some(m) = &self.metrics {
+            m.reconnects.increment(1);
+        }
+    }
+
+    /// After the server or the confirmed position moved: sets the slot lag gauge
+    /// (feature `metrics`; nothing otherwise).
+    #[inline]
+    pub(crate) fn positions_moved(&self) {
+        #[cfg(feature = "metrics")]
+        if let Some(m) = &self.metrics {
+            let server = self.server.load(Ordering::Acquire);
+            if server > 0 {
+                let confirmed = self.confirmed.load(Ordering::Acquire);
+                m.slot_lag.set(server.saturating_sub(confirmed) as f64);
+            }
+        }
     }
 
     pub(crate) fn set_last_error(&self, error: Option<String>) {

@@ -78,7 +78,7 @@ impl Task {
             self.assembler.reset();
             match self.reconnect().await {
                 Some((new, slot_gone)) => {
-                    bump(&self.counters.reconnects);
+                    self.counters.reconnected();
                     gap = slot_gap(&new.slot, slot_gone, self.settings.builder.temporary_slot);
                     session = new;
                 }
@@ -100,6 +100,7 @@ impl Task {
         if lsn > Lsn::ZERO {
             session.confirm(lsn);
             raise(&self.counters.confirmed, lsn);
+            self.counters.positions_moved();
         }
     }
 
@@ -113,6 +114,7 @@ impl Task {
         self.counters.set_backend_pid(session.backend_pid);
         self.counters.set_last_error(None);
         raise(&self.counters.server, session.xlogpos);
+        self.counters.positions_moved();
         self.emitted(session.start);
         let target = session.xlogpos;
         tracing::info!(
@@ -168,6 +170,7 @@ impl Task {
             },
             Wire::KeepAlive { wal_end } => {
                 raise(&self.counters.server, wal_end);
+                self.counters.positions_moved();
                 // With no transaction open, everything before wal_end was sent.
                 if !self.assembler.in_transaction() && wal_end > self.progress.emitted() {
                     self.emitted(wal_end);

@@ -7,6 +7,7 @@
 //! 3. memory under a write storm: RSS growth while 1 M events flow with no reads.
 //!
 //! `cargo run --release -p pgcachewatch-bench --bin bench [-- --quick]`
+//! (`--features metrics`: the same with the library's metrics on and a recorder installed)
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -26,6 +27,16 @@ struct Opts {
 }
 
 fn main() -> anyhow::Result<()> {
+    // With `--features metrics`, a recorder is installed first (metrics-util's
+    // atomic debugging recorder), so the series really record what the caches
+    // built below count, as in an application that exports them.
+    #[cfg(feature = "metrics")]
+    {
+        metrics_util::debugging::DebuggingRecorder::new()
+            .install()
+            .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+        println!("(metrics feature on, recorder installed)");
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let opts = if quick {
         Opts {

@@ -185,6 +185,7 @@ where
                 } else {
                     HealthBoard::with_name(self.name.clone())
                 },
+                counters: Counters::new(self.name.as_deref()),
                 name: self.name,
                 store,
                 gens: Generations::default(),
@@ -196,7 +197,6 @@ where
                 listener: self.listener,
                 serial: AtomicU64::new(0),
                 while_unhealthy: self.while_unhealthy,
-                counters: Counters::default(),
             }),
         }
     }

@@ -21,7 +21,6 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 
 use super::flight::{Failure, Flight, Outcome};
-use super::stats::bump;
 use super::store::RemovalCause;
 use super::{Cache, FlightShard, FLIGHT_SHARDS};
 use crate::event::{IntoTableRef, TableRef};
@@ -55,13 +54,13 @@ where
     {
         let inner = &*self.inner;
         if let Some(v) = self.lookup(&key) {
-            inner.counters.hits.bump();
+            inner.counters.hit();
             return Ok(v);
         }
         if self.bypassing() {
-            bump(&inner.counters.bypasses);
+            inner.counters.bypass();
             return loader().await.map_err(|e| {
-                bump(&inner.counters.load_errors);
+                inner.counters.load_error();
                 own(e).1
             });
         }
@@ -96,11 +95,20 @@ where
             flight: &flight,
             finished: false,
         };
-        bump(&inner.counters.loads);
+        inner.counters.load();
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
         // The guard stays armed until the flight is published: if cloning or
         // storing the value panics, the waiters are released (they retry)
         // instead of hanging.
-        let result = match loader().await {
+        let loaded = loader().await;
+        #[cfg(feature = "metrics")]
+        inner
+            .counters
+            .metrics
+            .load_duration
+            .record(started.elapsed().as_secs_f64());
+        let result = match loaded {
             Ok(value) => {
                 let mine = value.clone();
                 self.finish(&key, &flight, Ok(value));
@@ -135,12 +143,12 @@ where
         // A flight may have finished between the first lookup and this lock.
         if let Some(v) = self.lookup(key) {
             if count_miss {
-                inner.counters.hits.bump();
+                inner.counters.hit();
             }
             return Role::Hit(v);
         }
         if count_miss {
-            bump(&inner.counters.misses);
+            inner.counters.miss();
         }
         if let Some(flight) = flights.get(key) {
             if may_join
@@ -201,13 +209,14 @@ where
                             self.new_entry(value.clone(), flight.stamp.clone(), flight.started_at);
                         replaced = self.store_entry(key.clone(), entry);
                     } else {
-                        bump(&inner.counters.discarded_loads);
+                        inner.counters.discarded_load();
                     }
                 }
-                Err(_) => bump(&inner.counters.load_errors),
+                Err(_) => inner.counters.load_error(),
             }
         }
         flight.finish(outcome);
+        inner.counters.entries(|| inner.store.len() as u64);
         if let Some((key, value, cause)) = replaced {
             self.notify(&key, value, cause);
         }

@@ -43,7 +43,7 @@ use self::flight::{Failure, Flight};
 use self::generations::{Generations, Stamp};
 use self::load::resolve_tags;
 pub use self::stats::CacheStats;
-use self::stats::{bump, Counters};
+use self::stats::{Counters, Dropped};
 pub use self::store::RemovalCause;
 use self::store::{Entry, Listener, Store};
 pub use self::target::InvalidationTarget;
@@ -170,9 +170,9 @@ where
         let found = self.lookup(key);
         let c = &self.inner.counters;
         if found.is_some() {
-            c.hits.bump();
+            c.hit();
         } else {
-            bump(&c.misses);
+            c.miss();
         }
         found
     }
@@ -389,6 +389,7 @@ where
             let entry = self.new_entry(value, inner.gens.stamp(&[]), Instant::now());
             self.store_entry(key, entry)
         };
+        inner.counters.entries(|| inner.store.len() as u64);
         if let Some((key, value, cause)) = replaced {
             self.notify(&key, value, cause);
         }
@@ -405,6 +406,9 @@ where
             self.inner.store.remove(key)
         };
         let (key, entry) = removed?;
+        self.inner
+            .counters
+            .entries(|| self.inner.store.len() as u64);
         match self.stale_cause(&entry) {
             None => {
                 let value = entry.value.clone();
@@ -451,8 +455,9 @@ where
             }
             inner.store.remove(key)
         };
-        bump(&inner.counters.invalidations);
+        inner.counters.dropped(Dropped::Key);
         if let Some((key, entry)) = removed {
+            inner.counters.entries(|| inner.store.len() as u64);
             let cause = self
                 .stale_cause(&entry)
                 .unwrap_or(RemovalCause::Invalidated);
@@ -463,7 +468,7 @@ where
     /// Drops every entry and invalidates every load in flight, in O(1).
     pub fn invalidate_all(&self) {
         self.inner.gens.bump_all();
-        bump(&self.inner.counters.flushes);
+        self.inner.counters.dropped(Dropped::All);
         tracing::debug!(cache = self.name(), "flushed");
     }
 
@@ -473,7 +478,7 @@ where
             return;
         }
         self.inner.gens.bump_tables(tables);
-        bump(&self.inner.counters.invalidations);
+        self.inner.counters.dropped(Dropped::Table);
     }
 
     /// Whether the cache currently trusts its entries (see [`HealthBoard`]).
@@ -507,6 +512,7 @@ where
         }
         if inner.timed {
             if self.expired(&entry) {
+                inner.counters.expired();
                 self.drop_dead(key, &entry, Some(RemovalCause::Expired));
                 return None;
             }
@@ -527,6 +533,7 @@ where
             return None;
         }
         if self.expired(&entry) {
+            inner.counters.expired();
             self.drop_dead(key, &entry, Some(RemovalCause::Expired));
             return None;
         }

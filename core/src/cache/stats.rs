@@ -60,8 +60,9 @@ const SHARED: usize = 8;
 struct Stripe(AtomicU64);
 
 impl StripedCounter {
+    /// Adds one; returns this thread's stripe's new count (for batching).
     #[inline]
-    pub(crate) fn bump(&self) {
+    pub(crate) fn bump(&self) -> u64 {
         thread_local! {
             /// This thread's stripe (+1, 0 until assigned) and whether it owns it.
             static STRIPE: Cell<(usize, bool)> = const { Cell::new((0, false)) };
@@ -81,9 +82,11 @@ impl StripedCounter {
         let stripe = &self.stripes[i].0;
         if owned {
             // Only this thread writes this stripe.
-            stripe.store(stripe.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            let n = stripe.load(Ordering::Relaxed) + 1;
+            stripe.store(n, Ordering::Relaxed);
+            n
         } else {
-            stripe.fetch_add(1, Ordering::Relaxed);
+            stripe.fetch_add(1, Ordering::Relaxed) + 1
         }
     }
 
@@ -95,32 +98,145 @@ impl StripedCounter {
     }
 }
 
-#[derive(Debug, Default)]
+/// The cache's counters, and (feature `metrics`) the series they are mirrored to.
+#[derive(Debug)]
 pub(crate) struct Counters {
-    pub(crate) hits: StripedCounter,
-    pub(crate) misses: AtomicU64,
-    pub(crate) loads: AtomicU64,
-    pub(crate) load_errors: AtomicU64,
-    pub(crate) bypasses: AtomicU64,
-    pub(crate) invalidations: AtomicU64,
-    pub(crate) flushes: AtomicU64,
-    pub(crate) discarded_loads: AtomicU64,
+    hits: StripedCounter,
+    misses: AtomicU64,
+    loads: AtomicU64,
+    load_errors: AtomicU64,
+    bypasses: AtomicU64,
+    invalidations: AtomicU64,
+    flushes: AtomicU64,
+    discarded_loads: AtomicU64,
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: crate::telemetry::CacheMetrics,
 }
 
 #[inline]
-pub(crate) fn bump(counter: &AtomicU64) {
+fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// What an invalidation dropped.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Dropped {
+    Key,
+    Table,
+    All,
+}
+
 impl Counters {
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn new(name: Option<&str>) -> Self {
+        Counters {
+            hits: StripedCounter::default(),
+            misses: AtomicU64::new(0),
+            loads: AtomicU64::new(0),
+            load_errors: AtomicU64::new(0),
+            bypasses: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            discarded_loads: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metrics: crate::telemetry::CacheMetrics::new(name),
+        }
+    }
+
+    /// The hit path: one striped bump (with `metrics`, an export once in
+    /// [`HIT_BATCH`](crate::telemetry::HIT_BATCH) hits of a thread).
+    #[inline]
+    pub(crate) fn hit(&self) {
+        #[cfg(not(feature = "metrics"))]
+        self.hits.bump();
+        #[cfg(feature = "metrics")]
+        if self.hits.bump() % crate::telemetry::HIT_BATCH == 0 {
+            self.export_hits();
+        }
+    }
+
+    #[cfg(feature = "metrics")]
+    #[cold]
+    fn export_hits(&self) {
+        self.metrics.export_hits(self.hits.sum());
+    }
+
+    pub(crate) fn miss(&self) {
+        bump(&self.misses);
+        #[cfg(feature = "metrics")]
+        {
+            self.metrics.misses.increment(1);
+            self.export_hits();
+        }
+    }
+
+    pub(crate) fn load(&self) {
+        bump(&self.loads);
+        #[cfg(feature = "metrics")]
+        self.metrics.loads.increment(1);
+    }
+
+    pub(crate) fn load_error(&self) {
+        bump(&self.load_errors);
+        #[cfg(feature = "metrics")]
+        self.metrics.load_errors.increment(1);
+    }
+
+    pub(crate) fn bypass(&self) {
+        bump(&self.bypasses);
+        #[cfg(feature = "metrics")]
+        self.metrics.bypasses.increment(1);
+    }
+
+    pub(crate) fn discarded_load(&self) {
+        bump(&self.discarded_loads);
+        #[cfg(feature = "metrics")]
+        self.metrics.discarded_loads.increment(1);
+    }
+
+    pub(crate) fn dropped(&self, what: Dropped) {
+        match what {
+            Dropped::Key | Dropped::Table => bump(&self.invalidations),
+            Dropped::All => bump(&self.flushes),
+        }
+        #[cfg(feature = "metrics")]
+        match what {
+            Dropped::Key => self.metrics.by_key.increment(1),
+            Dropped::Table => self.metrics.by_table.increment(1),
+            Dropped::All => self.metrics.flushes.increment(1),
+        }
+    }
+
+    /// A read found its entry past its time-to-live or -idle (only counted as a
+    /// metric: `stats()` has no field for it).
+    #[inline]
+    pub(crate) fn expired(&self) {
+        #[cfg(feature = "metrics")]
+        self.metrics.expired.increment(1);
+    }
+
+    /// Sets the entries gauge (with `metrics`; nothing otherwise).
+    #[inline]
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn entries(&self, entries: impl FnOnce() -> u64) {
+        #[cfg(feature = "metrics")]
+        self.metrics.entries.set(entries() as f64);
+    }
+
     pub(crate) fn snapshot(
         &self,
         entries: u64,
         health: crate::health::HealthSummary,
     ) -> CacheStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let hits = self.hits.sum();
+        #[cfg(feature = "metrics")]
+        {
+            self.metrics.export_hits(hits);
+            self.metrics.entries.set(entries as f64);
+        }
         CacheStats {
-            hits: self.hits.sum(),
+            hits,
             misses: get(&self.misses),
             loads: get(&self.loads),
             load_errors: get(&self.load_errors),

@@ -259,6 +259,9 @@ pub(super) struct Bindings {
     pub(super) applied: Arc<Applied>,
     /// Warn about (and count) events applied later than this after being sent.
     max_latency: Option<Duration>,
+    /// The event latency histogram of the source (feature `metrics`).
+    #[cfg(feature = "metrics")]
+    metrics: Option<crate::telemetry::DispatcherMetrics>,
 }
 
 impl Bindings {
@@ -268,7 +271,16 @@ impl Bindings {
             counters: Arc::default(),
             applied: Arc::default(),
             max_latency: None,
+            #[cfg(feature = "metrics")]
+            metrics: None,
         }
+    }
+
+    /// Records the latency of the events applied, labelled with `source`.
+    #[cfg(feature = "metrics")]
+    pub(super) fn with_source(mut self, source: String) -> Self {
+        self.metrics = Some(crate::telemetry::DispatcherMetrics::new(source));
+        self
     }
 
     pub(super) fn with_max_latency(mut self, bound: Option<Duration>) -> Self {
@@ -339,6 +351,10 @@ impl Bindings {
                 self.applied.record(e.lsn, e.txid);
                 if let Some(bound) = self.max_latency {
                     self.check_latency(e, bound);
+                }
+                #[cfg(feature = "metrics")]
+                if let Some(metrics) = &self.metrics {
+                    metrics.applied(e);
                 }
             }
             Signal::Progress(lsn) => self.applied.progress(*lsn),

@@ -189,7 +189,10 @@ impl Dispatcher {
     /// a gap, since nothing watched the source for these caches before) and takes
     /// the source's current health.
     fn attach_to<S: EventSource + ?Sized>(self, source: &S) -> Arc<Shared> {
-        let mut bindings = Bindings::new(self.bindings).with_max_latency(self.max_latency);
+        let bindings = Bindings::new(self.bindings).with_max_latency(self.max_latency);
+        #[cfg(feature = "metrics")]
+        let bindings = bindings.with_source(source.label());
+        let mut bindings = bindings;
         bindings.attach(source.health());
         Shared::new(bindings)
     }
@@ -214,7 +217,10 @@ impl Dispatcher {
     pub async fn run(self, subscription: Subscription) {
         let (_stop_tx, stop_rx) = oneshot::channel();
         let (_sync_tx, sync_rx) = mpsc::unbounded_channel();
-        let mut bindings = Bindings::new(self.bindings).with_max_latency(self.max_latency);
+        let bindings = Bindings::new(self.bindings).with_max_latency(self.max_latency);
+        #[cfg(feature = "metrics")]
+        let bindings = bindings.with_source("custom".into());
+        let mut bindings = bindings;
         bindings.attach(Health::Unhealthy);
         task::run(Shared::new(bindings), subscription, stop_rx, sync_rx).await;
     }

@@ -95,11 +95,22 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<()> {
+    // The recorder first: caches and sources register their series when built.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the Prometheus recorder")?;
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
     let db = setup::connect(&args.database_url).await?;
     let _ = args.cleanup; // the default now; see --keep
     let prepared = setup::prepare(&db, &args.channel).await;
     let result = match &prepared {
-        Ok(table) => serve(&args, &db, table).await,
+        Ok(table) => serve(&args, &db, table, metrics).await,
         Err(_) => Ok(()),
     };
     // Clean up whatever happened, unless asked to keep: the table may exist even
@@ -127,6 +138,7 @@ async fn serve(
     args: &Args,
     db: &sqlx::PgPool,
     table: &pgcachewatch::postgres::TableName,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> Result<()> {
     // The source, and every `#[cached]` function's cache attached to it through
     // the strategy declared with the function. The listener connects where the
@@ -143,6 +155,7 @@ async fn serve(
         db: db.clone(),
         source: source.clone(),
         caches: Arc::new(caches),
+        metrics,
     };
 
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, args.port))
@@ -185,6 +198,7 @@ async fn serve(
         );
         println!("  curl -i http://{addr}/users/1        # x-cache: miss, and the new name");
         println!("  curl http://{addr}/stats");
+        println!("  curl http://{addr}/metrics              # Prometheus");
         println!(
             "  psql {} -c \"UPDATE {TABLE} SET name = 'bob' WHERE id = 1\"   # any writer works",
             setup::redact(&args.database_url)

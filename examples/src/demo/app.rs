@@ -10,6 +10,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
 use pgcachewatch::cached::AttachedCaches;
 use pgcachewatch::postgres::listener::PgListenerSource;
 use pgcachewatch::strategies::Greedy;
@@ -68,6 +69,8 @@ pub struct AppState {
     pub source: Arc<PgListenerSource>,
     /// The dispatchers feeding the `#[cached]` functions' caches from `source`.
     pub caches: Arc<AttachedCaches>,
+    /// Renders the `pgcachewatch_*` series (and any others) for `GET /metrics`.
+    pub metrics: PrometheusHandle,
 }
 
 impl AppState {
@@ -129,6 +132,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/users/{id}", get(get_user).put(put_user))
         .route("/stats", get(stats))
+        .route("/metrics", get(prometheus))
         .with_state(state)
 }
 
@@ -186,6 +190,23 @@ async fn put_user(
             (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
         }
     }
+}
+
+/// Every series in Prometheus' text format (`metrics-exporter-prometheus`). The
+/// NOTIFY queue usage is asked for on each scrape, which sets its gauge.
+async fn prometheus(State(state): State<AppState>) -> Response {
+    if let Err(e) = state.source.queue_usage().await {
+        tracing::debug!(error = %e, "pg_notification_queue_usage() unavailable");
+    }
+    let _ = user_by_id_cache().stats(); // exports the hits counted since the last miss
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// Counters of the cache, the dispatcher and the listener.

@@ -85,6 +85,15 @@ impl HttpClient {
         Ok((user, reply.cache.unwrap_or_default()))
     }
 
+    /// `GET path` as text, failing unless it answers 200.
+    pub async fn get_text(&mut self, path: &str) -> Result<String> {
+        let reply = self.send(Method::GET, path, None).await?;
+        if reply.status != StatusCode::OK {
+            return Err(anyhow!("GET {path}: {}", reply.status));
+        }
+        Ok(String::from_utf8_lossy(&reply.body).into_owned())
+    }
+
     pub async fn put_user(&mut self, id: i32, name: &str) -> Result<User> {
         let body = serde_json::json!({ "name": name }).to_string();
         let reply = self
@@ -233,6 +242,38 @@ pub async fn drive(state: &AppState, addr: SocketAddr, rounds: usize) -> Result<
     println!(
         "listener: {} events, {} reconnects, {} gaps",
         l.events, l.reconnects, l.gaps
+    );
+
+    // 5. The Prometheus endpoint answers with the cache's and the source's series.
+    let text = http.get_text("/metrics").await?;
+    let expected = [
+        r#"pgcachewatch_cache_hits_total{cache="users"}"#,
+        r#"pgcachewatch_cache_misses_total{cache="users"}"#,
+        r#"pgcachewatch_cache_loads_total{cache="users"}"#,
+        r#"pgcachewatch_source_events_total{source="listen"}"#,
+        r#"pgcachewatch_source_healthy{source="listen"} 1"#,
+        r#"pgcachewatch_source_event_latency_seconds"#,
+    ];
+    let missing: Vec<&str> = expected
+        .iter()
+        .copied()
+        .filter(|series| !text.contains(series))
+        .collect();
+    if !missing.is_empty() {
+        return Err(anyhow!("GET /metrics lacks {missing:?}:\n{text}"));
+    }
+    let series = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("?")
+            .to_owned()
+    };
+    println!(
+        "5. GET /metrics: {} series lines; hits {}, events {}",
+        text.lines().filter(|l| !l.starts_with('#')).count(),
+        series(r#"pgcachewatch_cache_hits_total{cache="users"}"#),
+        series(r#"pgcachewatch_source_events_total{source="listen"}"#),
     );
     Ok(())
 }

@@ -41,6 +41,9 @@ pub(super) struct Task {
     pub(super) nats_events: mpsc::UnboundedReceiver<async_nats::Event>,
     pub(super) stats: Arc<Mutex<NatsSourceStats>>,
     pub(super) state: State,
+    /// The source's series (feature `metrics`).
+    #[cfg(feature = "metrics")]
+    pub(super) metrics: crate::telemetry::SourceMetrics,
 }
 
 enum Exit {
@@ -103,6 +106,10 @@ impl Task {
                 false
             }
             async_nats::Event::Connected => {
+                #[cfg(feature = "metrics")]
+                if self.state.disconnected {
+                    self.metrics.reconnects.increment(1);
+                }
                 self.state.disconnected = false;
                 true
             }

@@ -47,6 +47,9 @@ pub(crate) struct Counters {
     /// Nanoseconds since the Unix epoch; 0 = none. An atomic, not a
     /// lock: it is written once per event.
     last_event_at: AtomicI64,
+    /// The source's series (feature `metrics`).
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: Option<crate::telemetry::SourceMetrics>,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -54,11 +57,44 @@ pub(crate) fn bump(counter: &AtomicU64) {
 }
 
 impl Counters {
+    /// Counters of the source labelled `source` (its series, with `metrics`).
+    #[cfg_attr(
+        not(feature = "metrics"),
+        allow(unused_variables, clippy::needless_update)
+    )]
+    pub(crate) fn for_source(source: &str) -> Self {
+        Counters {
+            #[cfg(feature = "metrics")]
+            metrics: Some(crate::telemetry::SourceMetrics::new(source)),
+            ..Counters::default()
+        }
+    }
+
     pub(crate) fn set_backend_pid(&self, pid: Option<u32>) {
         self.backend_pid.store(pid.unwrap_or(0), Ordering::Relaxed);
     }
 
+    pub(crate) fn reconnected(&self) {
+        bump(&self.reconnects);
+        #[cfg(feature = "metrics")]
+        if let Some(m) = &self.metrics {
+            m.reconnects.increment(1);
+        }
+    }
+
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn queue_usage(&self, usage: f64) {
+        #[cfg(feature = "metrics")]
+        if let Some(m) = &self.metrics {
+            m.queue_usage.set(usage);
+        }
+    }
+
     pub(crate) fn set_heartbeat_rtt(&self, rtt: Duration) {
+        #[cfg(feature = "metrics")]
+        if let Some(m) = &self.metrics {
+            m.heartbeat_rtt.record(rtt.as_secs_f64());
+        }
         let nanos = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX - 1);
         self.last_heartbeat_rtt
             .store(nanos.saturating_add(1), Ordering::Relaxed);

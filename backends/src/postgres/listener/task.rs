@@ -102,7 +102,7 @@ impl Task {
                 Some(new) => conn = new,
                 None => break,
             }
-            bump(&self.counters.reconnects);
+            self.counters.reconnected();
             self.counters.set_backend_pid(Some(conn.backend_pid));
             tracing::info!(backend_pid = conn.backend_pid, "listening again");
             self.gap(GapReason::Reconnected);
@@ -285,6 +285,7 @@ impl Task {
                     .fetch_one(&mut conn.listener);
                 match tokio::time::timeout(timeout, query).await {
                     Ok(Ok(usage)) => {
+                        self.counters.queue_usage(usage);
                         let _ = reply.send(Ok(usage));
                         Ok(())
                     }
