@@ -185,7 +185,7 @@ where
     pub fn hit_only(&self, key: &K) -> Option<V> {
         let found = self.lookup(key);
         if found.is_some() {
-            self.inner.counters.hits.bump();
+            self.inner.counters.hit();
         }
         found
     }
