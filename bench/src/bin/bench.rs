@@ -6,8 +6,11 @@
 //!    to a raw tokio broadcast channel carrying the same events;
 //! 3. memory under a write storm: RSS growth while 1 M events flow with no reads.
 //!
-//! `cargo run --release -p pgcachewatch-bench --bin bench [-- --quick]`
+//! `cargo run --release -p pgcachewatch-bench --bin bench [-- --quick] [--figures DIR]`
 //! (`--features metrics`: the same with the library's metrics on and a recorder installed)
+//!
+//! With `--figures DIR` it also writes the hit path's tables and a bar chart into
+//! DIR, as hit-path.md and hit-path.svg.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant};
 use pgcachewatch::memory::InMemorySource;
 use pgcachewatch::strategies::Greedy;
 use pgcachewatch::{cached, Cache, Dispatcher, Event, EventSource, Operation};
+use pgcachewatch_bench::figures::{Bars, Chart, Figure, Figures, Table};
 
 const KEYS: u64 = 1000;
 
@@ -37,6 +41,7 @@ fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
         println!("(metrics feature on, recorder installed)");
     }
+    let figures = Figures::from_args();
     let quick = std::env::args().any(|a| a == "--quick");
     let opts = if quick {
         Opts {
@@ -60,7 +65,10 @@ fn main() -> anyhow::Result<()> {
         opts.rounds
     );
     println!();
-    hit_path(&rt, &opts);
+    let hit_path = hit_path(&rt, &opts);
+    if let Some(figures) = &figures {
+        figures.write(&hit_path)?;
+    }
     println!();
     dispatcher_throughput(&rt, &opts)?;
     println!();
@@ -90,7 +98,8 @@ async fn cached_value(k: u64) -> Result<Arc<String>, Arc<std::io::Error>> {
     Ok(value(k))
 }
 
-fn hit_path(rt: &tokio::runtime::Runtime, o: &Opts) {
+/// Prints the hit path's figures; returns them as a [`Figure`] for `--figures`.
+fn hit_path(rt: &tokio::runtime::Runtime, o: &Opts) -> Figure {
     let n = o.lookups;
     println!("1. cache hits, one thread, {KEYS} warm keys, {n} lookups per round (M hits/s)");
 
@@ -203,12 +212,18 @@ fn hit_path(rt: &tokio::runtime::Runtime, o: &Opts) {
         (via_macro, via_load)
     });
 
-    let row = |name: &str, v: f64| {
+    let mut one_thread = Table::new(&["one thread", "M hits/s", "x moka future get"]);
+    let mut row = |name: &str, v: f64| {
         println!(
             "   {name:<46} {:>7.2} M/s   {:>5.2} x moka future get",
             v / 1e6,
             v / moka_future
         );
+        one_thread.row(&[
+            name.to_owned(),
+            format!("{:.2}", v / 1e6),
+            format!("{:.2}", v / moka_future),
+        ]);
     };
     row("pgcachewatch Cache::get_or_load (hit, async)", ours_load);
     row("pgcachewatch through the #[cached] fn (hit)", ours_macro);
@@ -218,12 +233,13 @@ fn hit_path(rt: &tokio::runtime::Runtime, o: &Opts) {
     row("storage candidate: quick_cache::sync::Cache::get", quick);
     row("limit: std HashMap::get + clone", hashmap);
 
-    println!(
-        "   #[cached] fn vs Cache::get_or_load, alternating rounds: {:.2} M/s vs {:.2} M/s: {:.2} x (target ~1.00)",
+    let macro_line = format!(
+        "#[cached] fn vs Cache::get_or_load, alternating rounds: {:.2} M/s vs {:.2} M/s: {:.2} x (target ~1.00)",
         ours_macro / 1e6,
         ours_load_alt / 1e6,
         ours_macro / ours_load_alt
     );
+    println!("   {macro_line}");
 
     // The ratio the hit path is held to, measured in alternating rounds so that
     // both sides see the same machine load (best round of each).
@@ -240,12 +256,13 @@ fn hit_path(rt: &tokio::runtime::Runtime, o: &Opts) {
             }
         }));
     }
-    println!(
-        "   hit path: Cache::get {:.2} M/s vs quick_cache::get {:.2} M/s, alternating rounds: {:.2} x (target >= 0.90)",
+    let ratio_line = format!(
+        "hit path: Cache::get {:.2} M/s vs quick_cache::get {:.2} M/s, alternating rounds: {:.2} x (target >= 0.90)",
         ours_best / 1e6,
         quick_best / 1e6,
         ours_best / quick_best
     );
+    println!("   {ratio_line}");
 
     // The same hits from every core at once: shared counters and locks show here.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -272,16 +289,70 @@ fn hit_path(rt: &tokio::runtime::Runtime, o: &Opts) {
         black_box(qc.get(&k));
     });
     println!("   {threads} threads at once:");
-    let row = |name: &str, v: f64| {
+    let at_once = format!("{threads} threads at once");
+    let mut parallel_table = Table::new(&[at_once.as_str(), "M hits/s", "x moka sync get"]);
+    let mut row = |name: &str, v: f64| {
         println!(
             "   {name:<46} {:>7.2} M/s   {:>5.2} x moka sync get",
             v / 1e6,
             v / moka_par
         );
+        parallel_table.row(&[
+            name.to_owned(),
+            format!("{:.2}", v / 1e6),
+            format!("{:.2}", v / moka_par),
+        ]);
     };
     row("pgcachewatch Cache::get", ours_par);
     row("baseline: moka::sync::Cache::get", moka_par);
     row("storage: quick_cache::sync::Cache::get", quick_par);
+
+    let m = |v: f64| Some(v / 1e6);
+    let chart = Bars {
+        x_label: format!(
+            "{KEYS} warm keys, best of {} rounds of {} M lookups",
+            o.rounds,
+            n as f64 / 1e6
+        ),
+        y_label: "M hits/s (higher is better)".to_owned(),
+        groups: vec!["one thread".to_owned(), at_once],
+        series: vec![
+            (
+                "pgcachewatch Cache::get".to_owned(),
+                vec![m(ours_get), m(ours_par)],
+            ),
+            (
+                "quick_cache::sync::Cache::get".to_owned(),
+                vec![m(quick), m(quick_par)],
+            ),
+            (
+                "moka::sync::Cache::get".to_owned(),
+                vec![m(moka_sync), m(moka_par)],
+            ),
+            (
+                "moka::future::Cache::get".to_owned(),
+                vec![m(moka_future), None],
+            ),
+            (
+                "pgcachewatch get_or_load (hit)".to_owned(),
+                vec![m(ours_load), None],
+            ),
+            (
+                "limit: std HashMap::get + clone".to_owned(),
+                vec![m(hashmap), None],
+            ),
+        ],
+        decimals: 1,
+    };
+    Figure::new(
+        "hit-path",
+        "Cache hit path: pgcachewatch next to quick_cache and moka",
+        Chart::Bars(chart),
+    )
+    .table(Some("One thread"), one_thread)
+    .table(Some(&format!("{threads} threads at once")), parallel_table)
+    .note(ratio_line)
+    .note(macro_line)
 }
 
 fn event() -> Event {

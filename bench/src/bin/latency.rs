@@ -25,7 +25,10 @@
 //!
 //! `cargo run --release -p pgcachewatch-bench --bin latency [-- --updates 5000 --runtime current]`
 //! (`DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`).
+//! `--figures DIR` also writes the table and the distributions' chart into DIR,
+//! as latency.md and latency.svg.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -33,6 +36,7 @@ use clap::Parser;
 use pgcachewatch::postgres::{Installer, PgListenerSource, TableName};
 use pgcachewatch::strategies::Greedy;
 use pgcachewatch::{Cache, Dispatcher, DispatcherHandle, EventSource, Signal};
+use pgcachewatch_bench::figures::{Cdf, Chart, Figure, Figures, Table};
 use sqlx::postgres::{PgConnection, PgListener};
 use sqlx::{Connection, Executor};
 
@@ -56,6 +60,10 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/test"
     )]
     database_url: String,
+    /// Also write the table and a chart of the distributions into DIR, as
+    /// latency.md and latency.svg.
+    #[arg(long, value_name = "DIR")]
+    figures: Option<PathBuf>,
 }
 
 /// A one-row table with pgcachewatch's own triggers (the installer's), notifying `channel`.
@@ -132,6 +140,10 @@ impl Samples {
         v[rank.clamp(1, v.len()) - 1]
     }
 
+    fn micros(&self) -> Vec<f64> {
+        self.0.iter().map(|d| us(*d)).collect()
+    }
+
     fn row(&self, name: &str) -> String {
         format!(
             "{name:<44} p50 {:>7.0} µs   p99 {:>7.0} µs   max {:>7.0} µs",
@@ -154,14 +166,18 @@ enum RuntimeKind {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let figures = args.figures.as_ref().map(Figures::new);
     let mut runtime = match args.runtime {
         RuntimeKind::Multi => tokio::runtime::Builder::new_multi_thread(),
         RuntimeKind::Current => tokio::runtime::Builder::new_current_thread(),
     };
-    runtime.enable_all().build()?.block_on(bench(args))
+    runtime
+        .enable_all()
+        .build()?
+        .block_on(bench(args, figures.as_ref()))
 }
 
-async fn bench(args: Args) -> anyhow::Result<()> {
+async fn bench(args: Args, figures: Option<&Figures>) -> anyhow::Result<()> {
     let suffix = format!("pgcw_bench_lat_{}", std::process::id());
     let mut admin = PgConnection::connect(&args.database_url)
         .await
@@ -170,7 +186,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let woken = Watched::create(&mut admin, &format!("{suffix}_b")).await?;
     let raw = Watched::create(&mut admin, &format!("{suffix}_c")).await?;
 
-    let result = run(&args, &polled, &woken, &raw).await;
+    let result = run(&args, figures, &polled, &woken, &raw).await;
 
     for w in [&polled, &woken, &raw] {
         w.drop(&mut admin).await?;
@@ -252,7 +268,13 @@ impl Pipeline {
 
 type Reader = tokio::sync::Mutex<PgConnection>;
 
-async fn run(args: &Args, polled: &Watched, woken: &Watched, raw: &Watched) -> anyhow::Result<()> {
+async fn run(
+    args: &Args,
+    figures: Option<&Figures>,
+    polled: &Watched,
+    woken: &Watched,
+    raw: &Watched,
+) -> anyhow::Result<()> {
     let url = args.database_url.as_str();
     let polled = Pipeline::start(url, polled).await?;
     let woken = Pipeline::start(url, woken).await?;
@@ -348,18 +370,9 @@ async fn run(args: &Args, polled: &Watched, woken: &Watched, raw: &Watched) -> a
         args.updates, args.warmup, args.runtime
     );
     println!();
-    println!(
-        "{}",
-        floor.row("floor: raw sqlx PgListener recv + 1 SELECT")
-    );
-    println!(
-        "{}",
-        ours_polled.row("pgcachewatch, reader polls get_or_load")
-    );
-    println!(
-        "{}",
-        ours_woken.row("pgcachewatch, reader woken by the event")
-    );
+    println!("{}", floor.row(FLOOR));
+    println!("{}", ours_polled.row(POLLED));
+    println!("{}", ours_woken.row(WOKEN));
     println!();
     for (name, ours) in [
         ("reader polls", &ours_polled),
@@ -391,5 +404,77 @@ async fn run(args: &Args, polled: &Watched, woken: &Watched, raw: &Watched) -> a
     );
     println!("  polled source: {polled_stats}");
     println!("  woken source:  {woken_stats}");
+
+    if let Some(figures) = figures {
+        let version: String = sqlx::query_scalar("SHOW server_version")
+            .fetch_one(&mut writer)
+            .await?;
+        let mut table = Table::new(&[
+            "write issued → fresh value read",
+            "p50 µs",
+            "p90 µs",
+            "p99 µs",
+            "max µs",
+            "p50 / floor",
+            "p99 / floor",
+        ]);
+        let rows = [
+            (FLOOR, &floor),
+            (POLLED, &ours_polled),
+            (WOKEN, &ours_woken),
+        ];
+        for (name, samples) in rows {
+            let at = |p| us(samples.percentile(p));
+            table.row(&[
+                name.to_owned(),
+                format!("{:.0}", at(50.0)),
+                format!("{:.0}", at(90.0)),
+                format!("{:.0}", at(99.0)),
+                format!("{:.0}", at(100.0)),
+                format!("{:.3}", at(50.0) / us(floor.percentile(50.0))),
+                format!("{:.3}", at(99.0) / us(floor.percentile(99.0))),
+            ]);
+        }
+        let mut breakdown = Table::new(&["breakdown", "p50 µs", "p99 µs", "max µs"]);
+        for (name, samples) in [
+            ("write → raw PgListener::recv returns", &floor_notify),
+            ("write → event at a pgcachewatch subscriber", &woken_event),
+        ] {
+            let at = |p| format!("{:.0}", us(samples.percentile(p)));
+            breakdown.row(&[name.to_owned(), at(50.0), at(99.0), at(100.0)]);
+        }
+        let chart = Cdf {
+            x_label: format!(
+                "write issued → fresh value read (µs, log scale); {} updates per side, {:?} runtime",
+                args.updates, args.runtime
+            ),
+            series: rows
+                .iter()
+                .map(|(name, samples)| ((*name).to_owned(), samples.micros()))
+                .collect(),
+        };
+        let figure = Figure::new(
+            "latency",
+            "Write → fresh read: pgcachewatch next to the raw LISTEN floor",
+            Chart::Cdf(chart),
+        )
+        .context(format!("PostgreSQL {version}"))
+        .table(None, table)
+        .table(None, breakdown)
+        .note(format!(
+            "{} updates per side (after {} warm-up), interleaved, {:?} runtime; targets: p50 ≤ 1.10 × floor, p99 ≤ 1.25 × floor. \
+             Stale hits before the fresh read, per update: polled {:.1}, woken {:.2}.",
+            args.updates,
+            args.warmup,
+            args.runtime,
+            stale_polled as f64 / rounds,
+            stale_woken as f64 / rounds
+        ));
+        figures.write(&figure)?;
+    }
     Ok(())
 }
+
+const FLOOR: &str = "floor: raw sqlx PgListener recv + 1 SELECT";
+const POLLED: &str = "pgcachewatch, reader polls get_or_load";
+const WOKEN: &str = "pgcachewatch, reader woken by the event";

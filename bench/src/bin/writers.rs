@@ -16,7 +16,10 @@
 //! `cargo run --release -p pgcachewatch-bench --bin writers [-- --seconds 10 --clients 16,8,2]`
 //! (`DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`; needs
 //! `pgbench` and `pg_recvlogical` on the PATH and `wal_level = logical`).
+//! `--figures DIR` also writes the table and a bar chart into DIR, as writers.md
+//! and writers.svg.
 
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -26,6 +29,7 @@ use pgcachewatch::postgres::{Installer, PgListenerSource, TableName};
 use pgcachewatch::replication::{PgReplicationSource, ReplicationSetup};
 use pgcachewatch::strategies::Greedy;
 use pgcachewatch::{Cache, Dispatcher};
+use pgcachewatch_bench::figures::{Bars, Chart, Figure, Figures, Table};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 use tokio::process::Command;
@@ -48,6 +52,9 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/test"
     )]
     database_url: String,
+    /// Also write the table and a bar chart into DIR, as writers.md and writers.svg.
+    #[arg(long, value_name = "DIR")]
+    figures: Option<PathBuf>,
 }
 
 const TABLE: &str = "pgcw_bench_writers";
@@ -92,6 +99,7 @@ enum Watcher {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let figures = args.figures.as_ref().map(Figures::new);
     let mut conn = PgConnection::connect(&args.database_url)
         .await
         .context("connecting to DATABASE_URL")?;
@@ -140,9 +148,10 @@ async fn main() -> anyhow::Result<()> {
         );
         all.push((clients, tps));
     }
+    let mut targets = None;
     if let Some((_, tps)) = all.iter().find(|(c, _)| *c == 16) {
-        println!(
-            "\ntargets at 16 clients: (c) ≥ 0.95 × (d): {:.3} {}; (c) ≥ 3 × (b): {:.2} {}",
+        let line = format!(
+            "targets at 16 clients: (c) ≥ 0.95 × (d): {:.3} {}; (c) ≥ 3 × (b): {:.2} {}",
             tps[2] / tps[3],
             if tps[2] >= 0.95 * tps[3] {
                 "met"
@@ -156,11 +165,87 @@ async fn main() -> anyhow::Result<()> {
                 "NOT met"
             },
         );
+        println!("\n{line}");
+        targets = Some(line);
+    }
+    if let Some(figures) = &figures {
+        let version: String = sqlx::query_scalar("SHOW server_version")
+            .fetch_one(&mut conn)
+            .await?;
+        figures.write(&figure(&args, &all, targets, &version))?;
     }
     sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {TABLE}"))
         .execute(&mut conn)
         .await?;
     Ok(())
+}
+
+/// The table and a bar chart of `all` (tps per mode, per client count).
+fn figure(args: &Args, all: &[(u32, [f64; 4])], targets: Option<String>, version: &str) -> Figure {
+    let mut table = Table::new(&[
+        "clients",
+        "(a) none",
+        "(b) notify",
+        "(c) replication",
+        "(d) pg_recvlogical",
+        "c / d",
+        "c / b",
+        "c / a",
+    ]);
+    for (clients, tps) in all {
+        table.row(&[
+            clients.to_string(),
+            format!("{:.0}", tps[0]),
+            format!("{:.0}", tps[1]),
+            format!("{:.0}", tps[2]),
+            format!("{:.0}", tps[3]),
+            format!("{:.3}", tps[2] / tps[3]),
+            format!("{:.2}", tps[2] / tps[1]),
+            format!("{:.3}", tps[2] / tps[0]),
+        ]);
+    }
+    let series = [
+        "(a) none: nothing watches",
+        "(b) notify: pgcachewatch NOTIFY triggers",
+        "(c) replication: pgcachewatch slot",
+        "(d) pg_recvlogical (floor for a slot)",
+    ];
+    let chart = Bars {
+        x_label: format!(
+            "pgbench clients (single-row UPDATEs on a {ROWS}-row table, {} s per run)",
+            args.seconds
+        ),
+        y_label: "writer tps (higher is better)".to_owned(),
+        groups: all.iter().map(|(c, _)| format!("{c} clients")).collect(),
+        series: series
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                (
+                    (*name).to_owned(),
+                    all.iter().map(|(_, t)| Some(t[i])).collect(),
+                )
+            })
+            .collect(),
+        decimals: 0,
+    };
+    let mut figure = Figure::new(
+        "writers",
+        "Writer throughput with and without watching",
+        Chart::Bars(chart),
+    )
+    .context(format!("PostgreSQL {version}"))
+    .table(
+        Some(&format!(
+            "pgbench tps, {} s per run, excluding connection time",
+            args.seconds
+        )),
+        table,
+    );
+    if let Some(line) = targets {
+        figure = figure.note(line);
+    }
+    figure
 }
 
 /// The table, fresh, and nothing left from an earlier run.

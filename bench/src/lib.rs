@@ -1,0 +1,3 @@
+//! Code the benchmark programs in `src/bin/` share.
+
+pub mod figures;
