@@ -1,10 +1,9 @@
-//! Not built yet (see the commented `[[bin]]` in Cargo.toml and README.md): the
-//! pgoutput decoder on arbitrary bytes must never panic. Enable it once the
-//! replication source exposes its decoder to fuzzing builds.
+//! The replication source's pgoutput decoder and transaction assembler on
+//! arbitrary bytes (a stream of length-prefixed messages): never panics.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    pgcachewatch_backends::replication::fuzz_decode_pgoutput(data);
+    pgcachewatch_backends::fuzzing::pgoutput_stream(data);
 });

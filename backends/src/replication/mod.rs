@@ -58,11 +58,11 @@
 //! receive, confirm), so it can be swapped or replaced with a hand-written tokio
 //! implementation without touching the decoder, the assembler or the task.
 
-mod assembler;
+pub(crate) mod assembler;
 mod client;
 mod config;
 mod gate;
-mod pgoutput;
+pub(crate) mod pgoutput;
 mod setup;
 mod stats;
 mod task;
