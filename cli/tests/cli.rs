@@ -123,32 +123,8 @@ fn spawn_until(args: &[&str], ready: &str) -> (Child, mpsc::Receiver<String>) {
 
 /// [`spawn_until`], also returning the line that showed `ready`.
 fn spawn_until_line(args: &[&str], ready: &str) -> (Child, mpsc::Receiver<String>, String) {
-    let mut child = pgcachewatch()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        let line = match rx.recv_timeout(PATIENCE) {
-            Ok(line) if !line.contains("error") => line,
-            failed => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{args:?} never printed {ready:?}: {failed:?}");
-            }
-        };
-        if line.contains(ready) {
-            return (child, rx, line);
-        }
-    }
+    spawn_until_line_or_exit(args, ready)
+        .unwrap_or_else(|| panic!("{args:?} never printed {ready:?} (it failed or exited)"))
 }
 
 /// Waits for the child to exit on its own, failing the test after [`PATIENCE`].
@@ -757,7 +733,8 @@ fn relay_streams_a_replication_slot_and_resumes_it_after_a_kill() {
     assert!(dropped, "replication teardown failed");
 }
 
-/// [`spawn_until_line`], or `None` if the process exits before printing `ready`.
+/// [`spawn_until_line`], or `None` if the process exits (or reports an error)
+/// before printing `ready`.
 fn spawn_until_line_or_exit(
     args: &[&str],
     ready: &str,
@@ -778,8 +755,8 @@ fn spawn_until_line_or_exit(
     loop {
         match rx.recv_timeout(PATIENCE) {
             Ok(line) if line.contains(ready) => return Some((child, rx, line)),
-            Ok(_) => {}
-            Err(_) => {
+            Ok(line) if !line.contains("error") => {}
+            _ => {
                 let _ = child.kill();
                 let _ = child.wait();
                 return None;

@@ -317,8 +317,10 @@ mod tests {
         }
     }
 
-    fn subscribing_during_health_changes_round() {
-        let hub = SignalHub::with_health(4096, Health::Unhealthy);
+    /// Runs `join` on a hub (with `capacity`) while another thread flips its
+    /// health; returns what each joiner saw, in order.
+    fn while_flipping<J>(capacity: usize, join: impl FnOnce(&SignalHub) -> J) -> J {
+        let hub = SignalHub::with_health(capacity, Health::Unhealthy);
         let stop = Arc::new(AtomicBool::new(false));
         let flipper = {
             let hub = hub.clone();
@@ -329,15 +331,24 @@ mod tests {
         while hub.health() == Health::Unhealthy && !flipper.is_finished() {
             std::thread::yield_now();
         }
-        let subs: Vec<Subscription> = (0..JOINERS).map(|_| hub.subscribe()).collect();
+        let joined = join(&hub);
         stop.store(true, Ordering::Release);
-        let mut subs = subs;
         flipper.join().expect("the flipping thread panicked");
+        joined
+    }
+
+    fn assert_no_repeats(who: &str, seen: &[Health]) {
+        for pair in seen.windows(2) {
+            assert_ne!(pair[0], pair[1], "{who} saw {seen:?}");
+        }
+    }
+
+    fn subscribing_during_health_changes_round() {
+        let mut subs = while_flipping(4096, |hub| {
+            (0..JOINERS).map(|_| hub.subscribe()).collect::<Vec<_>>()
+        });
         for (n, sub) in subs.iter_mut().enumerate() {
-            let seen = healths(sub);
-            for pair in seen.windows(2) {
-                assert_ne!(pair[0], pair[1], "subscription {n} saw {seen:?}");
-            }
+            assert_no_repeats(&format!("subscription {n}"), &healths(sub));
         }
     }
 
@@ -351,36 +362,24 @@ mod tests {
 
     fn attaching_during_health_changes_round() {
         use std::sync::Mutex as StdMutex;
-        let hub = SignalHub::with_health(16, Health::Unhealthy);
-        let stop = Arc::new(AtomicBool::new(false));
-        let flipper = {
-            let hub = hub.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || flip_until_stopped(&hub, &stop))
-        };
-        // Join while it flips (it flips at least once).
-        while hub.health() == Health::Unhealthy && !flipper.is_finished() {
-            std::thread::yield_now();
-        }
-        let mut logs = Vec::new();
-        let mut attachments = Vec::new();
-        for _ in 0..JOINERS {
-            let log: Arc<StdMutex<Vec<Health>>> = Arc::default();
-            let sink = log.clone();
-            attachments.push(hub.attach_inline(Box::new(move |s: &Signal| {
-                if let Signal::Health(h) = s {
-                    sink.lock().expect("log poisoned").push(*h);
-                }
-            })));
-            logs.push(log);
-        }
-        stop.store(true, Ordering::Release);
-        flipper.join().expect("the flipping thread panicked");
+        let (logs, _attachments) = while_flipping(16, |hub| {
+            let mut logs = Vec::new();
+            let mut attachments = Vec::new();
+            for _ in 0..JOINERS {
+                let log: Arc<StdMutex<Vec<Health>>> = Arc::default();
+                let sink = log.clone();
+                attachments.push(hub.attach_inline(Box::new(move |s: &Signal| {
+                    if let Signal::Health(h) = s {
+                        sink.lock().expect("log poisoned").push(*h);
+                    }
+                })));
+                logs.push(log);
+            }
+            (logs, attachments)
+        });
         for (n, log) in logs.iter().enumerate() {
             let seen = log.lock().expect("log poisoned").clone();
-            for pair in seen.windows(2) {
-                assert_ne!(pair[0], pair[1], "handler {n} saw {seen:?}");
-            }
+            assert_no_repeats(&format!("handler {n}"), &seen);
         }
     }
 }
