@@ -61,3 +61,30 @@ fn payload_edges_parse_or_fail_without_panicking() {
         let _ = parse_payload("c", payload, now);
     }
 }
+
+/// Found by the `parse_payload` target: a key too large for an integer is read
+/// as a float, and without correctly rounded float parsing the value written to
+/// the event log read back as a different float (a recorded log would then
+/// replay another key than the one the listener saw).
+#[test]
+fn a_huge_numeric_key_survives_the_event_log_unchanged() {
+    use pgcachewatch_core::Signal;
+    use pgcachewatch_testkit::eventlog::{EventLogWriter, LogHeader, RecordKind};
+
+    let payload = r#"{"operation":"update","schema":"s","table":"users","keys":[{"id":1},{"id":666666666666666666666666666666666666666666666}],"txid":13.581}"#;
+    let received_at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+    let event = parse_payload("c", payload, received_at).unwrap();
+    let start = std::time::Instant::now();
+    let mut out = Vec::new();
+    let mut writer = EventLogWriter::with_header(&mut out, LogHeader::new().recorded_at(None))
+        .unwrap()
+        .starting_at(start);
+    writer
+        .write_signal(&Signal::Event(std::sync::Arc::new(event.clone())), start)
+        .unwrap();
+    let log = EventLog::parse(&String::from_utf8(out).unwrap()).unwrap();
+    match &log.records[0].kind {
+        RecordKind::Event(back) => assert_eq!(*back, event),
+        other => panic!("an event came back as {other:?}"),
+    }
+}
