@@ -4,10 +4,12 @@
 //!
 //! Each test uses its own channel, so it can run in parallel with every other test.
 
-use std::io::{BufRead, BufReader, Read as _};
+use std::io::Read as _;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+mod support;
 
 use pgcachewatch::testkit::env::{database_url, unique_name as unique};
 use pgcachewatch::testkit::eventlog::{EventLogReader, RecordKind};
@@ -31,29 +33,9 @@ fn pgcachewatch(rust_log: Option<&str>) -> Command {
 /// Spawns the binary; returns once its stderr shows `ready`, with the rest of
 /// stderr's lines to come on the receiver.
 fn spawn_until(cmd: &mut Command, ready: &str) -> (Child, mpsc::Receiver<String>) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        match rx.recv_timeout(PATIENCE) {
-            Ok(line) if line.contains(ready) => return (child, rx),
-            Ok(line) if !line.starts_with("error") => {}
-            failed => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("never printed {ready:?}: {failed:?}");
-            }
-        }
-    }
+    let (child, rx, _) = support::spawn_ready(cmd, ready, PATIENCE)
+        .unwrap_or_else(|| panic!("never printed {ready:?}"));
+    (child, rx)
 }
 
 /// Waits (bounded) for the child to exit by itself; its status and stdout.

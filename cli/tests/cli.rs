@@ -4,10 +4,11 @@
 //! Each test has its own schema (holding its tables and its notify function) and
 //! channel, so it can run in parallel with every other test binary.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+mod support;
 
 use pgcachewatch::testkit::env::{database_url, unique_name as unique};
 use pgcachewatch::testkit::eventlog::{EventLogReader, RecordKind};
@@ -739,30 +740,7 @@ fn spawn_until_line_or_exit(
     args: &[&str],
     ready: &str,
 ) -> Option<(Child, mpsc::Receiver<String>, String)> {
-    let mut child = pgcachewatch()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        match rx.recv_timeout(PATIENCE) {
-            Ok(line) if line.contains(ready) => return Some((child, rx, line)),
-            Ok(line) if !line.contains("error") => {}
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-        }
-    }
+    support::spawn_ready(pgcachewatch().args(args), ready, PATIENCE)
 }
 
 /// The value of an aligned summary row (`  label   value`), if `line` is that row.
