@@ -45,7 +45,7 @@ use self::load::resolve_tags;
 pub use self::stats::CacheStats;
 use self::stats::{Counters, Dropped};
 pub use self::store::RemovalCause;
-use self::store::{Entry, Listener, Store};
+use self::store::{Entry, Listener, Needs, Store};
 pub use self::target::InvalidationTarget;
 use crate::error::{BoxError, Error};
 use crate::event::{IntoTableRef, TableRef};
@@ -592,7 +592,13 @@ where
             .listener
             .as_ref()
             .map(|_| inner.serial.fetch_add(1, Ordering::Relaxed));
-        Entry::new(value, stamp, loaded_at, serial, inner.tti.is_some())
+        let needs = Needs {
+            age: inner.ttl.is_some()
+                || matches!(inner.while_unhealthy, WhileUnhealthy::ServeWithin(_)),
+            idle: inner.tti.is_some(),
+            serial,
+        };
+        Entry::new(value, stamp, loaded_at, needs)
     }
 
     fn bypassing(&self) -> bool {
