@@ -44,6 +44,9 @@ mod closable_hub;
 mod dispatcher;
 mod error;
 mod event;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
 mod hub;
 mod payload;

@@ -1,4 +1,5 @@
-//! `parse_payload` on arbitrary bytes: never panics; whatever it accepts has a
+//! `parse_payload` on arbitrary bytes: never panics; agrees with serde_json
+//! alone (its fast path reads nothing differently); whatever it accepts has a
 //! table name and survives an event-log round trip unchanged.
 #![no_main]
 
@@ -11,7 +12,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let received_at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default();
-    let Ok(event) = parse_payload("fuzz", payload, received_at) else {
+    let parsed = parse_payload("fuzz", payload, received_at);
+    let by_serde = pgcachewatch_core::fuzzing::parse_payload_with_serde("fuzz", payload, received_at);
+    assert_eq!(parsed, by_serde, "the fast path read {payload:?} differently");
+    let Ok(event) = parsed else {
         return;
     };
     assert!(!event.table.is_empty());
