@@ -76,6 +76,22 @@ impl Scratch {
         format!("{}.t", self.schema)
     }
 
+    /// `install schema.t --commit` on `channel`, its function in the scratch
+    /// schema, with `extra` arguments.
+    fn install_on(&self, channel: &str, extra: &[&str]) {
+        let table = self.table();
+        let args = [
+            "install",
+            &table,
+            "--commit",
+            "--function-schema",
+            &self.schema,
+            "--channel",
+            channel,
+        ];
+        ok(&[&args[..], extra].concat());
+    }
+
     fn exec(&self, sql: &str) {
         self.rt
             .block_on(sqlx::raw_sql(sql).execute(&self.db))
@@ -276,16 +292,7 @@ fn pg_variables_alone_are_enough() {
 fn listen_prints_events_with_latency() {
     let s = Scratch::new("pgcw_cli_listen");
     let channel = unique("pgcw_cli_listen");
-    let table = s.table();
-    ok(&[
-        "install",
-        &table,
-        "--commit",
-        "--function-schema",
-        &s.schema,
-        "--channel",
-        &channel,
-    ]);
+    s.install_on(&channel, &[]);
 
     let (child, _stderr) = spawn_until(
         &["listen", "--channel", &channel, "--count", "2"],
@@ -310,17 +317,7 @@ fn listen_prints_events_with_latency() {
 fn record_writes_a_replayable_log_and_flushes_on_ctrl_c() {
     let s = Scratch::new("pgcw_cli_record");
     let channel = unique("pgcw_cli_record");
-    let table = s.table();
-    ok(&[
-        "install",
-        &table,
-        "--commit",
-        "--function-schema",
-        &s.schema,
-        "--channel",
-        &channel,
-        "--row-keys",
-    ]);
+    s.install_on(&channel, &["--row-keys"]);
     let dir = std::env::temp_dir();
     let file = dir.join(format!("{}.jsonl", unique("pgcw_cli_record")));
     let path = file.to_str().unwrap();
@@ -568,16 +565,7 @@ fn relay_serves_pgcachewatch_websocket_clients_without_nats() {
 
     let s = Scratch::new("pgcw_cli_ws");
     let channel = unique("pgcw_cli_ws");
-    let table = s.table();
-    ok(&[
-        "install",
-        &table,
-        "--commit",
-        "--function-schema",
-        &s.schema,
-        "--channel",
-        &channel,
-    ]);
+    s.install_on(&channel, &[]);
     let (mut child, _stderr, serving) = spawn_until_line(
         &[
             "relay",
