@@ -19,18 +19,6 @@ async fn load(cache: &Cache<u32, String>, value: &str) {
         .unwrap();
 }
 
-/// Waits (bounded) until `cond` holds.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test]
 async fn in_memory_dispatcher_keeps_its_source_after_the_local_handle_is_dropped() {
     let users: Cache<u32, String> = Cache::new(100);
@@ -73,7 +61,7 @@ async fn in_memory_dispatcher_keeps_its_source_after_the_local_handle_is_dropped
 mod postgres {
     use super::*;
     use pgcachewatch_backends::postgres::PgListenerSource;
-    use pgcachewatch_testkit::env::{database_url, unique_name as unique};
+    use pgcachewatch_testkit::env::{database_url, eventually_within, unique_name as unique};
     use sqlx::PgPool;
 
     async fn backend_alive(db: &PgPool, pid: u32) -> bool {
@@ -127,7 +115,7 @@ mod postgres {
             load(&users, &format!("v{round}")).await;
             assert!(users.get(&1).is_some(), "cached (the source is healthy)");
             notify(&db, &channel).await;
-            eventually("the notification invalidated the entry", || {
+            eventually_within(PATIENCE, "the notification invalidated the entry", || {
                 users.get(&1).is_none()
             })
             .await;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use pgcachewatch_backends::postgres::listener::PgListenerSource;
 use pgcachewatch_core::{EventSource, Signal};
-use pgcachewatch_testkit::env::{database_url, unique_name as unique};
+use pgcachewatch_testkit::env::{database_url, eventually_within, unique_name as unique};
 use sqlx::postgres::PgPool;
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -27,18 +27,6 @@ async fn burst(db: &PgPool, channel: &str, n: i64) {
     .execute(db)
     .await
     .unwrap();
-}
-
-/// Waits (bounded) until `cond` holds.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// A burst that keeps the listener busy far longer than the heartbeat timeout
@@ -78,9 +66,12 @@ async fn a_burst_longer_than_the_heartbeat_timeout_costs_no_gap() {
         }))
         .unwrap();
     // Let a few heartbeats go round first.
-    eventually("heartbeats are answered", || source.stats().heartbeats >= 2).await;
+    eventually_within(PATIENCE, "heartbeats are answered", || {
+        source.stats().heartbeats >= 2
+    })
+    .await;
     burst(&db, &channel, N as i64).await;
-    eventually("every event is seen", || {
+    eventually_within(PATIENCE, "every event is seen", || {
         events.load(Ordering::Relaxed) == N || gaps.load(Ordering::Relaxed) > 0
     })
     .await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use pgcachewatch_backends::postgres::listener::PgListenerSource;
 use pgcachewatch_core::{EventSource, GapReason, Signal};
-use pgcachewatch_testkit::env::{database_url, unique_name as unique};
+use pgcachewatch_testkit::env::{database_url, eventually_within, unique_name as unique};
 use pgcachewatch_testkit::proxy::FaultProxy;
 use sqlx::postgres::PgConnectOptions;
 
@@ -34,17 +34,6 @@ fn established_to(remote_port: u16) -> Vec<u16> {
         .collect()
 }
 
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heartbeat_timeout_closes_the_half_open_connection_at_once() {
     let options = PgConnectOptions::from_str(&database_url()).unwrap();
@@ -66,7 +55,7 @@ async fn a_heartbeat_timeout_closes_the_half_open_connection_at_once() {
         .unwrap();
     let mut sub = source.subscribe();
     // The one connection to the proxy is the listener's.
-    eventually("only the listener's connection is open", || {
+    eventually_within(PATIENCE, "only the listener's connection is open", || {
         established_to(proxy_port).len() == 1
     })
     .await;
@@ -85,13 +74,15 @@ async fn a_heartbeat_timeout_closes_the_half_open_connection_at_once() {
             break;
         }
     }
-    eventually("the half-open connection is closed on our side", || {
-        !established_to(proxy_port).contains(&listening)
-    })
+    eventually_within(
+        PATIENCE,
+        "the half-open connection is closed on our side",
+        || !established_to(proxy_port).contains(&listening),
+    )
     .await;
 
     // And the source recovers once the network does.
     proxy.resume();
-    eventually("reconnected", || source.stats().reconnects >= 1).await;
+    eventually_within(PATIENCE, "reconnected", || source.stats().reconnects >= 1).await;
     source.shutdown().await;
 }

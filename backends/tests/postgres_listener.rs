@@ -16,7 +16,7 @@ use pgcachewatch_core::{
     Cache, Dispatcher, Error, EventSource, GapReason, Health, Operation, Signal, Subscription,
 };
 use pgcachewatch_strategies::Greedy;
-use pgcachewatch_testkit::env::{database_url, unique_name as unique};
+use pgcachewatch_testkit::env::{database_url, eventually_within, unique_name as unique};
 use pgcachewatch_testkit::proxy::FaultProxy;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
@@ -45,18 +45,6 @@ async fn next(sub: &mut Subscription) -> Signal {
         .await
         .expect("no signal within 10 s")
         .expect("the subscription ended")
-}
-
-/// Waits (bounded) until `cond` holds.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Receives until a signal matches, returning everything seen on the way.
@@ -144,7 +132,7 @@ async fn events_from_pg_notify_arrive_parsed_in_both_payload_shapes() {
 
     // Heartbeats keep flowing but are never events.
     let beats = source.stats().heartbeats;
-    eventually("two more heartbeats are answered", || {
+    eventually_within(PATIENCE, "two more heartbeats are answered", || {
         source.stats().heartbeats >= beats + 2
     })
     .await;
@@ -192,7 +180,7 @@ async fn one_source_fans_out_to_two_subscribers_and_two_caches() {
         let seen = until(sub, |s| s.as_event().is_some()).await;
         assert_eq!(seen.len(), 2, "health, then the event: {seen:?}");
     }
-    eventually("both caches dropped the entry", || {
+    eventually_within(PATIENCE, "both caches dropped the entry", || {
         users.get(&1).is_none() && orders.get(&1).is_none()
     })
     .await;
@@ -380,7 +368,10 @@ async fn killed_backend_gap_flush_reconnect_and_no_stale_read_meanwhile() {
             processed.store(version, Ordering::SeqCst);
         }
         let hits = cache.stats().hits;
-        eventually("the reader hits the cache", || cache.stats().hits > hits).await;
+        eventually_within(PATIENCE, "the reader hits the cache", || {
+            cache.stats().hits > hits
+        })
+        .await;
 
         // Kill the listening backend, and keep writing while it is down.
         let pid = source.stats().backend_pid.expect("connected");
@@ -421,7 +412,7 @@ async fn killed_backend_gap_flush_reconnect_and_no_stale_read_meanwhile() {
 
         // Caching resumes, and events flow on the new connection.
         let hits = cache.stats().hits;
-        eventually("caching resumes after reconnect", || {
+        eventually_within(PATIENCE, "caching resumes after reconnect", || {
             cache.stats().hits > hits
         })
         .await;
@@ -644,7 +635,7 @@ async fn a_subscriber_that_does_not_read_gets_a_lagged_gap() {
         )
         .await;
     }
-    eventually("all ten events are received", || {
+    eventually_within(PATIENCE, "all ten events are received", || {
         source.stats().events == 10
     })
     .await;

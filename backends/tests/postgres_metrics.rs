@@ -13,7 +13,7 @@ use metrics_util::registry::{AtomicStorage, Registry};
 use pgcachewatch_backends::postgres::listener::PgListenerSource;
 use pgcachewatch_core::telemetry as t;
 use pgcachewatch_core::EventSource;
-use pgcachewatch_testkit::env::{database_url, unique_name as unique};
+use pgcachewatch_testkit::env::{database_url, eventually_within, unique_name as unique};
 use sqlx::postgres::PgPoolOptions;
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -70,17 +70,6 @@ impl Recorded {
     }
 }
 
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 // A current-thread runtime: the recorder set for this thread stays in force
 // across the awaits that build the source.
 #[tokio::test(flavor = "current_thread")]
@@ -111,11 +100,11 @@ async fn the_listen_source_reports_events_reconnects_gaps_health_and_heartbeats(
         .execute(&db)
         .await
         .unwrap();
-    eventually("the event is counted", || {
+    eventually_within(PATIENCE, "the event is counted", || {
         rec.counter(t::SOURCE_EVENTS, listen) == 1
     })
     .await;
-    eventually("a heartbeat round trip is recorded", || {
+    eventually_within(PATIENCE, "a heartbeat round trip is recorded", || {
         rec.samples(t::SOURCE_HEARTBEAT_RTT, listen) > 0
     })
     .await;
@@ -132,11 +121,11 @@ async fn the_listen_source_reports_events_reconnects_gaps_health_and_heartbeats(
         .await
         .unwrap();
     assert!(killed, "backend {pid} not terminated");
-    eventually("the reconnect is counted", || {
+    eventually_within(PATIENCE, "the reconnect is counted", || {
         rec.counter(t::SOURCE_RECONNECTS, listen) == 1
     })
     .await;
-    eventually("healthy again", || {
+    eventually_within(PATIENCE, "healthy again", || {
         rec.gauge(t::SOURCE_HEALTHY, listen) == Some(1.0)
     })
     .await;

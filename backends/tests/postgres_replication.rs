@@ -21,7 +21,7 @@ use pgcachewatch_core::{
     Subscription,
 };
 use pgcachewatch_strategies::Keyed;
-use pgcachewatch_testkit::env::database_url;
+use pgcachewatch_testkit::env::{database_url, eventually_within};
 use support::{drop_slot, kill_walsender, Fixture};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -35,14 +35,6 @@ async fn source(f: &Fixture, slot: &str) -> PgReplicationSource {
         .connect()
         .await
         .expect("replication source connects")
-}
-
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// The next signal other than `Progress`.
@@ -225,7 +217,7 @@ async fn twenty_killed_walsenders_lose_nothing_flush_nothing_and_serve_nothing_s
 
     for kill in 0..20u64 {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        eventually("the walsender to be up", || {
+        eventually_within(WAIT, "the walsender to be up", || {
             source.stats().reconnects == kill && source.health().is_healthy()
         })
         .await;
@@ -234,7 +226,7 @@ async fn twenty_killed_walsenders_lose_nothing_flush_nothing_and_serve_nothing_s
             assert!(start.elapsed() < WAIT, "no walsender to kill");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        eventually("the source to reconnect", || {
+        eventually_within(WAIT, "the source to reconnect", || {
             source.stats().reconnects == kill + 1
         })
         .await;
@@ -248,7 +240,7 @@ async fn twenty_killed_walsenders_lose_nothing_flush_nothing_and_serve_nothing_s
         committed.len() > 20,
         "the writer wrote while the walsender was killed"
     );
-    eventually("every committed write to be delivered", || {
+    eventually_within(WAIT, "every committed write to be delivered", || {
         let seen = seen.lock();
         committed.iter().all(|id| seen.ids.contains(id))
     })
@@ -422,7 +414,7 @@ async fn a_dropped_slot_is_a_gap_and_a_clear_error() {
         next(&mut sub).await,
         Signal::Health(Health::Unhealthy)
     ));
-    eventually("the error in the stats", || {
+    eventually_within(WAIT, "the error in the stats", || {
         source
             .stats()
             .last_error
@@ -472,7 +464,7 @@ async fn an_attached_dispatcher_keeps_the_source_running() {
     let load = || async { sqlx::query_scalar::<_, i64>(&sql).fetch_one(&f.db).await };
     assert_eq!(cache.get_or_load(1, load).await.unwrap(), 1);
     f.exec(&format!("UPDATE {t} SET v = 2 WHERE id = 1")).await;
-    eventually("the update to invalidate the entry", || {
+    eventually_within(WAIT, "the update to invalidate the entry", || {
         cache.get(&1).is_none()
     })
     .await;

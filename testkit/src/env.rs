@@ -1,4 +1,5 @@
-//! Where tests find their database, and names that no other test uses.
+//! Where tests find their database, names that no other test uses, and a
+//! bounded wait for a condition.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -46,3 +47,35 @@ pub fn nats_url() -> String {
 
 /// The NATS URL used when `NATS_URL` is not set.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// Waits until `cond` holds, checking every 5 ms, for at most `within`.
+///
+/// # Panics
+///
+/// If `cond` still does not hold after `within` (it is a test): the message
+/// names `what` was awaited.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::time::Duration;
+/// let start = std::time::Instant::now();
+/// pgcachewatch::testkit::env::eventually_within(Duration::from_secs(1), "20 ms passed", || {
+///     start.elapsed() >= Duration::from_millis(20)
+/// })
+/// .await;
+/// # });
+/// ```
+pub async fn eventually_within(
+    within: std::time::Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

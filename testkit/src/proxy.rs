@@ -269,16 +269,6 @@ mod tests {
         addr
     }
 
-    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-        for _ in 0..1000 {
-            if cond() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("timed out waiting until {what}");
-    }
-
     async fn roundtrip(client: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
         client.write_all(msg).await.unwrap();
         let mut buf = vec![0; msg.len()];
@@ -296,9 +286,11 @@ mod tests {
         assert_eq!(proxy.connection_count(), 2);
         assert_eq!(proxy.accepted_count(), 2);
         drop(a);
-        eventually("a closed connection is no longer counted", || {
-            proxy.connection_count() == 1
-        })
+        crate::env::eventually_within(
+            Duration::from_secs(10),
+            "a closed connection is no longer counted",
+            || proxy.connection_count() == 1,
+        )
         .await;
     }
 
@@ -351,9 +343,11 @@ mod tests {
             0,
             "the client sees end-of-file"
         );
-        eventually("the cut connection is gone", || {
-            proxy.connection_count() == 0
-        })
+        crate::env::eventually_within(
+            Duration::from_secs(10),
+            "the cut connection is gone",
+            || proxy.connection_count() == 0,
+        )
         .await;
 
         let mut b = TcpStream::connect(proxy.addr()).await.unwrap();
