@@ -84,3 +84,148 @@ async fn a_burst_longer_than_the_heartbeat_timeout_costs_no_gap() {
     drop(attachment);
     source.shutdown().await;
 }
+
+/// What an inline handler saw, in order: each event's txid, or a gap (`-1`).
+fn recorder(seen: &Arc<std::sync::Mutex<Vec<i64>>>) -> pgcachewatch_core::InlineHandler {
+    let seen = seen.clone();
+    Box::new(move |signal: &Signal| {
+        let entry = match signal {
+            Signal::Event(e) => e.txid.expect("every test event carries its txid"),
+            Signal::Gap(_) => -1,
+            _ => return,
+        };
+        seen.lock().unwrap().push(entry);
+    })
+}
+
+/// An inline handler that spends `micros` on every event (so a burst takes
+/// a while to publish).
+fn slow(micros: u64) -> pgcachewatch_core::InlineHandler {
+    Box::new(move |signal: &Signal| {
+        if matches!(signal, Signal::Event(_)) {
+            let until = Instant::now() + Duration::from_micros(micros);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+    })
+}
+
+/// Bursts and single notifications mixed: a burst is published by a second task
+/// while single events are published where they are read, so this checks that
+/// a notification read after a burst is never published before it: every event,
+/// in commit order, no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_and_single_events_arrive_whole_and_in_commit_order() {
+    const BURST: i64 = 2_000;
+    const SINGLES: i64 = 50;
+    let db = PgPool::connect(&database_url())
+        .await
+        .expect("PostgreSQL must be running at DATABASE_URL");
+    let channel = unique("pgcw_b_order");
+    let source = PgListenerSource::builder(database_url())
+        .channel(&channel)
+        .connect()
+        .await
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let attachment = source.attach_inline(recorder(&seen)).unwrap();
+    // The burst takes about 200 ms to publish: the single events, 2 ms apart,
+    // arrive meanwhile.
+    let slow = source.attach_inline(slow(100)).unwrap();
+    let send = |from: i64, to: i64| {
+        sqlx::query(
+            "SELECT pg_notify($1, json_build_object('operation', 'insert', 'table', 'burst', \
+             'txid', g)::text) FROM generate_series($2::bigint, $3::bigint) g",
+        )
+        .bind(&channel)
+        .bind(from)
+        .bind(to)
+        .execute(&db)
+    };
+    send(1, BURST).await.unwrap();
+    for i in 1..=SINGLES {
+        send(BURST + i, BURST + i).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    send(BURST + SINGLES + 1, 2 * BURST + SINGLES)
+        .await
+        .unwrap();
+    let total = (2 * BURST + SINGLES) as usize;
+    eventually_within(PATIENCE, "every event is seen", || {
+        seen.lock().unwrap().len() >= total
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    let expected: Vec<i64> = (1..=total as i64).collect();
+    assert!(
+        seen == expected,
+        "not every event in commit order: {} seen, first difference at index {:?}",
+        seen.len(),
+        seen.iter().zip(&expected).position(|(a, b)| a != b)
+    );
+    drop((attachment, slow));
+    source.shutdown().await;
+}
+
+/// A connection killed in the middle of a burst: what was read before the loss
+/// is published, in order, before the loss's gap; nothing is published after
+/// the gap but what the new connection delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_killed_mid_burst_publishes_what_it_read_before_the_gap() {
+    const N: i64 = 20_000;
+    let db = PgPool::connect(&database_url())
+        .await
+        .expect("PostgreSQL must be running at DATABASE_URL");
+    let channel = unique("pgcw_b_kill");
+    let source = PgListenerSource::builder(database_url())
+        .channel(&channel)
+        .connect()
+        .await
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let attachment = source.attach_inline(recorder(&seen)).unwrap();
+    // Slow the handlers down so that the burst is still being read when the
+    // backend is killed.
+    let slow = source.attach_inline(slow(20)).unwrap();
+    let pid = source.stats().backend_pid.expect("connected");
+    burst(&db, &channel, N).await;
+    eventually_within(PATIENCE, "the burst starts arriving", || {
+        !seen.lock().unwrap().is_empty()
+    })
+    .await;
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid as i32)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert!(killed);
+    eventually_within(PATIENCE, "the loss is reported", || {
+        seen.lock().unwrap().contains(&-1)
+    })
+    .await;
+    eventually_within(PATIENCE, "the source reconnects", || {
+        source.stats().reconnects >= 1
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    let first_gap = seen.iter().position(|&t| t == -1).unwrap();
+    let before = &seen[..first_gap];
+    assert!(
+        before.iter().copied().eq(1..=before.len() as i64),
+        "the events before the gap are not the burst's first ones in order"
+    );
+    let late: Vec<i64> = seen[first_gap..]
+        .iter()
+        .copied()
+        .filter(|&t| t != -1)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} events of the dead connection were published after its gap, the first {:?}",
+        late.len(),
+        &late[..late.len().min(5)]
+    );
+    drop((attachment, slow));
+    source.shutdown().await;
+}

@@ -59,6 +59,7 @@ mod abandon;
 pub(crate) mod backoff;
 mod config;
 mod connection;
+mod publish;
 mod stats;
 mod task;
 
@@ -79,6 +80,7 @@ pub use self::config::{
     MalformedPolicy, PgListenerBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN,
 };
+use self::publish::Publisher;
 use self::stats::Counters;
 pub use self::stats::ListenerStats;
 use self::task::{Command, Task};
@@ -206,6 +208,11 @@ impl PgListenerSource {
             settings: settings.clone(),
             hub: hub.clone(),
             counters: counters.clone(),
+            publisher: Arc::new(Publisher::new(
+                settings.clone(),
+                hub.clone(),
+                counters.clone(),
+            )),
             stop: stop_rx,
             commands: command_rx,
         };

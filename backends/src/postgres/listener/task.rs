@@ -1,4 +1,4 @@
-//! The background task: receive, parse, publish; heartbeat; reconnect.
+//! The background task: receive and publish (through [`publish`](super::publish)); heartbeat; reconnect.
 //!
 //! One task per source owns the listening connection. A *session* runs until the
 //! connection is lost, a heartbeat goes unanswered, or the source shuts down.
@@ -10,9 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use futures::FutureExt as _;
-use pgcachewatch_core::{parse_payload, Error, GapReason, Health, PayloadError, SignalHub};
+use pgcachewatch_core::{Error, GapReason, Health, SignalHub};
 use sqlx::postgres::PgNotification;
 use sqlx::Executor;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -20,8 +19,9 @@ use tokio::time::Instant;
 
 use super::abandon::abandon;
 use super::backoff::Backoff;
-use super::config::{MalformedPolicy, Settings};
+use super::config::Settings;
 use super::connection::{self, loss_detail, Listening};
+use super::publish::{Batch, Processor, ProcessorLost, Publisher};
 use super::stats::{bump, Counters};
 
 /// How many already-readable notifications are handled in a row before the task
@@ -72,6 +72,8 @@ pub(crate) struct Task {
     pub(crate) settings: Arc<Settings>,
     pub(crate) hub: SignalHub,
     pub(crate) counters: Arc<Counters>,
+    /// Publishes what the connection delivers (shared with a session's processor).
+    pub(crate) publisher: Arc<Publisher>,
     /// Changes (or closes, when every handle is gone) to stop the task.
     pub(crate) stop: watch::Receiver<bool>,
     pub(crate) commands: mpsc::Receiver<Command>,
@@ -80,11 +82,10 @@ pub(crate) struct Task {
 impl Task {
     /// Runs until stopped, starting with the connection `connect()` opened.
     pub(crate) async fn run(mut self, first: Listening) {
-        let mut log = MalformedLog::default();
         let mut heartbeat_seq: u64 = 0;
         let mut conn = first;
         loop {
-            let ended = self.session(&mut conn, &mut log, &mut heartbeat_seq).await;
+            let ended = self.session(&mut conn, &mut heartbeat_seq).await;
             self.counters.set_backend_pid(None);
             match ended {
                 // Presumed half-open: sqlx's UNLISTEN on drop would hang on it.
@@ -109,7 +110,7 @@ impl Task {
             self.hub.set_health(Health::Healthy);
         }
         self.hub.set_health(Health::Unhealthy);
-        log.finish();
+        self.publisher.finish();
         tracing::debug!("listener task stopped");
     }
 
@@ -118,16 +119,17 @@ impl Task {
         self.hub.gap(reason);
     }
 
-    /// Receives until the connection fails, a heartbeat times out, or stop.
-    async fn session(
-        &mut self,
-        conn: &mut Listening,
-        log: &mut MalformedLog,
-        heartbeat_seq: &mut u64,
-    ) -> Ended {
-        match self.receive(conn, log, heartbeat_seq).await {
+    /// Receives until the connection fails, a heartbeat times out, or stop; every
+    /// event received is published before this returns.
+    async fn session(&mut self, conn: &mut Listening, heartbeat_seq: &mut u64) -> Ended {
+        let mut processor = Processor::new(self.publisher.clone());
+        let ended = match self.receive(conn, &mut processor, heartbeat_seq).await {
             Ok(never) => match never {},
             Err(ended) => ended,
+        };
+        match (processor.finish().await, ended) {
+            (Err(ProcessorLost), Ended::Lost(_)) => Ended::Lost(processing_lost()),
+            (_, ended) => ended,
         }
     }
 
@@ -135,7 +137,7 @@ impl Task {
     async fn receive(
         &mut self,
         conn: &mut Listening,
-        log: &mut MalformedLog,
+        processor: &mut Processor,
         heartbeat_seq: &mut u64,
     ) -> Result<std::convert::Infallible, Ended> {
         let interval = self.settings.builder.heartbeat_interval;
@@ -153,17 +155,29 @@ impl Task {
                     self.command(conn, command).await?;
                 }
                 next = conn.listener.try_recv() => {
-                    self.received(next, &mut pending, &mut received, log)?;
+                    let mut batch = Batch::new();
+                    let mut result = self.received(next, &mut pending, &mut received, &mut batch);
                     // A burst: take what is already readable without going
                     // round the select (its futures cost more than a
                     // notification), in batches so that stop, commands and the
                     // heartbeat's deadline are still looked at between them.
                     for _ in 0..DRAIN_BATCH {
+                        if result.is_err() {
+                            break;
+                        }
                         match conn.listener.try_recv().now_or_never() {
-                            Some(next) => self.received(next, &mut pending, &mut received, log)?,
+                            Some(next) => {
+                                result = self.received(next, &mut pending, &mut received, &mut batch);
+                            }
                             None => break,
                         }
                     }
+                    // What arrived before a loss is published before its gap.
+                    processor
+                        .deliver(batch)
+                        .await
+                        .map_err(|ProcessorLost| Ended::Lost(processing_lost()))?;
+                    result?;
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     if let Some(p) = pending.as_mut() {
@@ -187,14 +201,14 @@ impl Task {
         }
     }
 
-    /// One result of `try_recv`: a heartbeat's answer, a notification to parse
-    /// and publish, or the end of the connection.
+    /// One result of `try_recv`: a heartbeat's answer, a notification to
+    /// publish (added to `batch`), or the end of the connection.
     fn received(
         &self,
         next: Result<Option<PgNotification>, sqlx::Error>,
         pending: &mut Option<Pending>,
         received: &mut u64,
-        log: &mut MalformedLog,
+        batch: &mut Batch,
     ) -> Result<(), Ended> {
         match next {
             Ok(Some(n)) => {
@@ -205,7 +219,7 @@ impl Task {
                         self.counters.set_heartbeat_rtt(p.sent.elapsed());
                     }
                 } else {
-                    self.notification(&n, log);
+                    batch.items.push(n);
                 }
                 Ok(())
             }
@@ -254,24 +268,6 @@ impl Task {
                     "heartbeat NOTIFY did not complete: the connection is presumed half-open"
                 );
                 Err(Ended::Lost(GapReason::HeartbeatTimeout))
-            }
-        }
-    }
-
-    /// Parses and publishes one notification on a watched channel.
-    fn notification(&self, n: &PgNotification, log: &mut MalformedLog) {
-        let received_at = Utc::now();
-        match parse_payload(n.channel(), n.payload(), received_at) {
-            Ok(event) => {
-                self.counters.event_received(received_at);
-                self.hub.publish(event);
-            }
-            Err(error) => {
-                bump(&self.counters.malformed);
-                log.record(n.channel(), &error, self.settings.builder.on_malformed);
-                if self.settings.builder.on_malformed == MalformedPolicy::Gap {
-                    self.gap(GapReason::MalformedPayload);
-                }
             }
         }
     }
@@ -372,43 +368,12 @@ fn disconnected(command: Command) {
     }
 }
 
-/// Logs malformed payloads at most once a second, with how many were not logged.
-#[derive(Default)]
-struct MalformedLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl MalformedLog {
-    fn record(&mut self, channel: &str, error: &PayloadError, policy: MalformedPolicy) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            self.suppressed += 1;
-            return;
-        }
-        tracing::warn!(
-            channel,
-            %error,
-            ?policy,
-            suppressed_since_last_warning = self.suppressed,
-            "payload on a watched channel is not an event"
-        );
-        self.last = Some(now);
-        self.suppressed = 0;
-    }
-
-    /// When the source stops: the count of those never logged, if any.
-    fn finish(&mut self) {
-        if self.suppressed > 0 {
-            tracing::warn!(
-                suppressed_since_last_warning = self.suppressed,
-                "more payloads on watched channels were not events (not logged one by one)"
-            );
-            self.suppressed = 0;
-        }
+/// The gap when a session's processor task failed: the notifications it held
+/// were never published.
+fn processing_lost() -> GapReason {
+    GapReason::ConnectionLost {
+        detail: "the listener's event processing task failed; notifications it held are lost"
+            .into(),
     }
 }
 
