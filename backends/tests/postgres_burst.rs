@@ -18,12 +18,19 @@ const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Sends `n` distinct events on `channel` in one transaction.
 async fn burst(db: &PgPool, channel: &str, n: i64) {
+    notify_range(db, channel, 1, n).await;
+}
+
+/// Sends one event for each of `from..=to` (its `txid`) on `channel`, in one
+/// transaction.
+async fn notify_range(db: &PgPool, channel: &str, from: i64, to: i64) {
     sqlx::query(
         "SELECT pg_notify($1, json_build_object('operation', 'insert', 'table', 'burst', \
-         'txid', g)::text) FROM generate_series(1, $2) g",
+         'txid', g)::text) FROM generate_series($2::bigint, $3::bigint) g",
     )
     .bind(channel)
-    .bind(n)
+    .bind(from)
+    .bind(to)
     .execute(db)
     .await
     .unwrap();
@@ -98,6 +105,37 @@ fn recorder(seen: &Arc<std::sync::Mutex<Vec<i64>>>) -> pgcachewatch_core::Inline
     })
 }
 
+/// A source on a channel of its own, and what an inline handler saw of it (see
+/// [`recorder`]).
+struct Watched {
+    db: PgPool,
+    channel: String,
+    source: PgListenerSource,
+    seen: Arc<std::sync::Mutex<Vec<i64>>>,
+    _recorder: pgcachewatch_core::InlineAttachment,
+}
+
+async fn watched(prefix: &str) -> Watched {
+    let db = PgPool::connect(&database_url())
+        .await
+        .expect("PostgreSQL must be running at DATABASE_URL");
+    let channel = unique(prefix);
+    let source = PgListenerSource::builder(database_url())
+        .channel(&channel)
+        .connect()
+        .await
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorder = source.attach_inline(recorder(&seen)).unwrap();
+    Watched {
+        db,
+        channel,
+        source,
+        seen,
+        _recorder: recorder,
+    }
+}
+
 /// An inline handler that spends `micros` on every event (so a burst takes
 /// a while to publish).
 fn slow(micros: u64) -> pgcachewatch_core::InlineHandler {
@@ -119,38 +157,22 @@ fn slow(micros: u64) -> pgcachewatch_core::InlineHandler {
 async fn bursts_and_single_events_arrive_whole_and_in_commit_order() {
     const BURST: i64 = 2_000;
     const SINGLES: i64 = 50;
-    let db = PgPool::connect(&database_url())
-        .await
-        .expect("PostgreSQL must be running at DATABASE_URL");
-    let channel = unique("pgcw_b_order");
-    let source = PgListenerSource::builder(database_url())
-        .channel(&channel)
-        .connect()
-        .await
-        .unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let attachment = source.attach_inline(recorder(&seen)).unwrap();
+    let Watched {
+        db,
+        channel,
+        source,
+        seen,
+        _recorder,
+    } = watched("pgcw_b_order").await;
     // The burst takes about 200 ms to publish: the single events, 2 ms apart,
     // arrive meanwhile.
     let slow = source.attach_inline(slow(100)).unwrap();
-    let send = |from: i64, to: i64| {
-        sqlx::query(
-            "SELECT pg_notify($1, json_build_object('operation', 'insert', 'table', 'burst', \
-             'txid', g)::text) FROM generate_series($2::bigint, $3::bigint) g",
-        )
-        .bind(&channel)
-        .bind(from)
-        .bind(to)
-        .execute(&db)
-    };
-    send(1, BURST).await.unwrap();
+    notify_range(&db, &channel, 1, BURST).await;
     for i in 1..=SINGLES {
-        send(BURST + i, BURST + i).await.unwrap();
+        notify_range(&db, &channel, BURST + i, BURST + i).await;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    send(BURST + SINGLES + 1, 2 * BURST + SINGLES)
-        .await
-        .unwrap();
+    notify_range(&db, &channel, BURST + SINGLES + 1, 2 * BURST + SINGLES).await;
     let total = (2 * BURST + SINGLES) as usize;
     eventually_within(PATIENCE, "every event is seen", || {
         seen.lock().unwrap().len() >= total
@@ -164,7 +186,7 @@ async fn bursts_and_single_events_arrive_whole_and_in_commit_order() {
         seen.len(),
         seen.iter().zip(&expected).position(|(a, b)| a != b)
     );
-    drop((attachment, slow));
+    drop(slow);
     source.shutdown().await;
 }
 
@@ -174,17 +196,13 @@ async fn bursts_and_single_events_arrive_whole_and_in_commit_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_killed_mid_burst_publishes_what_it_read_before_the_gap() {
     const N: i64 = 20_000;
-    let db = PgPool::connect(&database_url())
-        .await
-        .expect("PostgreSQL must be running at DATABASE_URL");
-    let channel = unique("pgcw_b_kill");
-    let source = PgListenerSource::builder(database_url())
-        .channel(&channel)
-        .connect()
-        .await
-        .unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let attachment = source.attach_inline(recorder(&seen)).unwrap();
+    let Watched {
+        db,
+        channel,
+        source,
+        seen,
+        _recorder,
+    } = watched("pgcw_b_kill").await;
     // Slow the handlers down so that the burst is still being read when the
     // backend is killed.
     let slow = source.attach_inline(slow(20)).unwrap();
@@ -226,6 +244,6 @@ async fn a_connection_killed_mid_burst_publishes_what_it_read_before_the_gap() {
         late.len(),
         &late[..late.len().min(5)]
     );
-    drop((attachment, slow));
+    drop(slow);
     source.shutdown().await;
 }
