@@ -157,22 +157,17 @@ fn slow(micros: u64) -> pgcachewatch_core::InlineHandler {
 async fn bursts_and_single_events_arrive_whole_and_in_commit_order() {
     const BURST: i64 = 2_000;
     const SINGLES: i64 = 50;
-    let Watched {
-        db,
-        channel,
-        source,
-        seen,
-        _recorder,
-    } = watched("pgcw_b_order").await;
+    let w = watched("pgcw_b_order").await;
+    let (db, channel, source, seen) = (&w.db, w.channel.as_str(), &w.source, &w.seen);
     // The burst takes about 200 ms to publish: the single events, 2 ms apart,
     // arrive meanwhile.
     let slow = source.attach_inline(slow(100)).unwrap();
-    notify_range(&db, &channel, 1, BURST).await;
+    notify_range(db, channel, 1, BURST).await;
     for i in 1..=SINGLES {
-        notify_range(&db, &channel, BURST + i, BURST + i).await;
+        notify_range(db, channel, BURST + i, BURST + i).await;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    notify_range(&db, &channel, BURST + SINGLES + 1, 2 * BURST + SINGLES).await;
+    notify_range(db, channel, BURST + SINGLES + 1, 2 * BURST + SINGLES).await;
     let total = (2 * BURST + SINGLES) as usize;
     eventually_within(PATIENCE, "every event is seen", || {
         seen.lock().unwrap().len() >= total
@@ -196,25 +191,20 @@ async fn bursts_and_single_events_arrive_whole_and_in_commit_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_killed_mid_burst_publishes_what_it_read_before_the_gap() {
     const N: i64 = 20_000;
-    let Watched {
-        db,
-        channel,
-        source,
-        seen,
-        _recorder,
-    } = watched("pgcw_b_kill").await;
+    let w = watched("pgcw_b_kill").await;
+    let (db, channel, source, seen) = (&w.db, w.channel.as_str(), &w.source, &w.seen);
     // Slow the handlers down so that the burst is still being read when the
     // backend is killed.
     let slow = source.attach_inline(slow(20)).unwrap();
     let pid = source.stats().backend_pid.expect("connected");
-    burst(&db, &channel, N).await;
+    burst(db, channel, N).await;
     eventually_within(PATIENCE, "the burst starts arriving", || {
         !seen.lock().unwrap().is_empty()
     })
     .await;
     let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(pid as i32)
-        .fetch_one(&db)
+        .fetch_one(db)
         .await
         .unwrap();
     assert!(killed);
