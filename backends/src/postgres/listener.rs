@@ -80,7 +80,6 @@ pub use self::config::{
     MalformedPolicy, PgListenerBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN,
 };
-use self::publish::Publisher;
 use self::stats::Counters;
 pub use self::stats::ListenerStats;
 use self::task::{Command, Task};
@@ -208,11 +207,6 @@ impl PgListenerSource {
             settings: settings.clone(),
             hub: hub.clone(),
             counters: counters.clone(),
-            publisher: Arc::new(Publisher::new(
-                settings.clone(),
-                hub.clone(),
-                counters.clone(),
-            )),
             stop: stop_rx,
             commands: command_rx,
         };

@@ -4,8 +4,8 @@
 //! The listener's task reads the connection. Parsing a payload and running the
 //! hub's inline handlers (the dispatcher, its strategies, the caches) costs about
 //! as much again as reading it, so during a burst a task that did both would take
-//! twice as long as the connection needs. [`Publisher`] hands such batches to a
-//! [`Processor`] task, which runs beside the reader on another core, while a
+//! twice as long as the connection needs. [`Processor::deliver`] hands such
+//! batches to a second task, which runs [`Publisher`] beside the reader on another core, while a
 //! notification that arrives alone is still published right where it was read —
 //! no hop, nothing added to the write → fresh-read latency.
 //!
@@ -84,12 +84,17 @@ impl Publisher {
                         .unwrap_or_else(PoisonError::into_inner)
                         .record(n.channel(), &error, policy);
                     if policy == MalformedPolicy::Gap {
-                        bump(&self.counters.gaps);
-                        self.hub.gap(GapReason::MalformedPayload);
+                        self.gap(GapReason::MalformedPayload);
                     }
                 }
             }
         }
+    }
+
+    /// Reports a gap (and counts it).
+    pub(crate) fn gap(&self, reason: GapReason) {
+        bump(&self.counters.gaps);
+        self.hub.gap(reason);
     }
 
     /// When the source stops: logs the count of malformed payloads not yet logged.

@@ -72,8 +72,6 @@ pub(crate) struct Task {
     pub(crate) settings: Arc<Settings>,
     pub(crate) hub: SignalHub,
     pub(crate) counters: Arc<Counters>,
-    /// Publishes what the connection delivers (shared with a session's processor).
-    pub(crate) publisher: Arc<Publisher>,
     /// Changes (or closes, when every handle is gone) to stop the task.
     pub(crate) stop: watch::Receiver<bool>,
     pub(crate) commands: mpsc::Receiver<Command>,
@@ -82,10 +80,19 @@ pub(crate) struct Task {
 impl Task {
     /// Runs until stopped, starting with the connection `connect()` opened.
     pub(crate) async fn run(mut self, first: Listening) {
+        // Publishes what the connection delivers (shared with each session's
+        // processor), and reports gaps.
+        let publisher = Arc::new(Publisher::new(
+            self.settings.clone(),
+            self.hub.clone(),
+            self.counters.clone(),
+        ));
         let mut heartbeat_seq: u64 = 0;
         let mut conn = first;
         loop {
-            let ended = self.session(&mut conn, &mut heartbeat_seq).await;
+            let ended = self
+                .session(&mut conn, &publisher, &mut heartbeat_seq)
+                .await;
             self.counters.set_backend_pid(None);
             match ended {
                 // Presumed half-open: sqlx's UNLISTEN on drop would hang on it.
@@ -98,7 +105,7 @@ impl Task {
             };
             tracing::warn!(%reason, channels = ?self.settings.channels, "LISTEN connection lost; reconnecting");
             self.hub.set_health(Health::Unhealthy);
-            self.gap(reason);
+            publisher.gap(reason);
             match self.reconnect().await {
                 Some(new) => conn = new,
                 None => break,
@@ -106,23 +113,23 @@ impl Task {
             self.counters.reconnected();
             self.counters.set_backend_pid(Some(conn.backend_pid));
             tracing::info!(backend_pid = conn.backend_pid, "listening again");
-            self.gap(GapReason::Reconnected);
+            publisher.gap(GapReason::Reconnected);
             self.hub.set_health(Health::Healthy);
         }
         self.hub.set_health(Health::Unhealthy);
-        self.publisher.finish();
+        publisher.finish();
         tracing::debug!("listener task stopped");
-    }
-
-    fn gap(&self, reason: GapReason) {
-        bump(&self.counters.gaps);
-        self.hub.gap(reason);
     }
 
     /// Receives until the connection fails, a heartbeat times out, or stop; every
     /// event received is published before this returns.
-    async fn session(&mut self, conn: &mut Listening, heartbeat_seq: &mut u64) -> Ended {
-        let mut processor = Processor::new(self.publisher.clone());
+    async fn session(
+        &mut self,
+        conn: &mut Listening,
+        publisher: &Arc<Publisher>,
+        heartbeat_seq: &mut u64,
+    ) -> Ended {
+        let mut processor = Processor::new(publisher.clone());
         let ended = match self.receive(conn, &mut processor, heartbeat_seq).await {
             Ok(never) => match never {},
             Err(ended) => ended,
