@@ -65,7 +65,7 @@ impl InFlight {
         Ok(std::future::IntoFuture::into_future(ack))
     }
 
-    /// Publishes `out`; its acknowledgement is awaited by [`next_ack`](Self::next_ack).
+    /// Publishes `out`; its acknowledgement is awaited by [`poll_front`](Self::poll_front).
     pub(super) async fn push(&mut self, out: Outgoing) {
         let ack = match Self::send(&self.js, &out).await {
             Ok(ack) => Some(ack),
