@@ -65,6 +65,9 @@ struct Fields<'a> {
     sent_at: Option<&'a str>,
     keys: Keys<'a>,
     txid: Option<&'a str>,
+    /// Whether no string in the payload has an escape (the fast path's
+    /// payloads): a raw string field is then its text between the quotes.
+    plain: bool,
 }
 
 /// The `keys` field: absent (or `null`), raw JSON still to read, or already read
@@ -88,6 +91,7 @@ impl<'a> From<Wire<'a>> for Fields<'a> {
                 _ => Keys::Absent,
             },
             txid: w.txid.map(RawValue::get).filter(|t| *t != "null"),
+            plain: false,
         }
     }
 }
@@ -154,7 +158,7 @@ fn event_of(
         return Err(PayloadError::Malformed("empty table name".into()));
     }
     let sent_at = wire.sent_at.and_then(|raw| {
-        let parsed = raw_str(raw).and_then(|s| parse_timestamp(&s));
+        let parsed = raw_str(raw, wire.plain).and_then(|s| parse_timestamp(&s));
         if parsed.is_none() {
             static LIMIT: crate::rate_limit::RateLimit = crate::rate_limit::RateLimit::new();
             if let Some(suppressed) = LIMIT.check() {
@@ -169,7 +173,7 @@ fn event_of(
         Keys::Read(keys) => Some(keys),
         Keys::Raw(raw) => read_keys(raw, &wire.table),
     };
-    let txid = wire.txid.and_then(|raw| match raw_str(raw) {
+    let txid = wire.txid.and_then(|raw| match raw_str(raw, wire.plain) {
         Some(s) => s.parse().ok(),
         None => raw.parse().ok(),
     });
@@ -201,9 +205,9 @@ fn read_keys(raw: &str, table: &str) -> Option<Vec<RowKey>> {
 }
 
 /// The text of a raw JSON string (`None` for any other JSON value).
-fn raw_str(text: &str) -> Option<Cow<'_, str>> {
+fn raw_str(text: &str, plain: bool) -> Option<Cow<'_, str>> {
     let inner = text.strip_prefix('"')?.strip_suffix('"')?;
-    if inner.contains('\\') {
+    if !plain && inner.contains('\\') {
         serde_json::from_str::<String>(text).ok().map(Cow::Owned)
     } else {
         Some(Cow::Borrowed(inner))
@@ -307,6 +311,12 @@ mod tests {
             Just(r#""2024-05-01T10:00:00Z""#.to_owned()),
             Just(r#""""#.to_owned()),
             Just(r#""é✓""#.to_owned()),
+            // Longer than a word of the fast path's string search, with what
+            // ends or spoils a plain string past its first eight bytes.
+            Just(r#""a_rather_long_name\"quoted""#.to_owned()),
+            Just("\"a_rather_long_name\twith_tab\"".to_owned()),
+            Just("\"a_rather_long_name_\u{7f}_é✓_done\"".to_owned()),
+            Just(r#""2024-05-01 10:00:00.123456+00\u0041""#.to_owned()),
             "-?(0|[1-9][0-9]{0,22})(\\.[0-9]{1,3})?([eE][+-]?[0-9]{1,3})?",
             "-?0[0-9]|1\\.|1e|-|\\.5|\\+1",
             Just("null".to_owned()),

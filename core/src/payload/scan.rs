@@ -30,24 +30,16 @@ pub(super) fn scan(payload: &str) -> Option<Fields<'_>> {
         sent_at: None,
         keys: Keys::Absent,
         txid: None,
+        plain: true,
     };
     let mut seen = 0u8;
     loop {
         s.whitespace();
-        let name = s.string()?;
+        // serde_json skips unknown fields; it reads them too.
+        let bit = s.field_name()?;
         s.whitespace();
         s.expect(b':')?;
         s.whitespace();
-        let bit = match name {
-            "operation" => 1,
-            "schema" => 2,
-            "table" => 4,
-            "sent_at" => 8,
-            "keys" => 16,
-            "txid" => 32,
-            // serde_json skips unknown fields; it reads them too.
-            _ => return None,
-        };
         if seen & bit != 0 {
             // serde_json rejects a duplicate field; it says so better.
             return None;
@@ -75,6 +67,60 @@ pub(super) fn scan(payload: &str) -> Option<Fields<'_>> {
     fields.operation = Cow::Borrowed(operation?);
     fields.table = Cow::Borrowed(table?);
     Some(fields)
+}
+
+/// The index of the first byte of `bytes` that ends a plain string's text: a
+/// quote, a backslash or a control character. Eight bytes at a time: a
+/// payload's strings are most of its length.
+#[inline]
+fn string_end(bytes: &[u8]) -> Option<usize> {
+    let n = bytes.len();
+    let mut at = 0;
+    while at + 8 <= n {
+        let found = stops(word_at(bytes, at));
+        if found != 0 {
+            return Some(at + first_flagged(found));
+        }
+        at += 8;
+    }
+    if at == n {
+        return None;
+    }
+    if n < 8 {
+        return bytes[at..]
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            .map(|i| at + i);
+    }
+    // The last eight bytes, overlapping those already read: their flags are
+    // masked off (they hold no stop, so they lend no borrow either).
+    let seen = 8 - (n - at);
+    let found = stops(word_at(bytes, n - 8)) & (u64::MAX << (seen * 8));
+    (found != 0).then(|| n - 8 + first_flagged(found))
+}
+
+fn word_at(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(word)
+}
+
+/// The bytes of `w` that stop a plain string, flagged by their high bit. Only
+/// the lowest flag is exact (a flagged byte can flag the ones above it through
+/// a borrow); bytes of 0x80 and above (UTF-8) are never flagged.
+#[inline]
+fn stops(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // The high bit of each byte of `x` that is zero.
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    zero(w ^ (ONES * u64::from(b'"')))
+        | zero(w ^ (ONES * u64::from(b'\\')))
+        | (w.wrapping_sub(ONES * 0x20) & !w & HIGH)
+}
+
+fn first_flagged(found: u64) -> usize {
+    (found.trailing_zeros() / 8) as usize
 }
 
 /// A cursor over the payload's bytes. Every position it stops at is an ASCII
@@ -110,14 +156,30 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    /// A known field's name, as its bit; `None` for any other name (or one
+    /// written with an escape). Compared whole, quotes included, rather than
+    /// searched for its end: a payload has one name per field.
+    fn field_name(&mut self) -> Option<u8> {
+        let rest = self.bytes().get(self.at..)?;
+        let (bit, len) = match rest.get(1)? {
+            b'o' if rest.starts_with(b"\"operation\"") => (1, 11),
+            b's' if rest.starts_with(b"\"schema\"") => (2, 8),
+            b's' if rest.starts_with(b"\"sent_at\"") => (8, 9),
+            b't' if rest.starts_with(b"\"table\"") => (4, 7),
+            b't' if rest.starts_with(b"\"txid\"") => (32, 6),
+            b'k' if rest.starts_with(b"\"keys\"") => (16, 6),
+            _ => return None,
+        };
+        self.at += len;
+        Some(bit)
+    }
+
     /// A string without escapes or control characters; its text.
     fn string(&mut self) -> Option<&'a str> {
         self.expect(b'"')?;
         let start = self.at;
-        let rest = &self.bytes()[start..];
-        let len = rest
-            .iter()
-            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        let rest = self.bytes().get(start..)?;
+        let len = string_end(rest)?;
         if rest[len] != b'"' {
             return None;
         }
