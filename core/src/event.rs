@@ -6,6 +6,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::name::Name;
 use crate::position::Lsn;
 
 /// The kind of write that produced an [`Event`].
@@ -118,14 +119,14 @@ impl RowKey {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// The NOTIFY channel the event arrived on.
-    pub channel: String,
+    pub channel: Name,
     /// What kind of write happened.
     pub operation: Operation,
     /// Schema of the table, when the payload carried it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schema: Option<String>,
+    pub schema: Option<Name>,
     /// Name of the table.
-    pub table: String,
+    pub table: Name,
     /// When the trigger ran (`clock_timestamp()` in pgcachewatch's trigger).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<DateTime<Utc>>,
@@ -146,10 +147,10 @@ pub struct Event {
 impl Event {
     /// A table-level event received now, with no `sent_at`, keys or txid.
     pub fn new(
-        channel: impl Into<String>,
+        channel: impl Into<Name>,
         operation: Operation,
-        schema: impl Into<String>,
-        table: impl Into<String>,
+        schema: impl Into<Name>,
+        table: impl Into<Name>,
     ) -> Self {
         Event {
             channel: channel.into(),
@@ -191,8 +192,8 @@ impl Event {
     /// The table this event is about.
     pub fn table_ref(&self) -> TableRef {
         TableRef {
-            schema: self.schema.clone(),
-            table: self.table.clone(),
+            schema: self.schema.as_deref().map(str::to_owned),
+            table: self.table.to_string(),
         }
     }
 

@@ -49,6 +49,7 @@ mod event;
 pub mod fuzzing;
 mod health;
 mod hub;
+mod name;
 mod payload;
 mod position;
 mod rate_limit;
@@ -70,7 +71,8 @@ pub use event::{
 };
 pub use health::{HasHealthBoard, HealthBoard, HealthSummary, HealthVote};
 pub use hub::{SignalHub, DEFAULT_HUB_CAPACITY, MAX_HUB_CAPACITY};
-pub use payload::{parse_payload, PayloadError};
+pub use name::Name;
+pub use payload::{parse_payload, PayloadError, PayloadParser};
 pub use position::{Lsn, ParseLsnError};
 pub use signal::{GapReason, Health, Signal};
 pub use source::{EventSource, InlineAttachment, InlineHandler, Subscription, TryRecvError};

@@ -157,7 +157,7 @@ mod tests {
 
     fn ev(schema: Option<&str>, table: &str) -> Event {
         let mut e = Event::new("ch", Operation::Update, "x", table);
-        e.schema = schema.map(str::to_owned);
+        e.schema = schema.map(Into::into);
         e
     }
 

@@ -152,7 +152,7 @@ mod tests {
 
     fn ev(op: Operation, schema: Option<&str>, table: &str) -> Event {
         let mut e = Event::new("ch", op, "x", table);
-        e.schema = schema.map(str::to_owned);
+        e.schema = schema.map(Into::into);
         e
     }
 

@@ -7,7 +7,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation, RowKey, TableRef};
+use pgcachewatch_core::{Decision, Event, InvalidationStrategy, Operation, RowKey};
 use pgcachewatch_strategies::{
     AnyOf, Filter, Greedy, Keyed, OnGap, OtherTables, Route, Sequence, TableFilter, Timed, Windowed,
 };
@@ -297,7 +297,7 @@ proptest! {
                     }
                     _ => prop_assert_eq!(
                         &r.decision,
-                        &Decision::tables([TableRef { schema: event.schema.clone(), table: event.table.clone() }]),
+                        &Decision::tables([event.table_ref()]),
                         "{:?}", step
                     ),
                 }

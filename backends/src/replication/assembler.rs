@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use pgcachewatch_core::{Event, Lsn, Operation, RowKey};
+use pgcachewatch_core::{Event, Lsn, Name, Operation, RowKey};
 
 use super::pgoutput::{Begin, Commit, Datum, Message, Relation, Tuple};
 
@@ -80,8 +80,9 @@ struct Transaction {
 /// A relation as the stream described it, plus what keys need.
 #[derive(Debug)]
 struct Table {
-    schema: String,
-    name: String,
+    /// Shared by every event of the table (no copy per event).
+    schema: Name,
+    name: Name,
     /// (column index, name, type oid) of the replica-identity columns.
     key_columns: Vec<(usize, String, u32)>,
 }
@@ -89,7 +90,7 @@ struct Table {
 /// Buffers one transaction; see the module docs.
 #[derive(Debug)]
 pub(crate) struct Assembler {
-    channel: String,
+    channel: Name,
     key_cap: usize,
     tables: HashMap<u32, Table>,
     tx: Option<Transaction>,
@@ -100,7 +101,7 @@ pub(crate) struct Assembler {
 impl Assembler {
     /// Events are stamped with `channel` (the slot name); a transaction holds at
     /// most `key_cap` keys.
-    pub(crate) fn new(channel: impl Into<String>, key_cap: usize) -> Self {
+    pub(crate) fn new(channel: impl Into<Name>, key_cap: usize) -> Self {
         Assembler {
             channel: channel.into(),
             key_cap,
@@ -240,8 +241,8 @@ impl Assembler {
         self.tables.insert(
             rel.id,
             Table {
-                schema: rel.namespace,
-                name: rel.name,
+                schema: rel.namespace.into(),
+                name: rel.name.into(),
                 key_columns,
             },
         );

@@ -150,7 +150,7 @@ impl Hub {
     /// full is disconnected.
     fn deliver(&self, event: &Event) {
         let mut state = self.state.lock();
-        let Some(clients) = state.by_channel.get_mut(&event.channel) else {
+        let Some(clients) = state.by_channel.get_mut(event.channel.as_str()) else {
             return;
         };
         let text = Utf8Bytes::from(event_json(event));
@@ -184,7 +184,7 @@ impl Hub {
             }
         }
         if clients.is_empty() {
-            state.by_channel.remove(&event.channel);
+            state.by_channel.remove(event.channel.as_str());
         }
         if removed > 0 {
             state.connected -= removed;

@@ -135,7 +135,7 @@ pub(crate) async fn listen(
 fn line(event: &Event, latency_micros: Option<f64>) -> String {
     let table = match &event.schema {
         Some(schema) => format!("{schema}.{}", event.table),
-        None => event.table.clone(),
+        None => event.table.to_string(),
     };
     let keys = match &event.keys {
         Some(keys) if keys.len() <= 3 => format!(

@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::event::{Event, Operation, RowKey};
+use crate::name::{Name, Names};
 use timestamp::parse_timestamp;
 
 /// Why a payload could not be turned into an [`Event`].
@@ -115,11 +116,66 @@ pub fn parse_payload(
     payload: &str,
     received_at: DateTime<Utc>,
 ) -> Result<Event, PayloadError> {
-    let wire = match scan::scan(payload) {
-        Some(fields) => fields,
-        None => read_with_serde(payload)?,
-    };
-    event_of(channel, wire, received_at)
+    event_of(read(payload)?, received_at, Name::new(channel), Name::new)
+}
+
+/// Parses payloads as [`parse_payload`] does, and gives the events it makes
+/// shared [`Name`]s: the events of one table (and one channel) share one copy
+/// of each name instead of allocating their own. Keep one per stream of
+/// payloads (a source keeps one per connection); it remembers a few dozen
+/// names at most.
+///
+/// ```
+/// use pgcachewatch::PayloadParser;
+/// let mut parser = PayloadParser::new();
+/// let now = chrono::Utc::now();
+/// let payload = r#"{"operation":"update","schema":"public","table":"users"}"#;
+/// let (a, b) = (parser.parse("ch", payload, now)?, parser.parse("ch", payload, now)?);
+/// assert_eq!((a.table.as_str(), a.schema.as_deref()), ("users", Some("public")));
+/// assert_eq!(a, b);
+/// # Ok::<(), pgcachewatch::PayloadError>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct PayloadParser {
+    names: Names,
+    /// The last payload's leading fields, read on from when the next one
+    /// starts the same way (see [`scan::Prefix`]).
+    prefix: Option<scan::Prefix>,
+}
+
+impl PayloadParser {
+    /// A parser that remembers no names yet.
+    pub fn new() -> Self {
+        PayloadParser::default()
+    }
+
+    /// Parses one NOTIFY payload received on `channel` at `received_at`, as
+    /// [`parse_payload`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`PayloadError`] when the payload is not an event (see [`parse_payload`]).
+    pub fn parse(
+        &mut self,
+        channel: &str,
+        payload: &str,
+        received_at: DateTime<Utc>,
+    ) -> Result<Event, PayloadError> {
+        let fields = match scan::scan_remembering(payload, &mut self.prefix) {
+            Some(fields) => fields,
+            None => read_with_serde(payload)?,
+        };
+        let channel = self.names.get(channel);
+        event_of(fields, received_at, channel, |text| self.names.get(text))
+    }
+}
+
+/// A payload's fields: by the fast path when it can, else by serde_json.
+fn read(payload: &str) -> Result<Fields<'_>, PayloadError> {
+    match scan::scan(payload) {
+        Some(fields) => Ok(fields),
+        None => read_with_serde(payload),
+    }
 }
 
 /// The slow path alone: every payload through serde_json (what the fast path
@@ -130,7 +186,12 @@ pub(crate) fn parse_payload_with_serde(
     payload: &str,
     received_at: DateTime<Utc>,
 ) -> Result<Event, PayloadError> {
-    event_of(channel, read_with_serde(payload)?, received_at)
+    event_of(
+        read_with_serde(payload)?,
+        received_at,
+        Name::new(channel),
+        Name::new,
+    )
 }
 
 fn read_with_serde(payload: &str) -> Result<Fields<'_>, PayloadError> {
@@ -144,11 +205,13 @@ fn read_with_serde(payload: &str) -> Result<Fields<'_>, PayloadError> {
     Ok(wire.into())
 }
 
-/// The event a payload's fields describe; the optional fields degrade alone.
+/// The event a payload's fields describe, its names made by `name`; the
+/// optional fields degrade alone.
 fn event_of(
-    channel: &str,
     wire: Fields<'_>,
     received_at: DateTime<Utc>,
+    channel: Name,
+    mut name: impl FnMut(&str) -> Name,
 ) -> Result<Event, PayloadError> {
     let operation: Operation = wire
         .operation
@@ -178,10 +241,10 @@ fn event_of(
         None => raw.parse().ok(),
     });
     Ok(Event {
-        channel: channel.to_owned(),
+        channel,
         operation,
-        schema: wire.schema.filter(|s| !s.is_empty()).map(Cow::into_owned),
-        table: wire.table.into_owned(),
+        schema: wire.schema.filter(|s| !s.is_empty()).map(|s| name(&s)),
+        table: name(&wire.table),
         sent_at,
         received_at,
         keys,
@@ -433,6 +496,57 @@ mod tests {
             proptest::prop_assert_eq!(&fast, &parse_payload_with_serde("c", &payload, now), "{}", payload);
             if !table.contains(['\\', '"']) {
                 proptest::prop_assert!(scan::scan(&payload).is_some(), "{}", payload);
+            }
+        }
+
+        /// A parser reading a stream of payloads (which share their leading
+        /// fields, as a trigger's do, or differ anywhere) reads each exactly as
+        /// `parse_payload` does: resuming after a remembered prefix never
+        /// changes what a payload means.
+        #[test]
+        fn a_parser_reads_a_stream_as_parse_payload_does(
+            stream in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        r#"{"operation":"update","table":"users""#,
+                        r#"{"operation":"update","table":"users2""#,
+                        r#"{"operation" : "update", "schema" : "public", "table" : "burst""#,
+                        r#"{"operation" : "update", "schema" : null, "table" : "burst""#,
+                        r#" {"table":"t","operation":"INSERT""#,
+                        r#"{"operation":"delete""#,
+                        r#"{"operation":"upsert","table":"t""#,
+                        r#"{"schema":"s""#,
+                        r#"{"operation":"update","table":"users"x"#,
+                    ]),
+                    proptest::sample::select(vec![
+                        "}",
+                        " } ",
+                        r#", "sent_at" : "2024-05-01 10:00:00.5+02", "txid" : 7}"#,
+                        r#","txid":1}"#,
+                        r#","table":"again"}"#,
+                        r#","operation":"insert"}"#,
+                        r#","schema":"again"}"#,
+                        r#","keys":[{"id":1}]}"#,
+                        r#","table":"x","sent_at":null}"#,
+                        "}x",
+                        ",}",
+                        "\"",
+                        "",
+                    ]),
+                    proptest::option::of(token()),
+                ),
+                1..10,
+            ),
+        ) {
+            let mut parser = PayloadParser::new();
+            let now = Utc::now();
+            for (head, tail, soup) in stream {
+                let payload = format!("{head}{tail}{}", soup.unwrap_or_default());
+                proptest::prop_assert_eq!(
+                    parser.parse("c", &payload, now),
+                    parse_payload("c", &payload, now),
+                    "{}", payload
+                );
             }
         }
     }

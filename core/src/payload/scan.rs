@@ -16,13 +16,55 @@ use crate::event::RowKey;
 
 /// The fields of `payload` if it has the common shape; `None` means "ask serde_json".
 pub(super) fn scan(payload: &str) -> Option<Fields<'_>> {
+    scan_remembering(payload, &mut None)
+}
+
+/// Where the last payload's leading `operation`, `schema` and `table` fields
+/// ended, and what they held: a payload that starts with the same bytes is read
+/// on from there.
+///
+/// A trigger sends its table's payloads with the same leading fields (its
+/// operation, schema and table come first in `json_build_object`'s output);
+/// only `sent_at` and `txid` differ. The scanner reads left to right and looks
+/// at no byte past the value it is reading, so its state after equal leading
+/// bytes is equal: resuming there reads exactly what a full scan would.
+#[derive(Debug, Default)]
+pub(super) struct Prefix {
+    /// The payload's bytes up to the end of the last remembered value.
+    bytes: Vec<u8>,
+    leading: Leading,
+}
+
+/// The scanner's state after a payload's leading fields.
+#[derive(Debug, Default, Clone, Copy)]
+struct Leading {
+    /// Where the last of them ends.
+    end: usize,
+    /// The fields read (their bits).
+    seen: u8,
+    operation: Option<Span>,
+    schema: Option<Span>,
+    table: Option<Span>,
+}
+
+/// Where a field's text lies in the payload: start and end.
+type Span = (usize, usize);
+
+/// [`scan`], resuming after `prefix` when `payload` starts with it, and
+/// remembering the new prefix after a full scan that found one.
+pub(super) fn scan_remembering<'a>(
+    payload: &'a str,
+    prefix: &mut Option<Prefix>,
+) -> Option<Fields<'a>> {
     let mut s = Scanner {
         text: payload,
         at: 0,
     };
-    s.whitespace();
-    s.expect(b'{')?;
-    let (mut operation, mut table) = (None, None);
+    let span = |text: &str| {
+        let start = text.as_ptr() as usize - payload.as_ptr() as usize;
+        (start, start + text.len())
+    };
+    let text = |(start, end): Span| &payload[start..end];
     let mut fields = Fields {
         operation: Cow::Borrowed(""),
         schema: None,
@@ -32,26 +74,60 @@ pub(super) fn scan(payload: &str) -> Option<Fields<'_>> {
         txid: None,
         plain: true,
     };
-    let mut seen = 0u8;
-    loop {
-        s.whitespace();
-        // serde_json skips unknown fields; it reads them too.
-        let bit = s.field_name()?;
-        s.whitespace();
-        s.expect(b':')?;
-        s.whitespace();
-        if seen & bit != 0 {
-            // serde_json rejects a duplicate field; it says so better.
-            return None;
+    let (mut operation, mut table, mut seen) = (None, None, 0u8);
+    // Resumed after a remembered prefix: the next step is the separator.
+    let mut resumed = false;
+    // Where this payload's leading fields end (and what they held), while
+    // every field so far is one a prefix remembers.
+    let mut found: Option<Leading> = None;
+    let mut leading = true;
+    match prefix.as_ref() {
+        Some(p) if payload.as_bytes().starts_with(&p.bytes) => {
+            let l = p.leading;
+            s.at = l.end;
+            seen = l.seen;
+            operation = l.operation.map(text);
+            table = l.table.map(text);
+            fields.schema = l.schema.map(|sp| Cow::Borrowed(text(sp)));
+            resumed = true;
+            leading = false;
         }
-        seen |= bit;
-        match bit {
-            1 => operation = Some(s.string()?),
-            2 => fields.schema = s.null_or_string()?.map(Cow::Borrowed),
-            4 => table = Some(s.string()?),
-            8 => fields.sent_at = s.scalar()?,
-            16 => fields.keys = s.keys()?,
-            _ => fields.txid = s.scalar()?,
+        _ => {
+            s.whitespace();
+            s.expect(b'{')?;
+        }
+    }
+    loop {
+        if !std::mem::take(&mut resumed) {
+            s.whitespace();
+            // serde_json skips unknown fields; it reads them too.
+            let bit = s.field_name()?;
+            s.whitespace();
+            s.expect(b':')?;
+            s.whitespace();
+            if seen & bit != 0 {
+                // serde_json rejects a duplicate field; it says so better.
+                return None;
+            }
+            seen |= bit;
+            match bit {
+                1 => operation = Some(s.string()?),
+                2 => fields.schema = s.null_or_string()?.map(Cow::Borrowed),
+                4 => table = Some(s.string()?),
+                8 => fields.sent_at = s.scalar()?,
+                16 => fields.keys = s.keys()?,
+                _ => fields.txid = s.scalar()?,
+            }
+            leading &= bit & (1 | 2 | 4) != 0;
+            if leading {
+                found = Some(Leading {
+                    end: s.at,
+                    seen,
+                    operation: operation.map(span),
+                    schema: fields.schema.as_deref().map(span),
+                    table: table.map(span),
+                });
+            }
         }
         s.whitespace();
         match s.next()? {
@@ -66,6 +142,13 @@ pub(super) fn scan(payload: &str) -> Option<Fields<'_>> {
     }
     fields.operation = Cow::Borrowed(operation?);
     fields.table = Cow::Borrowed(table?);
+    if let Some(leading) = found {
+        let p = prefix.get_or_insert_with(Prefix::default);
+        p.bytes.clear();
+        p.bytes
+            .extend_from_slice(&payload.as_bytes()[..leading.end]);
+        p.leading = leading;
+    }
     Some(fields)
 }
 

@@ -89,7 +89,7 @@ impl Step {
                 op, table, keys, ..
             } => {
                 let mut e = Event::new("pgcachewatch", *op, "", table.name());
-                e.schema = table.schema().map(str::to_owned);
+                e.schema = table.schema().map(Into::into);
                 e.keys = keys
                     .as_ref()
                     .map(|ks| ks.iter().map(|&k| RowKey::single("id", k)).collect());

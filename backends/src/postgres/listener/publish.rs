@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use pgcachewatch_core::{parse_payload, GapReason, PayloadError, SignalHub};
+use pgcachewatch_core::{GapReason, PayloadError, PayloadParser, SignalHub};
 use sqlx::postgres::PgNotification;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -55,6 +55,8 @@ pub(crate) struct Publisher {
     settings: Arc<Settings>,
     hub: SignalHub,
     counters: Arc<Counters>,
+    /// Shares the channel and table names among the events it makes.
+    parser: Mutex<PayloadParser>,
     log: Mutex<MalformedLog>,
 }
 
@@ -64,6 +66,7 @@ impl Publisher {
             settings,
             hub,
             counters,
+            parser: Mutex::new(PayloadParser::new()),
             log: Mutex::new(MalformedLog::default()),
         }
     }
@@ -71,8 +74,9 @@ impl Publisher {
     /// Publishes one batch's events, in order.
     fn publish(&self, batch: &Batch) {
         let policy = self.settings.builder.on_malformed;
+        let mut parser = self.parser.lock().unwrap_or_else(PoisonError::into_inner);
         for n in &batch.items {
-            match parse_payload(n.channel(), n.payload(), batch.received_at) {
+            match parser.parse(n.channel(), n.payload(), batch.received_at) {
                 Ok(event) => {
                     self.counters.event_received(batch.received_at);
                     self.hub.publish(event);
