@@ -67,6 +67,14 @@ impl FromStr for Operation {
     type Err = UnknownOperation;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // What triggers send (`lower(TG_OP)`), compared whole first.
+        match s {
+            "update" => return Ok(Operation::Update),
+            "insert" => return Ok(Operation::Insert),
+            "delete" => return Ok(Operation::Delete),
+            "truncate" => return Ok(Operation::Truncate),
+            _ => {}
+        }
         Operation::ALL
             .into_iter()
             .find(|op| op.as_str().eq_ignore_ascii_case(s))

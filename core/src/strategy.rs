@@ -165,6 +165,36 @@ pub trait InvalidationStrategy<K>: Send + fmt::Debug + 'static {
     fn next_deadline(&self) -> Option<Instant> {
         None
     }
+
+    /// Whether the strategy reads the `now` it is given or has deadlines.
+    /// Default: `true`.
+    ///
+    /// A strategy that never looks at the time and never sets a deadline may
+    /// return `false` (and must keep returning it). A dispatcher none of whose
+    /// strategies reads the clock then does not read it for every event: it
+    /// passes the instant of an earlier reading instead (a clock read is a
+    /// measurable part of applying an event during a burst).
+    ///
+    /// ```
+    /// use std::time::Instant;
+    /// use pgcachewatch::{Decision, Event, InvalidationStrategy};
+    ///
+    /// #[derive(Debug)]
+    /// struct DropAll;
+    ///
+    /// impl<K> InvalidationStrategy<K> for DropAll {
+    ///     fn on_event(&mut self, _: &Event, _: Instant) -> Decision<K> {
+    ///         Decision::All
+    ///     }
+    ///     fn reads_clock(&self) -> bool {
+    ///         false
+    ///     }
+    /// }
+    /// assert!(!InvalidationStrategy::<u32>::reads_clock(&DropAll));
+    /// ```
+    fn reads_clock(&self) -> bool {
+        true
+    }
 }
 
 impl<K, S: InvalidationStrategy<K> + ?Sized> InvalidationStrategy<K> for Box<S> {
@@ -179,5 +209,8 @@ impl<K, S: InvalidationStrategy<K> + ?Sized> InvalidationStrategy<K> for Box<S> 
     }
     fn next_deadline(&self) -> Option<Instant> {
         (**self).next_deadline()
+    }
+    fn reads_clock(&self) -> bool {
+        (**self).reads_clock()
     }
 }

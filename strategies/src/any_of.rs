@@ -132,6 +132,10 @@ impl<K: 'static> InvalidationStrategy<K> for AnyOf<K> {
     fn next_deadline(&self) -> Option<Instant> {
         self.children.iter().filter_map(|c| c.next_deadline()).min()
     }
+
+    fn reads_clock(&self) -> bool {
+        self.children.iter().any(|c| c.reads_clock())
+    }
 }
 
 #[cfg(test)]

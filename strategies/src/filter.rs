@@ -108,6 +108,10 @@ impl<K, S: InvalidationStrategy<K>> InvalidationStrategy<K> for Filter<S> {
     fn next_deadline(&self) -> Option<Instant> {
         self.inner.next_deadline()
     }
+
+    fn reads_clock(&self) -> bool {
+        self.inner.reads_clock()
+    }
 }
 
 #[cfg(test)]

@@ -76,4 +76,8 @@ where
     fn on_event(&mut self, event: &Event, _now: Instant) -> Decision<K> {
         Decision::all_if((self.predicate)(event))
     }
+
+    fn reads_clock(&self) -> bool {
+        false
+    }
 }

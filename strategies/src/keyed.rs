@@ -211,6 +211,10 @@ impl<K: Send + 'static> InvalidationStrategy<K> for Keyed<K> {
         }
         Decision::keys(keys)
     }
+
+    fn reads_clock(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -105,6 +105,10 @@ where
     fn next_deadline(&self) -> Option<Instant> {
         self.inner.next_deadline()
     }
+
+    fn reads_clock(&self) -> bool {
+        self.inner.reads_clock()
+    }
 }
 
 #[cfg(test)]

@@ -145,6 +145,14 @@ impl<K: 'static> InvalidationStrategy<K> for Route<K> {
             .filter_map(|s| s.next_deadline())
             .min()
     }
+
+    fn reads_clock(&self) -> bool {
+        self.routes
+            .iter()
+            .map(|(_, s)| s)
+            .chain(self.otherwise.as_ref())
+            .any(|s| s.reads_clock())
+    }
 }
 
 #[cfg(test)]

@@ -80,6 +80,10 @@ impl<K> InvalidationStrategy<K> for Sequence {
         self.recent.clear();
         Decision::All
     }
+
+    fn reads_clock(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,8 @@ pub(super) trait Binding: Send {
     /// Fires the strategy's deadline if it has passed; `false` on a panic.
     fn on_tick(&mut self, now: Instant) -> bool;
     fn deadline(&self) -> Option<Instant>;
+    /// Whether its strategy reads the clock (see `InvalidationStrategy::reads_clock`).
+    fn reads_clock(&self) -> bool;
     /// Takes a health vote on the target and flushes it: attaching is a gap.
     fn attach(&mut self);
     /// Stops feeding the target: flushes it and withdraws the vote (`deliberate`:
@@ -173,6 +175,11 @@ where
         catch_unwind(AssertUnwindSafe(|| self.strategy.next_deadline())).unwrap_or(None)
     }
 
+    fn reads_clock(&self) -> bool {
+        // A strategy that panics here is asked for the clock.
+        catch_unwind(AssertUnwindSafe(|| self.strategy.reads_clock())).unwrap_or(true)
+    }
+
     fn attach(&mut self) {
         self.vote = Some(self.target.health_vote());
         self.flush();
@@ -255,6 +262,11 @@ impl Counters {
 /// unhealthy, whatever stopped the dispatcher.
 pub(super) struct Bindings {
     list: Vec<Box<dyn Binding>>,
+    /// Whether any strategy reads the clock (or has deadlines); when none does,
+    /// signals are applied with `earlier` instead of a fresh reading.
+    reads_clock: bool,
+    /// The last reading of the clock.
+    earlier: Instant,
     pub(super) counters: Arc<Counters>,
     pub(super) applied: Arc<Applied>,
     /// Warn about (and count) events applied later than this after being sent.
@@ -267,6 +279,8 @@ pub(super) struct Bindings {
 impl Bindings {
     pub(super) fn new(list: Vec<Box<dyn Binding>>) -> Self {
         Bindings {
+            reads_clock: list.iter().any(|b| b.reads_clock()),
+            earlier: tokio::time::Instant::now().into_std(),
             list,
             counters: Arc::default(),
             applied: Arc::default(),
@@ -317,15 +331,25 @@ impl Bindings {
     /// sets the votes from the source's current health.
     pub(super) fn attach(&mut self, health: Health) {
         let now = tokio::time::Instant::now().into_std();
+        self.earlier = now;
         for b in &mut self.list {
             b.attach();
             b.on_signal(&Signal::Health(health), now);
         }
     }
 
+    /// Now, or (when no strategy reads the clock) an earlier reading.
+    #[inline]
+    fn now(&mut self) -> Instant {
+        if self.reads_clock {
+            self.earlier = tokio::time::Instant::now().into_std();
+        }
+        self.earlier
+    }
+
     #[inline]
     pub(super) fn apply(&mut self, signal: &Signal) {
-        let now = tokio::time::Instant::now().into_std();
+        let now = self.now();
         let counter = match signal {
             Signal::Event(_) => &self.counters.events,
             Signal::Gap(reason) => {
@@ -377,6 +401,9 @@ impl Bindings {
 
     /// The earliest deadline of any strategy.
     pub(super) fn deadline(&self) -> Option<Instant> {
+        if !self.reads_clock {
+            return None; // no strategy has deadlines
+        }
         self.list.iter().filter_map(|b| b.deadline()).min()
     }
 

@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 
 use crate::event::{Event, Operation, RowKey};
 use crate::name::{Name, Names};
-use timestamp::parse_timestamp;
+use timestamp::{parse_timestamp_remembering, LastSecond};
 
 /// Why a payload could not be turned into an [`Event`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -116,7 +116,13 @@ pub fn parse_payload(
     payload: &str,
     received_at: DateTime<Utc>,
 ) -> Result<Event, PayloadError> {
-    event_of(read(payload)?, received_at, Name::new(channel), Name::new)
+    event_of(
+        read(payload)?,
+        received_at,
+        Name::new(channel),
+        |_, text| Name::new(text),
+        &mut LastSecond::default(),
+    )
 }
 
 /// Parses payloads as [`parse_payload`] does, and gives the events it makes
@@ -138,6 +144,10 @@ pub fn parse_payload(
 #[derive(Debug, Default)]
 pub struct PayloadParser {
     names: Names,
+    /// The last channel, schema and table names given out: a burst repeats them.
+    last: [Option<Name>; 3],
+    /// The last `sent_at`'s second: a burst's differ in their fraction.
+    second: LastSecond,
     /// The last payload's leading fields, read on from when the next one
     /// starts the same way (see [`scan::Prefix`]).
     prefix: Option<scan::Prefix>,
@@ -165,8 +175,47 @@ impl PayloadParser {
             Some(fields) => fields,
             None => read_with_serde(payload)?,
         };
-        let channel = self.names.get(channel);
-        event_of(fields, received_at, channel, |text| self.names.get(text))
+        let PayloadParser {
+            names,
+            last,
+            second,
+            ..
+        } = self;
+        let [last_channel, last_schema, last_table] = last;
+        let channel = shared(names, last_channel, channel);
+        event_of(
+            fields,
+            received_at,
+            channel,
+            |role, text| {
+                let slot = match role {
+                    Role::Schema => &mut *last_schema,
+                    Role::Table => &mut *last_table,
+                };
+                shared(names, slot, text)
+            },
+            second,
+        )
+    }
+}
+
+/// Which name of an event [`event_of`] asks for.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Schema,
+    Table,
+}
+
+/// The name `text`: the one in `slot` if it has that text, else a shared one
+/// from `names` (then kept in `slot`).
+fn shared(names: &mut Names, slot: &mut Option<Name>, text: &str) -> Name {
+    match slot {
+        Some(name) if name.as_str() == text => name.clone(),
+        _ => {
+            let name = names.get(text);
+            *slot = Some(name.clone());
+            name
+        }
     }
 }
 
@@ -190,7 +239,8 @@ pub(crate) fn parse_payload_with_serde(
         read_with_serde(payload)?,
         received_at,
         Name::new(channel),
-        Name::new,
+        |_, text| Name::new(text),
+        &mut LastSecond::default(),
     )
 }
 
@@ -211,7 +261,8 @@ fn event_of(
     wire: Fields<'_>,
     received_at: DateTime<Utc>,
     channel: Name,
-    mut name: impl FnMut(&str) -> Name,
+    mut name: impl FnMut(Role, &str) -> Name,
+    second: &mut LastSecond,
 ) -> Result<Event, PayloadError> {
     let operation: Operation = wire
         .operation
@@ -221,7 +272,8 @@ fn event_of(
         return Err(PayloadError::Malformed("empty table name".into()));
     }
     let sent_at = wire.sent_at.and_then(|raw| {
-        let parsed = raw_str(raw, wire.plain).and_then(|s| parse_timestamp(&s));
+        let parsed =
+            raw_str(raw, wire.plain).and_then(|s| parse_timestamp_remembering(&s, second));
         if parsed.is_none() {
             static LIMIT: crate::rate_limit::RateLimit = crate::rate_limit::RateLimit::new();
             if let Some(suppressed) = LIMIT.check() {
@@ -243,8 +295,11 @@ fn event_of(
     Ok(Event {
         channel,
         operation,
-        schema: wire.schema.filter(|s| !s.is_empty()).map(|s| name(&s)),
-        table: name(&wire.table),
+        schema: wire
+            .schema
+            .filter(|s| !s.is_empty())
+            .map(|s| name(Role::Schema, &s)),
+        table: name(Role::Table, &wire.table),
         sent_at,
         received_at,
         keys,
@@ -522,6 +577,11 @@ mod tests {
                         "}",
                         " } ",
                         r#", "sent_at" : "2024-05-01 10:00:00.5+02", "txid" : 7}"#,
+                        r#", "sent_at" : "2024-05-01 10:00:00.123456+02", "txid" : 8}"#,
+                        r#", "sent_at" : "2024-05-01 10:00:00.1234567891+02"}"#,
+                        r#", "sent_at" : "2024-05-01 10:00:00+02"}"#,
+                        r#", "sent_at" : "2024-05-01 10:00:01.5+02"}"#,
+                        r#", "sent_at" : "2024-05-01 10:00:00.5"}"#,
                         r#","txid":1}"#,
                         r#","table":"again"}"#,
                         r#","operation":"insert"}"#,

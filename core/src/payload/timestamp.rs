@@ -1,29 +1,106 @@
 //! The timestamp shapes PostgreSQL writes into a payload's `sent_at`, read by
 //! hand: a trigger sends one per event.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 
 /// Parses the timestamp shapes PostgreSQL produces: RFC 3339 from
 /// `json_build_object`, and the text form `2024-05-01 10:00:00.123+00`.
+#[cfg(test)]
 pub(super) fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
-    // The shapes PostgreSQL writes, read by hand: a trigger sends one per event.
+    parse_timestamp_remembering(s, &mut LastSecond::default())
+}
+
+/// The last timestamp's whole second and offset, as text and as an instant: a
+/// burst's timestamps mostly differ only in their fraction, and the next one of
+/// the same second and offset is then that instant plus its fraction (no date
+/// arithmetic).
+#[derive(Debug, Default)]
+pub(super) struct LastSecond {
+    /// `YYYY-MM-DD?HH:MM:SS` followed by the offset's text (at most nine bytes).
+    text: [u8; 28],
+    len: usize,
+    /// The instant of `text` (no fraction); `None` until one is remembered.
+    at: Option<DateTime<Utc>>,
+}
+
+/// Parses the timestamp shapes PostgreSQL produces (RFC 3339 from
+/// `json_build_object`, and the text form `2024-05-01 10:00:00.123+00`). A
+/// timestamp of the same second and offset as the one remembered in `last` is
+/// read from it; the one read is remembered.
+pub(super) fn parse_timestamp_remembering(s: &str, last: &mut LastSecond) -> Option<DateTime<Utc>> {
     let b = s.as_bytes();
+    if let Some(t) = last.same_second(b) {
+        return Some(t);
+    }
     // `trim` removes nothing when the text starts with a digit and ends with
     // an ASCII letter or digit (no whitespace, ASCII or not, ends that way).
-    let trimmed = if b.first().is_some_and(u8::is_ascii_digit)
-        && b.last().is_some_and(u8::is_ascii_alphanumeric)
-    {
-        s
-    } else {
-        s.trim()
-    };
+    let untrimmed = b.first().is_some_and(u8::is_ascii_digit)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric);
+    let trimmed = if untrimmed { s } else { s.trim() };
+    // The shapes PostgreSQL writes, read by hand: a trigger sends one per event.
     if let Some(t) = parse_postgres_timestamp(trimmed) {
+        if untrimmed {
+            last.remember(b, t);
+        }
         return Some(t);
     }
     // Anything else RFC 3339 allows.
     DateTime::parse_from_rfc3339(trimmed)
         .ok()
         .map(|t| t.with_timezone(&Utc))
+}
+
+impl LastSecond {
+    /// `b`'s instant if it is the remembered second and offset with a fraction
+    /// of one to nine digits (or none); `None` for anything else.
+    ///
+    /// Such a text is valid exactly when the remembered one was (its date, time
+    /// and offset are the same bytes, and `parse_postgres_timestamp` reads the
+    /// offset from where the fraction ends), needs no trimming (same first and
+    /// last byte), and means the remembered instant plus its fraction.
+    fn same_second(&self, b: &[u8]) -> Option<DateTime<Utc>> {
+        let at = self.at?;
+        let (second, offset) = self.text[..self.len].split_at(19);
+        if b.get(..19)? != second {
+            return None;
+        }
+        let mut end = 19;
+        let mut nanos = 0u32;
+        if b.get(19) == Some(&b'.') {
+            end = 20;
+            while let Some(d) = b.get(end).map(|c| c.wrapping_sub(b'0')).filter(|d| *d < 10) {
+                nanos = nanos.wrapping_mul(10).wrapping_add(u32::from(d));
+                end += 1;
+            }
+            let digits = end - 20;
+            if digits == 0 || digits > 9 {
+                return None;
+            }
+            nanos *= 10u32.pow(u32::try_from(9 - digits).ok()?);
+        }
+        if &b[end..] != offset {
+            return None;
+        }
+        at.with_nanosecond(nanos)
+    }
+
+    /// Remembers `b`, just read as `t` by `parse_postgres_timestamp` without
+    /// trimming, if its offset fits.
+    fn remember(&mut self, b: &[u8], t: DateTime<Utc>) {
+        let mut end = 19;
+        if b.get(19) == Some(&b'.') {
+            end = 20 + b[20..].iter().take_while(|c| c.is_ascii_digit()).count();
+        }
+        let offset = &b[end..];
+        let (Some(at), true) = (t.with_nanosecond(0), offset.len() <= 9) else {
+            self.at = None;
+            return;
+        };
+        self.text[..19].copy_from_slice(&b[..19]);
+        self.text[19..19 + offset.len()].copy_from_slice(offset);
+        self.len = 19 + offset.len();
+        self.at = Some(at);
+    }
 }
 
 /// `YYYY-MM-DD[T ]HH:MM:SS[.f{1,9}][Z | ±HH[:MM[:SS]] | ±HHMM]`; no offset
@@ -306,6 +383,40 @@ mod tests {
                 reference_postgres_timestamp(&text),
                 "{}", text
             );
+        }
+
+        /// Reading a stream of timestamps (most of them in the same second, as
+        /// a burst's are) with a remembered second gives what reading each
+        /// alone gives: odd fractions, offsets, whitespace and other shapes
+        /// included.
+        #[test]
+        fn remembering_the_last_second_changes_nothing(
+            stream in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "2024-05-01 10:00:00", "2024-05-01T10:00:00", "2024-05-01 10:00:01",
+                        "2024-02-30 10:00:00", "2024-05-01 10:00:61", " 2024-05-01 10:00:00",
+                        "2024-05-01X10:00:00",
+                    ]),
+                    proptest::option::of("[0-9]{0,11}"),
+                    proptest::sample::select(vec![
+                        "", "+00", "+00:00", "-05:30", "Z", "z", "+99", "+0", " ", "+00:00 ",
+                        "+00:00:00", "+14:59:59x",
+                    ]),
+                ),
+                1..12,
+            ),
+        ) {
+            let mut last = LastSecond::default();
+            for (second, fraction, offset) in stream {
+                let fraction = fraction.map_or(String::new(), |f| format!(".{f}"));
+                let text = format!("{second}{fraction}{offset}");
+                proptest::prop_assert_eq!(
+                    parse_timestamp_remembering(&text, &mut last),
+                    parse_timestamp(&text),
+                    "{}", text
+                );
+            }
         }
     }
 }
