@@ -149,10 +149,10 @@ fn slow(micros: u64) -> pgcachewatch_core::InlineHandler {
     })
 }
 
-/// Bursts and single notifications mixed: a burst is published by a second task
-/// while single events are published where they are read, so this checks that
-/// a notification read after a burst is never published before it: every event,
-/// in commit order, no gap.
+/// Bursts and single notifications mixed: bursts are read and published in
+/// batches, single events one by one, so this checks that a notification read
+/// after a burst is never published before it: every event, in commit order, no
+/// gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bursts_and_single_events_arrive_whole_and_in_commit_order() {
     const BURST: i64 = 2_000;

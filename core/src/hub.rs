@@ -225,11 +225,41 @@ impl SignalHub {
     pub fn send(&self, signal: Signal) {
         // One lock orders emissions: inline handlers and subscribers see the same order.
         let mut handlers = self.inline.handlers.lock();
-        self.emit_locked(&mut handlers, signal);
+        self.emit_locked(&mut handlers, signal, true);
     }
 
-    /// Emits with the emission lock held.
-    fn emit_locked(&self, handlers: &mut [(u64, InlineHandler)], signal: Signal) {
+    /// Publishes several signals in order, as [`send`](Self::send) would one by
+    /// one, holding the emission lock once for all of them: for a burst a
+    /// source read at once. Subscribing (or attaching a handler) waits until
+    /// they are all emitted.
+    ///
+    /// ```
+    /// use pgcachewatch::{Event, Operation, Signal, SignalHub};
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let hub = SignalHub::new(16);
+    /// let mut sub = hub.subscribe();
+    /// hub.send_all((0..3).map(|i| {
+    ///     Signal::Event(Event::new("ch", Operation::Insert, "public", "t").with_txid(i).into())
+    /// }));
+    /// assert!(matches!(sub.recv().await, Some(Signal::Health(_))));
+    /// for i in 0..3 {
+    ///     assert_eq!(sub.recv().await.unwrap().as_event().unwrap().txid, Some(i));
+    /// }
+    /// # });
+    /// ```
+    pub fn send_all(&self, signals: impl IntoIterator<Item = Signal>) {
+        let mut handlers = self.inline.handlers.lock();
+        // Nobody can subscribe while the lock is held: with no subscriber now,
+        // none of these signals is buffered (as `send` would find).
+        let subscribed = self.tx.receiver_count() > 0;
+        for signal in signals {
+            self.emit_locked(&mut handlers, signal, subscribed);
+        }
+    }
+
+    /// Emits with the emission lock held; to subscribers only if `subscribed`
+    /// (false only when there is none).
+    fn emit_locked(&self, handlers: &mut [(u64, InlineHandler)], signal: Signal, subscribed: bool) {
         #[cfg(feature = "metrics")]
         if let Some(metrics) = &self.metrics {
             metrics.emitted(&signal);
@@ -237,8 +267,10 @@ impl SignalHub {
         for (_, handler) in handlers.iter_mut() {
             handler(&signal);
         }
-        // An error only means nobody subscribes right now: nothing to buffer.
-        let _ = self.tx.send(signal);
+        if subscribed {
+            // An error only means nobody subscribes right now: nothing to buffer.
+            let _ = self.tx.send(signal);
+        }
     }
 
     /// Publishes a gap.
@@ -254,7 +286,7 @@ impl SignalHub {
         let mut handlers = self.inline.handlers.lock();
         let was = self.healthy.swap(health.is_healthy(), Ordering::AcqRel);
         if was != health.is_healthy() {
-            self.emit_locked(&mut handlers, Signal::Health(health));
+            self.emit_locked(&mut handlers, Signal::Health(health), true);
         }
     }
 

@@ -15,7 +15,10 @@
 //!   every event and exited; its events/s is the throughput the recorder sustains.
 //!
 //! The sides alternate over `--rounds` (default 5); the medians are printed with
-//! the ratio to the raw floor (target: the inline dispatcher ≤ 1.1 ×).
+//! the ratio to the raw floor (target: the inline dispatcher ≤ 1.1 ×). On Linux
+//! it also prints the processor time this process spent from `COMMIT` to the
+//! last one handled, per notification: on a machine whose cores PostgreSQL
+//! shares, that is what decides the ratio, and it varies less between runs.
 //!
 //! `cargo build --release -p pgcachewatch-cli && cargo run --release -p pgcachewatch-bench --bin burst`
 //! (`DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`).
@@ -32,7 +35,7 @@ use clap::Parser;
 use pgcachewatch::memory::InMemorySource;
 use pgcachewatch::postgres::PgListenerSource;
 use pgcachewatch::strategies::Greedy;
-use pgcachewatch::{parse_payload, Cache, Dispatcher, Event, EventSource, Operation, Signal};
+use pgcachewatch::{Cache, Dispatcher, Event, EventSource, Operation, PayloadParser, Signal};
 use sqlx::postgres::{PgConnection, PgListener};
 use sqlx::{Connection, Executor};
 use tokio::sync::oneshot;
@@ -97,8 +100,26 @@ impl Burst {
     }
 }
 
+/// The processor time this process's threads have used so far (Linux:
+/// `/proc/self/task/*/schedstat`); `None` elsewhere.
+fn cpu_time() -> Option<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
+/// One side's round: wall time from `COMMIT`, and this process's processor
+/// time over it (when known).
+struct Round {
+    wall: Duration,
+    cpu: Option<Duration>,
+}
+
 /// Raw sqlx: `recv()` until `n` notifications arrived.
-async fn raw(url: &str, channel: &str, n: u64) -> anyhow::Result<Duration> {
+async fn raw(url: &str, channel: &str, n: u64) -> anyhow::Result<Round> {
     let mut listener = PgListener::connect(url).await?;
     listener.listen(channel).await?;
     let burst = Burst::prepare(url, channel, n).await?;
@@ -108,13 +129,27 @@ async fn raw(url: &str, channel: &str, n: u64) -> anyhow::Result<Duration> {
         }
         Ok::<_, sqlx::Error>(Instant::now())
     });
+    let cpu = cpu_time();
     let committed = burst.commit().await?;
     let done = receiver.await??;
-    Ok(done - committed)
+    Ok(Round::since(committed, done, cpu))
+}
+
+impl Round {
+    /// From `COMMIT` at `committed` until `done`, with the processor time used
+    /// since the reading `cpu` taken just before the `COMMIT`.
+    fn since(committed: Instant, done: Instant, cpu: Option<Duration>) -> Round {
+        Round {
+            wall: done - committed,
+            cpu: cpu
+                .zip(cpu_time())
+                .map(|(before, after)| after.saturating_sub(before)),
+        }
+    }
 }
 
 /// pgcachewatch: the inline dispatcher has applied `n` events.
-async fn pipeline(url: &str, channel: &str, n: u64) -> anyhow::Result<Duration> {
+async fn pipeline(url: &str, channel: &str, n: u64) -> anyhow::Result<Round> {
     let source = PgListenerSource::builder(url)
         .channel(channel)
         .connect()
@@ -140,10 +175,12 @@ async fn pipeline(url: &str, channel: &str, n: u64) -> anyhow::Result<Duration> 
         }))
         .context("inline handlers")?;
     let burst = Burst::prepare(url, channel, n).await?;
+    let cpu = cpu_time();
     let committed = burst.commit().await?;
     let done = tokio::time::timeout(Duration::from_secs(120), rx)
         .await
         .context("the burst did not arrive within 120 s")??;
+    let round = Round::since(committed, done, cpu);
     let stats = source.stats();
     if stats.gaps > 0 || dispatcher.stats().events != n {
         bail!("lost events: {stats:?}, {:?}", dispatcher.stats());
@@ -151,7 +188,7 @@ async fn pipeline(url: &str, channel: &str, n: u64) -> anyhow::Result<Duration> 
     drop(last);
     dispatcher.shutdown().await;
     source.shutdown().await;
-    Ok(done - committed)
+    Ok(round)
 }
 
 /// The CLI's recorder: `record FILE --count n`, COMMIT → exited.
@@ -212,9 +249,12 @@ fn breakdown(n: u64, floor: Duration) {
         .collect();
     let received_at = Event::new("ch", Operation::Update, "public", "burst").received_at;
     let started = Instant::now();
+    // As the listener parses: one parser for the stream (shared names, the
+    // leading fields and the second of the last payload remembered).
+    let mut parser = PayloadParser::new();
     let events: Vec<_> = payloads
         .iter()
-        .filter_map(|p| parse_payload("ch", p, received_at).ok())
+        .filter_map(|p| parser.parse("ch", p, received_at).ok())
         .collect();
     let parse = started.elapsed();
     let (source, handle) = InMemorySource::with_capacity(4096);
@@ -230,7 +270,7 @@ fn breakdown(n: u64, floor: Duration) {
     drop(dispatcher);
     let per = |d: Duration| d.as_secs_f64() * 1e9 / n as f64;
     println!(
-        "  breakdown, in process: parse_payload {:.0} ns/event ({:.1} ms, {:.2} × the floor); \
+        "  breakdown, in process: PayloadParser::parse {:.0} ns/event ({:.1} ms, {:.2} × the floor); \
          hub → inline dispatcher → Greedy → cache {:.0} ns/event ({:.1} ms, {:.2} ×); \
          the floor is {:.0} ns/notification",
         per(parse),
@@ -271,9 +311,14 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         args.rounds
     );
     let (mut raws, mut pipes, mut recs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw_cpu, mut pipe_cpu) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
-        raws.push(raw(url, &channel("raw", round), n).await?);
-        pipes.push(pipeline(url, &channel("pipe", round), n).await?);
+        let r = raw(url, &channel("raw", round), n).await?;
+        raws.push(r.wall);
+        raw_cpu.extend(r.cpu);
+        let p = pipeline(url, &channel("pipe", round), n).await?;
+        pipes.push(p.wall);
+        pipe_cpu.extend(p.cpu);
         if let Some(cli) = &cli {
             recs.push(recorder(cli, url, &channel("rec", round), n).await?);
         }
@@ -292,6 +337,18 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "pgcachewatch: listener → inline dispatcher",
         median(&mut pipes),
     );
+    if raw_cpu.len() == args.rounds && pipe_cpu.len() == args.rounds {
+        let per = |d: Duration| d.as_secs_f64() * 1e9 / n as f64;
+        let (raw_cpu, pipe_cpu) = (median(&mut raw_cpu), median(&mut pipe_cpu));
+        println!(
+            "  processor time of this process, COMMIT → last one handled (median): raw sqlx \
+             {:.0} ns/notification, pgcachewatch {:.0} ns/notification ({:.2} ×, +{:.0} ns)",
+            per(raw_cpu),
+            per(pipe_cpu),
+            pipe_cpu.as_secs_f64() / raw_cpu.as_secs_f64(),
+            per(pipe_cpu) - per(raw_cpu)
+        );
+    }
     breakdown(n, floor);
     match &cli {
         Some(_) => row(

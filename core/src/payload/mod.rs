@@ -13,6 +13,7 @@
 //! keys are unreadable) rather than being lost.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 mod scan;
 mod timestamp;
@@ -122,6 +123,7 @@ pub fn parse_payload(
         Name::new(channel),
         |_, text| Name::new(text),
         &mut LastSecond::default(),
+        |event| event,
     )
 }
 
@@ -171,6 +173,33 @@ impl PayloadParser {
         payload: &str,
         received_at: DateTime<Utc>,
     ) -> Result<Event, PayloadError> {
+        self.parse_into(channel, payload, received_at, |event| event)
+    }
+
+    /// [`parse`](Self::parse), the event made right inside the `Arc` a
+    /// [`Signal::Event`](crate::Signal::Event) holds (no copy of the event into
+    /// it): for sources, which publish every event they parse.
+    ///
+    /// # Errors
+    ///
+    /// [`PayloadError`] when the payload is not an event (see [`parse_payload`]).
+    pub fn parse_shared(
+        &mut self,
+        channel: &str,
+        payload: &str,
+        received_at: DateTime<Utc>,
+    ) -> Result<Arc<Event>, PayloadError> {
+        self.parse_into(channel, payload, received_at, Arc::new)
+    }
+
+    #[inline]
+    fn parse_into<T>(
+        &mut self,
+        channel: &str,
+        payload: &str,
+        received_at: DateTime<Utc>,
+        make: impl FnOnce(Event) -> T,
+    ) -> Result<T, PayloadError> {
         let fields = match scan::scan_remembering(payload, &mut self.prefix) {
             Some(fields) => fields,
             None => read_with_serde(payload)?,
@@ -195,6 +224,7 @@ impl PayloadParser {
                 shared(names, slot, text)
             },
             second,
+            make,
         )
     }
 }
@@ -241,6 +271,7 @@ pub(crate) fn parse_payload_with_serde(
         Name::new(channel),
         |_, text| Name::new(text),
         &mut LastSecond::default(),
+        |event| event,
     )
 }
 
@@ -257,13 +288,15 @@ fn read_with_serde(payload: &str) -> Result<Fields<'_>, PayloadError> {
 
 /// The event a payload's fields describe, its names made by `name`; the
 /// optional fields degrade alone.
-fn event_of(
+#[inline]
+fn event_of<T>(
     wire: Fields<'_>,
     received_at: DateTime<Utc>,
     channel: Name,
     mut name: impl FnMut(Role, &str) -> Name,
     second: &mut LastSecond,
-) -> Result<Event, PayloadError> {
+    make: impl FnOnce(Event) -> T,
+) -> Result<T, PayloadError> {
     let operation: Operation = wire
         .operation
         .parse()
@@ -292,20 +325,22 @@ fn event_of(
         Some(s) => s.parse().ok(),
         None => raw.parse().ok(),
     });
-    Ok(Event {
+    let schema = wire
+        .schema
+        .filter(|s| !s.is_empty())
+        .map(|s| name(Role::Schema, &s));
+    let table = name(Role::Table, &wire.table);
+    Ok(make(Event {
         channel,
         operation,
-        schema: wire
-            .schema
-            .filter(|s| !s.is_empty())
-            .map(|s| name(Role::Schema, &s)),
-        table: name(Role::Table, &wire.table),
+        schema,
+        table,
         sent_at,
         received_at,
         keys,
         txid,
         lsn: None,
-    })
+    }))
 }
 
 /// Row keys from their raw JSON; `None` (and a rate-limited warning) when they

@@ -1,7 +1,7 @@
 //! The timestamp shapes PostgreSQL writes into a payload's `sent_at`, read by
 //! hand: a trigger sends one per event.
 
-use chrono::{DateTime, Timelike, Utc};
+use chrono::{DateTime, NaiveDateTime, Timelike, Utc};
 
 /// Parses the timestamp shapes PostgreSQL produces: RFC 3339 from
 /// `json_build_object`, and the text form `2024-05-01 10:00:00.123+00`.
@@ -19,8 +19,9 @@ pub(super) struct LastSecond {
     /// `YYYY-MM-DD?HH:MM:SS` followed by the offset's text (at most nine bytes).
     text: [u8; 28],
     len: usize,
-    /// The instant of `text` (no fraction); `None` until one is remembered.
-    at: Option<DateTime<Utc>>,
+    /// The instant of `text` (no fraction), in UTC; `None` until one is
+    /// remembered. Kept naive: setting its fraction is then a field update.
+    at: Option<NaiveDateTime>,
 }
 
 /// Parses the timestamp shapes PostgreSQL produces (RFC 3339 from
@@ -81,7 +82,7 @@ impl LastSecond {
         if &b[end..] != offset {
             return None;
         }
-        at.with_nanosecond(nanos)
+        Some(at.with_nanosecond(nanos)?.and_utc())
     }
 
     /// Remembers `b`, just read as `t` by `parse_postgres_timestamp` without
@@ -92,7 +93,7 @@ impl LastSecond {
             end = 20 + b[20..].iter().take_while(|c| c.is_ascii_digit()).count();
         }
         let offset = &b[end..];
-        let (Some(at), true) = (t.with_nanosecond(0), offset.len() <= 9) else {
+        let (Some(at), true) = (t.naive_utc().with_nanosecond(0), offset.len() <= 9) else {
             self.at = None;
             return;
         };

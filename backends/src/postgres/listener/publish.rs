@@ -1,39 +1,25 @@
-//! Turning received notifications into signals, in order: inline in the
-//! listener's task while it keeps up, on a second task during a burst.
+//! Turning received notifications into signals, in order, in the listener's
+//! own task.
 //!
-//! The listener's task reads the connection. Parsing a payload and running the
-//! hub's inline handlers (the dispatcher, its strategies, the caches) costs about
-//! as much again as reading it, so during a burst a task that did both would take
-//! twice as long as the connection needs. [`Processor::deliver`] hands such
-//! batches to a second task, which runs [`Publisher`] beside the reader on another core, while a
-//! notification that arrives alone is still published right where it was read —
-//! no hop, nothing added to the write → fresh-read latency.
-//!
-//! Order is kept: the reader publishes a batch itself only while the processor
-//! has nothing queued or running, and before the reader reports anything else (a
-//! gap, a health change) it [`finish`](Processor::finish)es the processor, which
-//! publishes everything queued first.
+//! The listener's task reads what the connection has ready (a single
+//! notification, or up to a batch of a burst) and [`Publisher::publish`]es it
+//! right there: each payload parsed (with one [`PayloadParser`] per source, so a
+//! burst's events share their names), then the batch emitted into the hub under
+//! one lock, running the inline handlers (the dispatcher, its strategies, the
+//! caches). No queue and no second task: measured on two cores, handing bursts
+//! to a second task cost more processor time than it saved (the notifications
+//! cross cores) and finished a 200,000-notification burst later.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use pgcachewatch_core::{GapReason, PayloadError, PayloadParser, SignalHub};
+use pgcachewatch_core::{GapReason, PayloadError, PayloadParser, Signal, SignalHub};
 use sqlx::postgres::PgNotification;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::config::{MalformedPolicy, Settings};
 use super::stats::{bump, Counters};
-
-/// A batch this large goes to the processor even when it is idle (smaller ones
-/// are published in place: a hop would cost them more than it saves).
-const HAND_OFF_AT: usize = 16;
-/// Batches queued for the processor before the reader waits for it (so memory
-/// stays bounded and the connection is read no faster than events are applied).
-const QUEUED_BATCHES: usize = 4;
 
 /// Notifications read together, and when.
 pub(crate) struct Batch {
@@ -56,8 +42,8 @@ pub(crate) struct Publisher {
     hub: SignalHub,
     counters: Arc<Counters>,
     /// Shares the channel and table names among the events it makes.
-    parser: Mutex<PayloadParser>,
-    log: Mutex<MalformedLog>,
+    parser: PayloadParser,
+    log: MalformedLog,
 }
 
 impl Publisher {
@@ -66,33 +52,41 @@ impl Publisher {
             settings,
             hub,
             counters,
-            parser: Mutex::new(PayloadParser::new()),
-            log: Mutex::new(MalformedLog::default()),
+            parser: PayloadParser::new(),
+            log: MalformedLog::default(),
         }
     }
 
-    /// Publishes one batch's events, in order.
-    fn publish(&self, batch: &Batch) {
+    /// Publishes one batch's events, in order: parsed first, counted, then
+    /// emitted into the hub together (one emission lock for the batch).
+    pub(crate) fn publish(&mut self, batch: &Batch) {
+        if batch.items.is_empty() {
+            return;
+        }
         let policy = self.settings.builder.on_malformed;
-        let mut parser = self.parser.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut signals = Vec::with_capacity(batch.items.len());
+        let mut events = 0;
         for n in &batch.items {
-            match parser.parse(n.channel(), n.payload(), batch.received_at) {
+            match self
+                .parser
+                .parse(n.channel(), n.payload(), batch.received_at)
+            {
                 Ok(event) => {
-                    self.counters.event_received(batch.received_at);
-                    self.hub.publish(event);
+                    events += 1;
+                    signals.push(Signal::Event(Arc::new(event)));
                 }
                 Err(error) => {
                     bump(&self.counters.malformed);
-                    self.log
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .record(n.channel(), &error, policy);
+                    self.log.record(n.channel(), &error, policy);
                     if policy == MalformedPolicy::Gap {
-                        self.gap(GapReason::MalformedPayload);
+                        bump(&self.counters.gaps);
+                        signals.push(Signal::Gap(GapReason::MalformedPayload));
                     }
                 }
             }
         }
+        self.counters.events_received(events, batch.received_at);
+        self.hub.send_all(signals);
     }
 
     /// Reports a gap (and counts it).
@@ -102,88 +96,8 @@ impl Publisher {
     }
 
     /// When the source stops: logs the count of malformed payloads not yet logged.
-    pub(crate) fn finish(&self) {
-        self.log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .finish();
-    }
-}
-
-/// The second task of one session, started at its first burst.
-pub(crate) struct Processor {
-    publisher: Arc<Publisher>,
-    running: Option<Running>,
-}
-
-struct Running {
-    batches: mpsc::Sender<Batch>,
-    /// Batches sent and not yet fully published.
-    in_flight: Arc<AtomicUsize>,
-    task: JoinHandle<()>,
-}
-
-/// The processor task is gone mid-session (it panicked): what it had not
-/// published is lost.
-#[derive(Debug)]
-pub(crate) struct ProcessorLost;
-
-impl Processor {
-    pub(crate) fn new(publisher: Arc<Publisher>) -> Self {
-        Processor {
-            publisher,
-            running: None,
-        }
-    }
-
-    /// Publishes `batch`: in place if it is small and nothing is queued ahead
-    /// of it, else through the processor task.
-    pub(crate) async fn deliver(&mut self, batch: Batch) -> Result<(), ProcessorLost> {
-        if batch.items.is_empty() {
-            return Ok(());
-        }
-        let idle = self
-            .running
-            .as_ref()
-            .is_none_or(|r| r.in_flight.load(Ordering::Acquire) == 0);
-        if idle && batch.items.len() < HAND_OFF_AT {
-            self.publisher.publish(&batch);
-            return Ok(());
-        }
-        let publisher = &self.publisher;
-        let running = self.running.get_or_insert_with(|| start(publisher.clone()));
-        running.in_flight.fetch_add(1, Ordering::AcqRel);
-        running.batches.send(batch).await.map_err(|_| ProcessorLost)
-    }
-
-    /// Waits until everything handed over is published and stops the task, so
-    /// that what the reader reports next comes after it.
-    pub(crate) async fn finish(&mut self) -> Result<(), ProcessorLost> {
-        let Some(running) = self.running.take() else {
-            return Ok(());
-        };
-        drop(running.batches);
-        running.task.await.map_err(|e| {
-            tracing::error!(error = %e, "the listener's event processing task failed");
-            ProcessorLost
-        })
-    }
-}
-
-fn start(publisher: Arc<Publisher>) -> Running {
-    let (tx, mut rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let counted = in_flight.clone();
-    let task = tokio::spawn(async move {
-        while let Some(batch) = rx.recv().await {
-            publisher.publish(&batch);
-            counted.fetch_sub(1, Ordering::AcqRel);
-        }
-    });
-    Running {
-        batches: tx,
-        in_flight,
-        task,
+    pub(crate) fn finish(&mut self) {
+        self.log.finish();
     }
 }
 

@@ -100,8 +100,12 @@ impl Counters {
             .store(nanos.saturating_add(1), Ordering::Relaxed);
     }
 
-    pub(crate) fn event_received(&self, at: DateTime<Utc>) {
-        bump(&self.events);
+    /// Counts `n` events received at `at` (once per batch, not per event).
+    pub(crate) fn events_received(&self, n: u64, at: DateTime<Utc>) {
+        if n == 0 {
+            return;
+        }
+        self.events.fetch_add(n, Ordering::Relaxed);
         let nanos = at.timestamp_nanos_opt().unwrap_or(i64::MAX);
         self.last_event_at.store(nanos, Ordering::Relaxed);
     }

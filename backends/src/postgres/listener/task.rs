@@ -7,12 +7,14 @@
 //! `Gap(Reconnected)` and only then `Healthy`: the order the
 //! [`EventSource`](pgcachewatch_core::EventSource) contract asks for.
 
+use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use futures::FutureExt as _;
 use pgcachewatch_core::{Error, GapReason, Health, SignalHub};
-use sqlx::postgres::PgNotification;
+use sqlx::postgres::{PgListener, PgNotification};
 use sqlx::Executor;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -21,7 +23,7 @@ use super::abandon::abandon;
 use super::backoff::Backoff;
 use super::config::Settings;
 use super::connection::{self, loss_detail, Listening};
-use super::publish::{Batch, Processor, ProcessorLost, Publisher};
+use super::publish::{Batch, Publisher};
 use super::stats::{bump, Counters};
 
 /// How many already-readable notifications are handled in a row before the task
@@ -80,18 +82,17 @@ pub(crate) struct Task {
 impl Task {
     /// Runs until stopped, starting with the connection `connect()` opened.
     pub(crate) async fn run(mut self, first: Listening) {
-        // Publishes what the connection delivers (shared with each session's
-        // processor), and reports gaps.
-        let publisher = Arc::new(Publisher::new(
+        // Publishes what the connection delivers, and reports gaps.
+        let mut publisher = Publisher::new(
             self.settings.clone(),
             self.hub.clone(),
             self.counters.clone(),
-        ));
+        );
         let mut heartbeat_seq: u64 = 0;
         let mut conn = first;
         loop {
             let ended = self
-                .session(&mut conn, &publisher, &mut heartbeat_seq)
+                .session(&mut conn, &mut publisher, &mut heartbeat_seq)
                 .await;
             self.counters.set_backend_pid(None);
             match ended {
@@ -126,17 +127,12 @@ impl Task {
     async fn session(
         &mut self,
         conn: &mut Listening,
-        publisher: &Arc<Publisher>,
+        publisher: &mut Publisher,
         heartbeat_seq: &mut u64,
     ) -> Ended {
-        let mut processor = Processor::new(publisher.clone());
-        let ended = match self.receive(conn, &mut processor, heartbeat_seq).await {
+        match self.receive(conn, publisher, heartbeat_seq).await {
             Ok(never) => match never {},
             Err(ended) => ended,
-        };
-        match (processor.finish().await, ended) {
-            (Err(ProcessorLost), Ended::Lost(_)) => Ended::Lost(processing_lost()),
-            (_, ended) => ended,
         }
     }
 
@@ -144,7 +140,7 @@ impl Task {
     async fn receive(
         &mut self,
         conn: &mut Listening,
-        processor: &mut Processor,
+        publisher: &mut Publisher,
         heartbeat_seq: &mut u64,
     ) -> Result<std::convert::Infallible, Ended> {
         let interval = self.settings.builder.heartbeat_interval;
@@ -172,7 +168,7 @@ impl Task {
                         if result.is_err() {
                             break;
                         }
-                        match conn.listener.try_recv().now_or_never() {
+                        match ready(&mut conn.listener) {
                             Some(next) => {
                                 result = self.received(next, &mut pending, &mut received, &mut batch);
                             }
@@ -180,10 +176,7 @@ impl Task {
                         }
                     }
                     // What arrived before a loss is published before its gap.
-                    processor
-                        .deliver(batch)
-                        .await
-                        .map_err(|ProcessorLost| Ended::Lost(processing_lost()))?;
+                    publisher.publish(&batch);
                     result?;
                 }
                 _ = tokio::time::sleep_until(wake) => {
@@ -375,12 +368,15 @@ fn disconnected(command: Command) {
     }
 }
 
-/// The gap when a session's processor task failed: the notifications it held
-/// were never published.
-fn processing_lost() -> GapReason {
-    GapReason::ConnectionLost {
-        detail: "the listener's event processing task failed; notifications it held are lost"
-            .into(),
+/// `try_recv`'s result if a notification (or the end of the connection) is
+/// already readable, `None` if it would wait. Polled once where it is made:
+/// `now_or_never` would first move sqlx's sizeable future (measured: a visible
+/// part of each notification's cost in a burst).
+fn ready(listener: &mut PgListener) -> Option<Result<Option<PgNotification>, sqlx::Error>> {
+    let mut next = pin!(listener.try_recv());
+    match next.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(result) => Some(result),
+        Poll::Pending => None,
     }
 }
 
