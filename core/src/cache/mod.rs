@@ -507,17 +507,26 @@ where
         }
         let entry = inner.store.get(key)?;
         if !entry.is_current(&inner.gens) {
-            self.drop_dead(key, &entry, None);
+            self.drop_dead(key, entry, None);
             return None;
         }
         if inner.timed {
-            if self.expired(&entry) {
-                inner.counters.expired();
-                self.drop_dead(key, &entry, Some(RemovalCause::Expired));
-                return None;
-            }
-            entry.touch();
+            return self.timed_lookup(key, entry);
         }
+        Some(entry.value)
+    }
+
+    /// The rest of [`lookup`](Self::lookup) in a cache with a time-to-live or
+    /// time-to-idle (kept out of line: the entry then stays in registers on the
+    /// hit path of a cache without).
+    #[inline(never)]
+    fn timed_lookup(&self, key: &K, entry: Entry<V>) -> Option<V> {
+        if self.expired(&entry) {
+            self.inner.counters.expired();
+            self.drop_dead(key, entry, Some(RemovalCause::Expired));
+            return None;
+        }
+        entry.touch();
         Some(entry.value)
     }
 
@@ -529,12 +538,12 @@ where
         };
         let entry = inner.store.get(key)?;
         if !entry.is_current(&inner.gens) {
-            self.drop_dead(key, &entry, None);
+            self.drop_dead(key, entry, None);
             return None;
         }
         if self.expired(&entry) {
             inner.counters.expired();
-            self.drop_dead(key, &entry, Some(RemovalCause::Expired));
+            self.drop_dead(key, entry, Some(RemovalCause::Expired));
             return None;
         }
         if entry.age() > bound {
@@ -566,7 +575,7 @@ where
     /// With an eviction listener, removes a dead entry found by a lookup (if it is
     /// still the one stored) and reports it; without one, it is left to eviction.
     #[cold]
-    fn drop_dead(&self, key: &K, entry: &Entry<V>, cause: Option<RemovalCause>) {
+    fn drop_dead(&self, key: &K, entry: Entry<V>, cause: Option<RemovalCause>) {
         if self.inner.listener.is_none() {
             return;
         }

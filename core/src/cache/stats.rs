@@ -1,7 +1,7 @@
 //! Cache statistics.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// A snapshot of a [`Cache`](crate::Cache)'s counters, readable at any time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,35 +59,43 @@ const SHARED: usize = 8;
 #[repr(align(128))]
 struct Stripe(AtomicU64);
 
+/// A thread's stripe before it first bumps a counter.
+const UNASSIGNED: usize = usize::MAX;
+
+thread_local! {
+    /// This thread's stripe: below [`OWNED`] its own, else shared; or
+    /// [`UNASSIGNED`].
+    static STRIPE: Cell<usize> = const { Cell::new(UNASSIGNED) };
+}
+
 impl StripedCounter {
     /// Adds one; returns this thread's stripe's new count (for batching).
     #[inline]
     pub(crate) fn bump(&self) -> u64 {
-        thread_local! {
-            /// This thread's stripe (+1, 0 until assigned) and whether it owns it.
-            static STRIPE: Cell<(usize, bool)> = const { Cell::new((0, false)) };
-        }
-        let (mut i, mut owned) = STRIPE.get();
-        if i == 0 {
-            static NEXT: AtomicU64 = AtomicU64::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed) as usize;
-            (i, owned) = if n < OWNED {
-                (n + 1, true)
-            } else {
-                (OWNED + n % SHARED + 1, false)
-            };
-            STRIPE.set((i, owned));
-        }
-        let i = i - 1;
-        let stripe = &self.stripes[i].0;
-        if owned {
+        let i = STRIPE.get();
+        if i < OWNED {
             // Only this thread writes this stripe.
+            let stripe = &self.stripes[i].0;
             let n = stripe.load(Ordering::Relaxed) + 1;
             stripe.store(n, Ordering::Relaxed);
-            n
-        } else {
-            stripe.fetch_add(1, Ordering::Relaxed) + 1
+            return n;
         }
+        self.bump_shared_or_first(i)
+    }
+
+    /// [`bump`](Self::bump) for a thread that shares its stripe, or has none yet.
+    #[cold]
+    fn bump_shared_or_first(&self, mut i: usize) -> u64 {
+        if i == UNASSIGNED {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            i = if n < OWNED { n } else { OWNED + n % SHARED };
+            STRIPE.set(i);
+            if i < OWNED {
+                return self.bump();
+            }
+        }
+        self.stripes[i].0.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     pub(crate) fn sum(&self) -> u64 {
