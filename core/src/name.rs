@@ -2,18 +2,24 @@
 //! carries, shared rather than copied.
 
 use std::borrow::Borrow;
+use std::collections::HashSet;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::ops::Deref;
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A channel, schema or table name: an immutable string that is cheap to clone.
 ///
 /// Every event names its channel and table, and a burst of events names the
-/// same few again and again. Sources give the events of one table one shared
-/// `Name` (a reference count, no copy of the text), so an event costs no
-/// allocation for its names.
+/// same few again and again. The names a source parses out of payloads are
+/// interned for the life of the process (up to 1 MiB of text in all, then
+/// shared by reference count): cloning or dropping one is a copy of two
+/// words, with no allocation and no atomic operation. A `Name` made any other
+/// way shares its text by reference count.
 ///
 /// A `Name` reads like a `&str`: it dereferences to `str`, compares with
 /// `&str`, `str` and `String` either way round, hashes like its text, prints as
@@ -29,18 +35,95 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// assert_eq!(shared.as_str(), owned);
 /// assert_eq!(Name::from("users"), e.table);
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Name(Arc<str>);
+#[derive(Clone)]
+pub struct Name(Text);
+
+/// Where a name's text lives.
+#[derive(Clone)]
+enum Text {
+    /// Interned: lives as long as the process.
+    Interned(&'static str),
+    Shared(Arc<str>),
+}
 
 impl Name {
     /// A name with the text of `text`.
     pub fn new(text: &str) -> Self {
-        Name(Arc::from(text))
+        Name(Text::Shared(Arc::from(text)))
     }
 
     /// The name as a string slice.
+    #[inline]
     pub fn as_str(&self) -> &str {
-        &self.0
+        match &self.0 {
+            Text::Interned(text) => text,
+            Text::Shared(text) => text,
+        }
+    }
+
+    #[cfg(test)]
+    fn is_interned(&self) -> bool {
+        matches!(self.0, Text::Interned(_))
+    }
+
+    /// The interned name with the text `text`: one copy of it for the process,
+    /// while the interned names hold less than [`INTERNED_BYTES`] of text; a
+    /// shared one after that.
+    pub(crate) fn interned(text: &str) -> Self {
+        static INTERNED: Mutex<Interned> = Mutex::new(Interned {
+            names: None,
+            bytes: 0,
+        });
+        let mut interned = INTERNED.lock();
+        let Interned { names, bytes } = &mut *interned;
+        let names = names.get_or_insert_with(HashSet::new);
+        if let Some(&known) = names.get(text) {
+            return Name(Text::Interned(known));
+        }
+        if *bytes + text.len() > INTERNED_BYTES {
+            return Name::new(text);
+        }
+        // Bounded by INTERNED_BYTES over the life of the process.
+        let leaked: &'static str = Box::leak(Box::from(text));
+        *bytes += leaked.len();
+        names.insert(leaked);
+        Name(Text::Interned(leaked))
+    }
+}
+
+/// The most text the interned names hold, in bytes: names come from payloads,
+/// and a stream of ever-new names must not grow the process without bound.
+const INTERNED_BYTES: usize = 1 << 20;
+
+/// The interned names and the bytes of text they hold.
+struct Interned {
+    names: Option<HashSet<&'static str>>,
+    bytes: usize,
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Name) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Name {}
+
+impl Hash for Name {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialOrd for Name {
+    fn partial_cmp(&self, other: &Name) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Name {
+    fn cmp(&self, other: &Name) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
     }
 }
 
@@ -54,31 +137,31 @@ impl Deref for Name {
     type Target = str;
 
     fn deref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
 impl AsRef<str> for Name {
     fn as_ref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
 impl Borrow<str> for Name {
     fn borrow(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
 impl fmt::Display for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
@@ -96,19 +179,19 @@ impl From<&String> for Name {
 
 impl From<String> for Name {
     fn from(text: String) -> Self {
-        Name(Arc::from(text))
+        Name(Text::Shared(Arc::from(text)))
     }
 }
 
 impl From<Box<str>> for Name {
     fn from(text: Box<str>) -> Self {
-        Name(Arc::from(text))
+        Name(Text::Shared(Arc::from(text)))
     }
 }
 
 impl From<Arc<str>> for Name {
     fn from(text: Arc<str>) -> Self {
-        Name(text)
+        Name(Text::Shared(text))
     }
 }
 
@@ -120,55 +203,58 @@ impl From<&Name> for Name {
 
 impl From<Name> for String {
     fn from(name: Name) -> Self {
-        name.0.as_ref().to_owned()
+        name.as_str().to_owned()
     }
 }
 
 impl From<Name> for Arc<str> {
     fn from(name: Name) -> Self {
-        name.0
+        match name.0 {
+            Text::Interned(text) => Arc::from(text),
+            Text::Shared(text) => text,
+        }
     }
 }
 
 impl PartialEq<str> for Name {
     fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
+        self.as_str() == other
     }
 }
 
 impl PartialEq<&str> for Name {
     fn eq(&self, other: &&str) -> bool {
-        &*self.0 == *other
+        self.as_str() == *other
     }
 }
 
 impl PartialEq<String> for Name {
     fn eq(&self, other: &String) -> bool {
-        *self.0 == **other
+        self.as_str() == other.as_str()
     }
 }
 
 impl PartialEq<Name> for str {
     fn eq(&self, other: &Name) -> bool {
-        self == &*other.0
+        self == other.as_str()
     }
 }
 
 impl PartialEq<Name> for &str {
     fn eq(&self, other: &Name) -> bool {
-        *self == &*other.0
+        *self == other.as_str()
     }
 }
 
 impl PartialEq<Name> for String {
     fn eq(&self, other: &Name) -> bool {
-        **self == *other.0
+        self.as_str() == other.as_str()
     }
 }
 
 impl Serialize for Name {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -178,9 +264,10 @@ impl<'de> Deserialize<'de> for Name {
     }
 }
 
-/// Hands out one shared [`Name`] per distinct text among the last few seen, so
-/// that the events of a burst share their names. Bounded: it remembers at most
-/// [`Names::CAPACITY`] names, replacing the oldest.
+/// Hands out the [`Name`]s of a stream of payloads: interned ones, remembered
+/// here among the last few seen so that the process-wide table is seldom
+/// asked. Bounded: it remembers at most [`Names::CAPACITY`] names, replacing
+/// the oldest.
 #[derive(Debug, Default)]
 pub(crate) struct Names {
     recent: Vec<Name>,
@@ -198,7 +285,7 @@ impl Names {
         if let Some(found) = self.recent.iter().find(|n| n.as_str() == text) {
             return found.clone();
         }
-        let name = Name::new(text);
+        let name = Name::interned(text);
         if self.recent.len() < Self::CAPACITY {
             self.recent.push(name.clone());
         } else {
@@ -238,14 +325,35 @@ mod tests {
         let mut names = Names::default();
         let a = names.get("orders");
         let b = names.get("orders");
-        assert!(Arc::ptr_eq(&a.0, &b.0), "the same text is shared");
+        assert!(a.is_interned() && std::ptr::eq(a.as_str(), b.as_str()));
         for i in 0..Names::CAPACITY * 3 {
             let n = names.get(&format!("t{i}"));
             assert_eq!(n, format!("t{i}"));
         }
         assert_eq!(names.recent.len(), Names::CAPACITY);
-        // Pushed out by newer names, then made afresh with the same text.
+        // Pushed out by newer names, then asked again: the same interned text.
         let again = names.get("orders");
-        assert!(again == "orders" && !Arc::ptr_eq(&a.0, &again.0));
+        assert!(std::ptr::eq(a.as_str(), again.as_str()));
+    }
+
+    #[test]
+    fn interning_stops_at_its_bound_and_names_stay_correct() {
+        // Ever-new names (as a hostile payload stream could send) fill the
+        // table up to its bound; after that, names are shared, not interned.
+        let chunk = "x".repeat(1000);
+        let made: Vec<Name> = (0..(INTERNED_BYTES / 1000 + 10))
+            .map(|i| Name::interned(&format!("{chunk}{i}")))
+            .collect();
+        assert!(made.last().is_some_and(|n| !n.is_interned()));
+        assert!(made
+            .iter()
+            .enumerate()
+            .all(|(i, n)| *n == format!("{chunk}{i}")));
+        let interned: usize = made
+            .iter()
+            .filter(|n| n.is_interned())
+            .map(|n| n.len())
+            .sum();
+        assert!(interned <= INTERNED_BYTES);
     }
 }
