@@ -117,8 +117,18 @@ pub fn parse_payload(
     payload: &str,
     received_at: DateTime<Utc>,
 ) -> Result<Event, PayloadError> {
+    event_alone(read(payload)?, channel, received_at)
+}
+
+/// The event of `fields`, made without a parser's memory (new names, no
+/// remembered second).
+fn event_alone(
+    fields: Fields<'_>,
+    channel: &str,
+    received_at: DateTime<Utc>,
+) -> Result<Event, PayloadError> {
     event_of(
-        read(payload)?,
+        fields,
         received_at,
         Name::new(channel),
         |_, text| Name::new(text),
@@ -265,14 +275,7 @@ pub(crate) fn parse_payload_with_serde(
     payload: &str,
     received_at: DateTime<Utc>,
 ) -> Result<Event, PayloadError> {
-    event_of(
-        read_with_serde(payload)?,
-        received_at,
-        Name::new(channel),
-        |_, text| Name::new(text),
-        &mut LastSecond::default(),
-        |event| event,
-    )
+    event_alone(read_with_serde(payload)?, channel, received_at)
 }
 
 fn read_with_serde(payload: &str) -> Result<Fields<'_>, PayloadError> {
