@@ -262,8 +262,10 @@ impl Counters {
 /// unhealthy, whatever stopped the dispatcher.
 pub(super) struct Bindings {
     list: Vec<Box<dyn Binding>>,
-    /// Whether any strategy reads the clock (or has deadlines); when none does,
-    /// signals are applied with `earlier` instead of a fresh reading.
+    /// Whether any strategy reads the clock; when none does, signals are
+    /// applied with `earlier` instead of a fresh reading (deadlines are still
+    /// asked for and kept: a strategy that wrongly says it reads no clock
+    /// gets an old `now`, never a lost tick).
     reads_clock: bool,
     /// The last reading of the clock.
     earlier: Instant,
@@ -401,9 +403,6 @@ impl Bindings {
 
     /// The earliest deadline of any strategy.
     pub(super) fn deadline(&self) -> Option<Instant> {
-        if !self.reads_clock {
-            return None; // no strategy has deadlines
-        }
         self.list.iter().filter_map(|b| b.deadline()).min()
     }
 

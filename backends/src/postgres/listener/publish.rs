@@ -69,11 +69,11 @@ impl Publisher {
         for n in &batch.items {
             match self
                 .parser
-                .parse(n.channel(), n.payload(), batch.received_at)
+                .parse_shared(n.channel(), n.payload(), batch.received_at)
             {
                 Ok(event) => {
                     events += 1;
-                    signals.push(Signal::Event(Arc::new(event)));
+                    signals.push(Signal::Event(event));
                 }
                 Err(error) => {
                     bump(&self.counters.malformed);
