@@ -1,10 +1,12 @@
 //! `parse_payload` on arbitrary bytes: never panics; agrees with serde_json
-//! alone (its fast path reads nothing differently); whatever it accepts has a
-//! table name and survives an event-log round trip unchanged.
+//! alone (its fast path reads nothing differently) and with a `PayloadParser`
+//! reading the input as a stream (what it remembers between payloads changes
+//! nothing); whatever it accepts has a table name and survives an event-log
+//! round trip unchanged.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pgcachewatch_core::{parse_payload, Signal};
+use pgcachewatch_core::{parse_payload, PayloadParser, Signal};
 use pgcachewatch_testkit::eventlog::{EventLog, EventLogWriter, LogHeader, RecordKind};
 
 fuzz_target!(|data: &[u8]| {
@@ -15,6 +17,19 @@ fuzz_target!(|data: &[u8]| {
     let parsed = parse_payload("fuzz", payload, received_at);
     let by_serde = pgcachewatch_core::fuzzing::parse_payload_with_serde("fuzz", payload, received_at);
     assert_eq!(parsed, by_serde, "the fast path read {payload:?} differently");
+    // The whole input, then each of its lines, then the whole input again,
+    // through one parser (as a source reads a stream of payloads).
+    let mut parser = PayloadParser::new();
+    for part in std::iter::once(payload)
+        .chain(payload.split('\n'))
+        .chain(std::iter::once(payload))
+    {
+        assert_eq!(
+            parser.parse("fuzz", part, received_at),
+            parse_payload("fuzz", part, received_at),
+            "a parser that read the payloads before read {part:?} differently"
+        );
+    }
     let Ok(event) = parsed else {
         return;
     };
