@@ -117,7 +117,7 @@ pub fn parse_payload(
     payload: &str,
     received_at: DateTime<Utc>,
 ) -> Result<Event, PayloadError> {
-    event_alone(read(payload)?, channel, received_at)
+    event_alone(read(payload, &mut None)?, channel, received_at)
 }
 
 /// The event of `fields`, made without a parser's memory (new names, no
@@ -137,9 +137,10 @@ fn event_alone(
     )
 }
 
-/// Parses payloads as [`parse_payload`] does, and gives the events it makes
-/// shared [`Name`]s: the events of one table (and one channel) share one copy
-/// of each name instead of allocating their own. Keep one per stream of
+/// Parses payloads as [`parse_payload`] does, giving the events it makes
+/// interned [`Name`]s (the events of one table share one copy of each name
+/// instead of allocating their own), and reading a payload that starts like the
+/// last one on from where their leading fields end. Keep one per stream of
 /// payloads (a source keeps one per connection); it remembers a few dozen
 /// names at most.
 ///
@@ -210,10 +211,7 @@ impl PayloadParser {
         received_at: DateTime<Utc>,
         make: impl FnOnce(Event) -> T,
     ) -> Result<T, PayloadError> {
-        let fields = match scan::scan_remembering(payload, &mut self.prefix) {
-            Some(fields) => fields,
-            None => read_with_serde(payload)?,
-        };
+        let fields = read(payload, &mut self.prefix)?;
         let PayloadParser {
             names,
             last,
@@ -259,9 +257,13 @@ fn shared(names: &mut Names, slot: &mut Option<Name>, text: &str) -> Name {
     }
 }
 
-/// A payload's fields: by the fast path when it can, else by serde_json.
-fn read(payload: &str) -> Result<Fields<'_>, PayloadError> {
-    match scan::scan(payload) {
+/// A payload's fields: by the fast path when it can (resuming after `prefix`,
+/// see [`scan::scan`]), else by serde_json.
+fn read<'a>(
+    payload: &'a str,
+    prefix: &mut Option<scan::Prefix>,
+) -> Result<Fields<'a>, PayloadError> {
+    match scan::scan(payload, prefix) {
         Some(fields) => Ok(fields),
         None => read_with_serde(payload),
     }
@@ -436,7 +438,7 @@ mod tests {
             r#"{"operation":"delete","schema":"app","table":"t","sent_at":"2024-05-01 10:00:00+00","txid":7,"keys":[{"id":1},{"id":"x","n":2.5}]}"#,
             r#"{"operation":"insert","table":"t","schema":null,"keys":null,"txid":null,"sent_at":null}"#,
         ] {
-            assert!(scan::scan(p).is_some(), "{p}");
+            assert!(scan::scan(p, &mut None).is_some(), "{p}");
             let now = Utc::now();
             assert_eq!(
                 parse_payload("c", p, now),
@@ -588,7 +590,7 @@ mod tests {
             let fast = parse_payload("c", &payload, now);
             proptest::prop_assert_eq!(&fast, &parse_payload_with_serde("c", &payload, now), "{}", payload);
             if !table.contains(['\\', '"']) {
-                proptest::prop_assert!(scan::scan(&payload).is_some(), "{}", payload);
+                proptest::prop_assert!(scan::scan(&payload, &mut None).is_some(), "{}", payload);
             }
         }
 

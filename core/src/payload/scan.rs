@@ -14,11 +14,6 @@ use std::borrow::Cow;
 use super::{Fields, Keys};
 use crate::event::RowKey;
 
-/// The fields of `payload` if it has the common shape; `None` means "ask serde_json".
-pub(super) fn scan(payload: &str) -> Option<Fields<'_>> {
-    scan_remembering(payload, &mut None)
-}
-
 /// Where the last payload's leading `operation`, `schema` and `table` fields
 /// ended, and what they held: a payload that starts with the same bytes is read
 /// on from there.
@@ -50,12 +45,11 @@ struct Leading {
 /// Where a field's text lies in the payload: start and end.
 type Span = (usize, usize);
 
-/// [`scan`], resuming after `prefix` when `payload` starts with it, and
-/// remembering the new prefix after a full scan that found one.
-pub(super) fn scan_remembering<'a>(
-    payload: &'a str,
-    prefix: &mut Option<Prefix>,
-) -> Option<Fields<'a>> {
+/// The fields of `payload` if it has the common shape; `None` means "ask
+/// serde_json". Resumes after `prefix` when `payload` starts with it, and
+/// remembers the new prefix after a full scan that found one (pass `&mut None`
+/// to read a payload alone).
+pub(super) fn scan<'a>(payload: &'a str, prefix: &mut Option<Prefix>) -> Option<Fields<'a>> {
     let mut s = Scanner {
         text: payload,
         at: 0,

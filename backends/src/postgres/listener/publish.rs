@@ -21,7 +21,8 @@ use tokio::time::Instant;
 use super::config::{MalformedPolicy, Settings};
 use super::stats::{bump, Counters};
 
-/// Notifications read together, and when.
+/// Notifications read together, and when. One per session, refilled for each
+/// read (its buffer kept, so a burst's batches allocate nothing).
 pub(crate) struct Batch {
     pub(crate) received_at: DateTime<Utc>,
     pub(crate) items: Vec<PgNotification>,
@@ -34,6 +35,12 @@ impl Batch {
             items: Vec::new(),
         }
     }
+
+    /// Empties it for a read that starts now.
+    pub(crate) fn restart(&mut self) {
+        self.received_at = Utc::now();
+        self.items.clear();
+    }
 }
 
 /// Parses notifications and publishes their events into the hub.
@@ -44,6 +51,8 @@ pub(crate) struct Publisher {
     /// Shares the channel and table names among the events it makes.
     parser: PayloadParser,
     log: MalformedLog,
+    /// A batch's signals, emitted together (the buffer is kept between batches).
+    signals: Vec<Signal>,
 }
 
 impl Publisher {
@@ -54,6 +63,7 @@ impl Publisher {
             counters,
             parser: PayloadParser::new(),
             log: MalformedLog::default(),
+            signals: Vec::new(),
         }
     }
 
@@ -64,7 +74,7 @@ impl Publisher {
             return;
         }
         let policy = self.settings.builder.on_malformed;
-        let mut signals = Vec::with_capacity(batch.items.len());
+        let signals = &mut self.signals;
         let mut events = 0;
         for n in &batch.items {
             match self
@@ -86,7 +96,7 @@ impl Publisher {
             }
         }
         self.counters.events_received(events, batch.received_at);
-        self.hub.send_all(signals);
+        self.hub.send_all(signals.drain(..));
     }
 
     /// Reports a gap (and counts it).

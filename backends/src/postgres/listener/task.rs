@@ -149,6 +149,8 @@ impl Task {
         let mut pending: Option<Pending> = None;
         // Everything this connection delivered, heartbeats included.
         let mut received: u64 = 0;
+        // Refilled for every read (its buffer is kept).
+        let mut batch = Batch::new();
         loop {
             let wake = pending.as_ref().map_or(next_beat, |p| p.deadline);
             tokio::select! {
@@ -158,7 +160,7 @@ impl Task {
                     self.command(conn, command).await?;
                 }
                 next = conn.listener.try_recv() => {
-                    let mut batch = Batch::new();
+                    batch.restart();
                     let mut result = self.received(next, &mut pending, &mut received, &mut batch);
                     // A burst: take what is already readable without going
                     // round the select (its futures cost more than a
