@@ -147,16 +147,27 @@ impl HealthBoard {
         self.name.as_deref().unwrap_or("unnamed")
     }
 
-    /// Recomputes the flag under the lock, and logs a change.
-    fn publish(&self, votes: &Votes) {
+    /// Recomputes the flag under the lock, tells `owner` of a change, and logs
+    /// it. The owner closes its own view of health before the board shows
+    /// unhealthy and opens it after the board shows healthy, so that view is
+    /// never more trusting than the board.
+    fn publish(&self, votes: &Votes, owner: &dyn HasHealthBoard) {
         let healthy = votes.healthy();
-        let was = self.healthy.swap(healthy, Ordering::AcqRel);
-        if was != healthy {
-            tracing::info!(cache = self.name(), healthy, "cache health changed");
+        // Every store happens under the lock, so this load is the current flag.
+        if self.healthy.load(Ordering::Acquire) == healthy {
+            return;
         }
+        if !healthy {
+            owner.health_changed(false);
+        }
+        self.healthy.store(healthy, Ordering::Release);
+        if healthy {
+            owner.health_changed(true);
+        }
+        tracing::info!(cache = self.name(), healthy, "cache health changed");
     }
 
-    fn add_vote(&self) -> u64 {
+    fn add_vote(&self, owner: &dyn HasHealthBoard) -> u64 {
         let mut votes = self.state.lock();
         let id = votes.next_id;
         votes.next_id += 1;
@@ -164,19 +175,19 @@ impl HealthBoard {
         votes.awaiting = false;
         // The new dispatcher takes the place of one that stopped.
         votes.stopped = votes.stopped.saturating_sub(1);
-        self.publish(&votes);
+        self.publish(&votes, owner);
         id
     }
 
-    fn set_vote(&self, id: u64, healthy: bool) {
+    fn set_vote(&self, id: u64, healthy: bool, owner: &dyn HasHealthBoard) {
         let mut votes = self.state.lock();
         if let Some(v) = votes.live.iter_mut().find(|(i, _)| *i == id) {
             v.1 = healthy;
         }
-        self.publish(&votes);
+        self.publish(&votes, owner);
     }
 
-    fn drop_vote(&self, id: u64, deliberate: bool) {
+    fn drop_vote(&self, id: u64, deliberate: bool, owner: &dyn HasHealthBoard) {
         let mut votes = self.state.lock();
         votes.live.retain(|(i, _)| *i != id);
         votes.stopped += 1;
@@ -198,7 +209,7 @@ impl HealthBoard {
                  so the cache bypasses until a dispatcher is attached again"
             );
         }
-        self.publish(&votes);
+        self.publish(&votes, owner);
     }
 }
 
@@ -221,6 +232,13 @@ impl fmt::Debug for HealthBoard {
 pub trait HasHealthBoard: Send + Sync + 'static {
     /// The board.
     fn health_board(&self) -> &HealthBoard;
+
+    /// Called under the board's lock when its verdict changes: with `false`
+    /// just before the board shows unhealthy, with `true` just after it shows
+    /// healthy. Lets an owner keep a faster copy of the verdict (a cache folds
+    /// it into its hit path's one check). Does nothing by default.
+    #[doc(hidden)]
+    fn health_changed(&self, _healthy: bool) {}
 }
 
 impl HasHealthBoard for HealthBoard {
@@ -241,7 +259,7 @@ pub struct HealthVote {
 impl HealthVote {
     /// A new (unhealthy) vote on `owner`'s board; clears votes of stopped dispatchers.
     pub fn new(owner: Arc<impl HasHealthBoard>) -> Self {
-        let id = owner.health_board().add_vote();
+        let id = owner.health_board().add_vote(&*owner);
         HealthVote {
             owner,
             id,
@@ -251,14 +269,18 @@ impl HealthVote {
 
     /// Says whether this vote's source is healthy.
     pub fn set(&self, healthy: bool) {
-        self.owner.health_board().set_vote(self.id, healthy);
+        self.owner
+            .health_board()
+            .set_vote(self.id, healthy, &*self.owner);
     }
 
     /// Withdraws the vote because its dispatcher was shut down on purpose: the
     /// same as dropping it (the target stays unhealthy until a new attachment),
     /// logged at `info` instead of `error`.
     pub fn retire(mut self) {
-        self.owner.health_board().drop_vote(self.id, true);
+        self.owner
+            .health_board()
+            .drop_vote(self.id, true, &*self.owner);
         self.retired = true;
     }
 
@@ -271,7 +293,9 @@ impl HealthVote {
 impl Drop for HealthVote {
     fn drop(&mut self) {
         if !self.retired {
-            self.owner.health_board().drop_vote(self.id, false);
+            self.owner
+                .health_board()
+                .drop_vote(self.id, false, &*self.owner);
         }
     }
 }

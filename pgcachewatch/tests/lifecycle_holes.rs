@@ -357,6 +357,39 @@ async fn a_cache_on_two_sources_is_healthy_only_while_both_are() {
     drop((on_a, on_b, b_handle));
 }
 
+/// The hit path checks health and generation in one word: a warm entry must be
+/// refused the moment its cache turns unhealthy, before any gap or flush comes
+/// (a source says it is unhealthy first, a heartbeat timeout later).
+#[tokio::test]
+async fn a_warm_entry_is_refused_the_moment_its_cache_turns_unhealthy() {
+    let cache: Cache<u32, u32> = Cache::new(16);
+    let row = Row::default();
+    let vote = cache.health_vote();
+    vote.set(true);
+    assert_eq!(row.read(&cache).await, 0);
+    assert_eq!(cache.get(&1), Some(0), "the entry was not cached");
+
+    vote.set(false);
+    assert_eq!(
+        cache.get(&1),
+        None,
+        "a warm entry was served while unhealthy"
+    );
+    assert!(!cache.contains_key(&1));
+
+    vote.set(true);
+    assert_eq!(
+        cache.get(&1),
+        Some(0),
+        "a health flip alone dropped a fresh entry"
+    );
+    row.0.fetch_add(1, Ordering::SeqCst);
+    cache.apply(&Decision::keys([1]));
+    assert_eq!(cache.get(&1), None, "an invalidated entry was served");
+    assert_eq!(row.read(&cache).await, 1);
+    assert_eq!(cache.get(&1), Some(1), "caching did not resume");
+}
+
 // ---- 7: a lagging subscription is told the current health -----------------------
 
 #[tokio::test(flavor = "current_thread")]

@@ -178,22 +178,22 @@ where
         };
         let store: Store<K, V> =
             Store::with(estimated, weight, weigher, Default::default(), evictions);
+        let health = if self.until_attached {
+            HealthBoard::awaiting_attachment(self.name.clone())
+        } else {
+            HealthBoard::with_name(self.name.clone())
+        };
         Cache {
             inner: Arc::new(Inner {
-                health: if self.until_attached {
-                    HealthBoard::awaiting_attachment(self.name.clone())
-                } else {
-                    HealthBoard::with_name(self.name.clone())
-                },
+                gens: Generations::new(health.is_healthy()),
+                health,
                 counters: Counters::new(self.name.as_deref()),
                 name: self.name,
                 store,
-                gens: Generations::default(),
                 flights: (0..FLIGHT_SHARDS).map(|_| Default::default()).collect(),
                 hasher: Default::default(),
                 ttl: self.ttl,
                 tti: self.tti,
-                timed: self.ttl.is_some() || self.tti.is_some(),
                 listener: self.listener,
                 serial: AtomicU64::new(0),
                 while_unhealthy: self.while_unhealthy,

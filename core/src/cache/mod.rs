@@ -131,8 +131,6 @@ struct Inner<K, V> {
     health: HealthBoard,
     ttl: Option<Duration>,
     tti: Option<Duration>,
-    /// `ttl` or `tti` is set: hits check the clock.
-    timed: bool,
     listener: Option<Listener<K, V>>,
     serial: AtomicU64,
     while_unhealthy: WhileUnhealthy,
@@ -499,30 +497,35 @@ where
     }
 
     /// The fresh entry for `key`, if any; counts nothing.
+    ///
+    /// A hit on a plain entry is one comparison: its packed stamp against the
+    /// [gate](Generations::gate), which holds the current generation and the
+    /// cache's health in one word. Everything else (tagged, timed or listened-to
+    /// entries, stale entries, an unhealthy cache) takes the full checks.
     #[inline]
     fn lookup(&self, key: &K) -> Option<V> {
         let inner = &*self.inner;
-        if !inner.health.is_healthy() {
-            return self.lookup_unhealthy(key);
-        }
         let entry = inner.store.get(key)?;
+        if entry.passes(inner.gens.gate()) {
+            return Some(entry.value);
+        }
+        self.checked_lookup(key, entry)
+    }
+
+    /// The rest of [`lookup`](Self::lookup): an entry the one-word check turned
+    /// away (kept out of line, so that a plain hit stays in registers).
+    #[inline(never)]
+    fn checked_lookup(&self, key: &K, entry: Entry<V>) -> Option<V> {
+        let inner = &*self.inner;
+        if !inner.health.is_healthy() {
+            return self.serve_unhealthy(key, entry);
+        }
         if !entry.is_current(&inner.gens) {
             self.drop_dead(key, entry, None);
             return None;
         }
-        if inner.timed {
-            return self.timed_lookup(key, entry);
-        }
-        Some(entry.value)
-    }
-
-    /// The rest of [`lookup`](Self::lookup) in a cache with a time-to-live or
-    /// time-to-idle (kept out of line: the entry then stays in registers on the
-    /// hit path of a cache without).
-    #[inline(never)]
-    fn timed_lookup(&self, key: &K, entry: Entry<V>) -> Option<V> {
         if self.expired(&entry) {
-            self.inner.counters.expired();
+            inner.counters.expired();
             self.drop_dead(key, entry, Some(RemovalCause::Expired));
             return None;
         }
@@ -532,11 +535,17 @@ where
 
     #[cold]
     fn lookup_unhealthy(&self, key: &K) -> Option<V> {
+        let entry = self.inner.store.get(key)?;
+        self.serve_unhealthy(key, entry)
+    }
+
+    /// `entry` if the cache may serve it while unhealthy.
+    #[cold]
+    fn serve_unhealthy(&self, key: &K, entry: Entry<V>) -> Option<V> {
         let inner = &*self.inner;
         let WhileUnhealthy::ServeWithin(bound) = inner.while_unhealthy else {
             return None;
         };
-        let entry = inner.store.get(key)?;
         if !entry.is_current(&inner.gens) {
             self.drop_dead(key, entry, None);
             return None;
@@ -651,6 +660,10 @@ where
 {
     fn health_board(&self) -> &HealthBoard {
         &self.health
+    }
+
+    fn health_changed(&self, healthy: bool) {
+        self.gens.set_healthy(healthy);
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::generations::{Generations, Stamp, TableStamp};
+use super::generations::{generation_of, plain_word, Generations, Stamp, TableStamp};
 
 /// Why an entry left the cache, as told to an
 /// [eviction listener](super::CacheBuilder::eviction_listener).
@@ -105,6 +105,15 @@ impl<V> Entry<V> {
         }
     }
 
+    /// Whether the hit path may serve it on one comparison with the
+    /// [`gate`](Generations::gate): a plain entry (no tags, times or identity)
+    /// of the current generation, while the cache is healthy. An entry this
+    /// turns away may still be servable: the full checks decide.
+    #[inline]
+    pub(crate) fn passes(&self, gate: u64) -> bool {
+        self.stamp.word == gate
+    }
+
     /// Whether nothing it depends on was invalidated since its load started.
     #[inline]
     pub(crate) fn is_current(&self, gens: &Generations) -> bool {
@@ -155,9 +164,8 @@ impl<V> Entry<V> {
 }
 
 /// One word that is either a generation or an owned `Arc<Meta>`: a generation
-/// is stored as `gen << 1 | 1` (odd), a pointer as itself (even: `Meta` is
-/// aligned to 8). A generation needs 63 bits: at a billion invalidations a
-/// second they last 292 years.
+/// is stored as its [`plain_word`] (odd), a pointer as itself (even: `Meta` is
+/// aligned to 8).
 struct Packed {
     word: u64,
     /// Owns an `Arc<Meta>` when the word is a pointer (and gets `Arc`'s
@@ -172,9 +180,9 @@ enum Unpacked<'a> {
 
 impl Packed {
     fn generation(gen: u64) -> Self {
-        debug_assert!(gen < 1 << 63, "generation out of range");
+        debug_assert!(gen < 1 << 62, "generation out of range");
         Packed {
-            word: (gen << 1) | 1,
+            word: plain_word(gen),
             _owns: PhantomData,
         }
     }
@@ -195,7 +203,7 @@ impl Packed {
     #[inline]
     fn get(&self) -> Unpacked<'_> {
         match self.pointer() {
-            None => Unpacked::Generation(self.word >> 1),
+            None => Unpacked::Generation(generation_of(self.word)),
             // SAFETY: an even word came from `Arc::into_raw` in `meta` and this
             // `Packed` holds one strong count, so the `Meta` lives at least as
             // long as `self`.
@@ -312,7 +320,7 @@ mod tests {
 
     #[test]
     fn packed_generations_and_metadata_read_back_and_are_freed() {
-        let gens = Generations::default();
+        let gens = Generations::new(true);
         let stamp = gens.stamp(&[]);
         let plain = Entry::new(1u8, stamp.clone(), Instant::now(), Needs::default());
         assert!(plain.is_current(&gens) && plain.serial().is_none());
