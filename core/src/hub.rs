@@ -257,19 +257,58 @@ impl SignalHub {
         }
     }
 
+    /// [`send_all`](Self::send_all), lending the signals instead of giving
+    /// them: inline handlers see each one, subscribers get a clone of it (for an
+    /// event, one more reference to it), and the caller keeps them. A source
+    /// reuses the allocations of events that nobody else kept (see
+    /// [`PayloadParser::recycle`](crate::PayloadParser::recycle)),
+    /// so a burst with no subscriber allocates no event.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use pgcachewatch::{Event, Operation, Signal, SignalHub};
+    /// let hub = SignalHub::new(16);
+    /// let mut signals: Vec<Signal> = (0..3)
+    ///     .map(|i| Signal::Event(Event::new("ch", Operation::Insert, "public", "t").with_txid(i).into()))
+    ///     .collect();
+    /// hub.send_slice(&signals);
+    /// // Nobody subscribed or kept them: each event is ours alone again.
+    /// assert!(signals.iter_mut().all(|s| match s {
+    ///     Signal::Event(e) => Arc::get_mut(e).is_some(),
+    ///     _ => false,
+    /// }));
+    /// ```
+    pub fn send_slice(&self, signals: &[Signal]) {
+        let mut handlers = self.inline.handlers.lock();
+        // As in `send_all`: nobody can subscribe while the lock is held.
+        let subscribed = self.tx.receiver_count() > 0;
+        for signal in signals {
+            self.run_handlers(&mut handlers, signal);
+            if subscribed {
+                let _ = self.tx.send(signal.clone());
+            }
+        }
+    }
+
     /// Emits with the emission lock held; to subscribers only if `subscribed`
     /// (false only when there is none).
     fn emit_locked(&self, handlers: &mut [(u64, InlineHandler)], signal: Signal, subscribed: bool) {
-        #[cfg(feature = "metrics")]
-        if let Some(metrics) = &self.metrics {
-            metrics.emitted(&signal);
-        }
-        for (_, handler) in handlers.iter_mut() {
-            handler(&signal);
-        }
+        self.run_handlers(handlers, &signal);
         if subscribed {
             // An error only means nobody subscribes right now: nothing to buffer.
             let _ = self.tx.send(signal);
+        }
+    }
+
+    /// Counts `signal` (with metrics) and runs every inline handler on it; call
+    /// with the emission lock held.
+    fn run_handlers(&self, handlers: &mut [(u64, InlineHandler)], signal: &Signal) {
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.metrics {
+            metrics.emitted(signal);
+        }
+        for (_, handler) in handlers.iter_mut() {
+            handler(signal);
         }
     }
 

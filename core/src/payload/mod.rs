@@ -164,7 +164,24 @@ pub struct PayloadParser {
     /// The last payload's leading fields, read on from when the next one
     /// starts the same way (see [`scan::Prefix`]).
     prefix: Option<scan::Prefix>,
+    /// Events given back by [`recycle`](PayloadParser::recycle), nobody else
+    /// holding them: [`parse_shared`](PayloadParser::parse_shared) writes into
+    /// them instead of allocating.
+    spares: Spares,
 }
+
+/// A parser's spare events (shown by their count).
+#[derive(Default)]
+struct Spares(Vec<Arc<Event>>);
+
+impl std::fmt::Debug for Spares {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} spare events", self.0.len())
+    }
+}
+
+/// The most events a parser keeps for reuse: more than a listener's batch.
+const MAX_SPARES: usize = 1024;
 
 impl PayloadParser {
     /// A parser that remembers no names yet.
@@ -200,7 +217,46 @@ impl PayloadParser {
         payload: &str,
         received_at: DateTime<Utc>,
     ) -> Result<Arc<Event>, PayloadError> {
-        self.parse_into(channel, payload, received_at, Arc::new)
+        let mut spare = self.spares.0.pop();
+        let parsed = self.parse_into(channel, payload, received_at, |event| match spare.take() {
+            Some(mut spare) => match Arc::get_mut(&mut spare) {
+                Some(slot) => {
+                    *slot = event;
+                    spare
+                }
+                None => Arc::new(event),
+            },
+            None => Arc::new(event),
+        });
+        // Not taken (the payload was not an event): still a spare.
+        self.spares.0.extend(spare);
+        parsed
+    }
+
+    /// Gives back an event [`parse_shared`](Self::parse_shared) made, once it
+    /// was published: if nobody else holds it any more, the next event is
+    /// written into it instead of into a new allocation (a source publishing
+    /// with [`SignalHub::send_slice`](crate::SignalHub::send_slice) keeps its
+    /// events, so a burst allocates none). One still shared elsewhere is simply
+    /// dropped; the parser keeps at most a thousand or so.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use pgcachewatch::PayloadParser;
+    /// let mut parser = PayloadParser::new();
+    /// let now = chrono::Utc::now();
+    /// let first = parser.parse_shared("ch", r#"{"operation":"insert","table":"a"}"#, now)?;
+    /// let at = Arc::as_ptr(&first);
+    /// parser.recycle(first);
+    /// let second = parser.parse_shared("ch", r#"{"operation":"delete","table":"b"}"#, now)?;
+    /// assert_eq!(Arc::as_ptr(&second), at, "written into the first one's allocation");
+    /// assert_eq!(second.table, "b");
+    /// # Ok::<(), pgcachewatch::PayloadError>(())
+    /// ```
+    pub fn recycle(&mut self, mut event: Arc<Event>) {
+        if self.spares.0.len() < MAX_SPARES && Arc::get_mut(&mut event).is_some() {
+            self.spares.0.push(event);
+        }
     }
 
     #[inline]
@@ -634,19 +690,39 @@ mod tests {
                         "",
                     ]),
                     proptest::option::of(token()),
+                    // How the event is made and given back: 0 `parse`; 1
+                    // `parse_shared`, then recycled; 2 `parse_shared`, kept
+                    // (and recycled while kept: it must not be written over).
+                    0..3u8,
                 ),
                 1..10,
             ),
         ) {
             let mut parser = PayloadParser::new();
             let now = Utc::now();
-            for (head, tail, soup) in stream {
+            let mut kept = Vec::new();
+            for (head, tail, soup, how) in stream {
                 let payload = format!("{head}{tail}{}", soup.unwrap_or_default());
+                let expected = parse_payload("c", &payload, now);
+                if how == 0 {
+                    proptest::prop_assert_eq!(parser.parse("c", &payload, now), expected, "{}", payload);
+                    continue;
+                }
+                let shared = parser.parse_shared("c", &payload, now);
                 proptest::prop_assert_eq!(
-                    parser.parse("c", &payload, now),
-                    parse_payload("c", &payload, now),
+                    shared.as_ref().map(|e| Event::clone(e)).map_err(Clone::clone),
+                    expected.clone(),
                     "{}", payload
                 );
+                if let (Ok(event), Ok(expected)) = (shared, expected) {
+                    if how == 2 {
+                        kept.push((event.clone(), expected));
+                    }
+                    parser.recycle(event);
+                }
+            }
+            for (event, expected) in kept {
+                proptest::prop_assert_eq!(&*event, &expected, "a kept event was written over");
             }
         }
     }
