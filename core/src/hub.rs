@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 
 use crate::event::Event;
 use crate::signal::{GapReason, Health, Signal};
-use crate::source::{InlineAttachment, InlineHandler, Subscription};
+use crate::source::{EventSource, InlineAttachment, InlineHandler, Subscription};
 
 /// The default per-subscriber buffer, in signals.
 pub const DEFAULT_HUB_CAPACITY: usize = 4096;
@@ -49,6 +49,23 @@ pub const MAX_HUB_CAPACITY: usize = 1 << 20;
 /// callbacks run synchronously by whoever emits a signal, before any subscriber
 /// sees it. A dispatcher attached inline invalidates caches in the source's own
 /// task: no hop to another task, no lag, and the lowest latency.
+///
+/// A hub is itself an [`EventSource`]: what you send into it by hand reaches
+/// the dispatchers spawned on it (handy in tests, or for a feed that needs no
+/// more than that; its label is the default, `custom`).
+///
+/// ```
+/// use pgcachewatch::strategies::Greedy;
+/// use pgcachewatch::{Cache, Dispatcher, Event, Operation, SignalHub};
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let hub = SignalHub::new(16);
+/// let cache: Cache<u32, u32> = Cache::new(8);
+/// let _dispatcher = Dispatcher::new().attach(Greedy::new(), cache.clone()).spawn(&hub);
+/// cache.insert(1, 10);
+/// hub.publish(Event::new("ch", Operation::Update, "public", "t"));
+/// assert_eq!(cache.get(&1), None); // dropped inline, as the event was sent
+/// # });
+/// ```
 #[derive(Debug, Clone)]
 pub struct SignalHub {
     tx: broadcast::Sender<Signal>,
@@ -57,6 +74,20 @@ pub struct SignalHub {
     /// The source's series, once [`with_label`](SignalHub::with_label)led.
     #[cfg(feature = "metrics")]
     metrics: Option<Arc<crate::telemetry::SourceMetrics>>,
+}
+
+impl EventSource for SignalHub {
+    fn subscribe(&self) -> Subscription {
+        SignalHub::subscribe(self)
+    }
+
+    fn health(&self) -> Health {
+        SignalHub::health(self)
+    }
+
+    fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
+        Some(SignalHub::attach_inline(self, handler))
+    }
 }
 
 /// The inline handlers, and the lock that orders every emission.

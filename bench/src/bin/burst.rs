@@ -238,15 +238,7 @@ async fn recorder(cli: &PathBuf, url: &str, channel: &str, n: u64) -> anyhow::Re
 
 /// Where the pipeline's time goes, in process (no network): the core's share.
 fn breakdown(n: u64, floor: Duration) {
-    let payloads: Vec<String> = (1..=n)
-        .map(|g| {
-            format!(
-                "{{\"operation\" : \"update\", \"schema\" : \"public\", \"table\" : \"burst\", \
-                 \"sent_at\" : \"2026-11-25T11:00:00.{:06}+00:00\", \"txid\" : {g}}}",
-                g % 1_000_000
-            )
-        })
-        .collect();
+    let payloads = pgcachewatch_bench::burst_payloads(n);
     let received_at = Event::new("ch", Operation::Update, "public", "burst").received_at;
     let started = Instant::now();
     // As the listener parses: one parser for the stream (shared names, the

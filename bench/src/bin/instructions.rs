@@ -22,10 +22,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use pgcachewatch::strategies::Greedy;
-use pgcachewatch::{
-    Cache, Dispatcher, EventSource, Health, InlineAttachment, InlineHandler, PayloadParser, Signal,
-    SignalHub, Subscription,
-};
+use pgcachewatch::{Cache, Dispatcher, Health, PayloadParser, Signal, SignalHub};
 
 const KEYS: u64 = 1000;
 /// Notifications the listener reads at once at most.
@@ -81,36 +78,8 @@ fn measure_quick_hit(cache: &quick_cache::sync::Cache<u64, Arc<String>>, n: u64)
     }
 }
 
-/// A hub as the listener owns one, as an event source for the dispatcher.
-#[derive(Debug)]
-struct Hub(Arc<SignalHub>);
-
-impl EventSource for Hub {
-    fn subscribe(&self) -> Subscription {
-        self.0.subscribe()
-    }
-    fn health(&self) -> Health {
-        self.0.health()
-    }
-    fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
-        Some(self.0.attach_inline(handler))
-    }
-    fn label(&self) -> String {
-        "instructions".to_owned()
-    }
-}
-
 fn burst(n: u64, reuse: bool) -> anyhow::Result<()> {
-    // The burst bench's payloads: one table, sent_at and txid differing.
-    let payloads: Vec<String> = (1..=n)
-        .map(|g| {
-            format!(
-                "{{\"operation\" : \"update\", \"schema\" : \"public\", \"table\" : \"burst\", \
-                 \"sent_at\" : \"2026-11-25T11:00:00.{:06}+00:00\", \"txid\" : {g}}}",
-                g % 1_000_000
-            )
-        })
-        .collect();
+    let payloads = pgcachewatch_bench::burst_payloads(n);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -119,7 +88,7 @@ fn burst(n: u64, reuse: bool) -> anyhow::Result<()> {
         let cache: Cache<u64, u64> = Cache::new(16);
         let dispatcher = Dispatcher::new()
             .attach(Greedy::new(), cache.clone())
-            .spawn(&Hub(hub.clone()));
+            .spawn(&*hub);
         let mut parser = PayloadParser::new();
         measure_burst(&hub, &mut parser, &payloads, Utc::now(), reuse);
         let applied = dispatcher.stats().events;

@@ -83,9 +83,8 @@ use std::time::{Duration, Instant};
 
 use futures::future::LocalBoxFuture;
 use pgcachewatch_core::{
-    Cache, Decision, Dispatcher, DispatcherHandle, Event, EventSource, GapReason, Health,
-    InlineAttachment, InlineHandler, InvalidationStrategy, Operation, RowKey, SignalHub,
-    Subscription, WhileUnhealthy,
+    Cache, Decision, Dispatcher, DispatcherHandle, Event, GapReason, Health, InvalidationStrategy,
+    Operation, RowKey, SignalHub, WhileUnhealthy,
 };
 
 pub use self::cache::{CheckedCache, Loader, Value};
@@ -460,7 +459,8 @@ impl World {
 
 /// One simulated source: a real hub, its pending signals, and its dispatcher.
 struct SimSource {
-    hub: HubSource,
+    /// A real hub, dispatching inline as the real sources do.
+    hub: SignalHub,
     queue: VecDeque<Queued>,
     connected: bool,
     dispatcher: Option<DispatcherHandle>,
@@ -469,22 +469,6 @@ struct SimSource {
     told_healthy: bool,
     /// The model: its strategy panicked and has not handled a signal since.
     poisoned: bool,
-}
-
-/// A source over a [`SignalHub`], dispatching inline as the real sources do.
-#[derive(Debug, Clone)]
-struct HubSource(SignalHub);
-
-impl EventSource for HubSource {
-    fn subscribe(&self) -> Subscription {
-        self.0.subscribe()
-    }
-    fn health(&self) -> Health {
-        self.0.health()
-    }
-    fn attach_inline(&self, handler: InlineHandler) -> Option<InlineAttachment> {
-        Some(self.0.attach_inline(handler))
-    }
 }
 
 /// Wraps the checked strategy: panics on demand, and notes each decision.
@@ -563,7 +547,7 @@ impl Sim {
             clock: VirtualClock::new(),
             sources: (0..SOURCES)
                 .map(|_| SimSource {
-                    hub: HubSource(SignalHub::new(1024)),
+                    hub: SignalHub::new(1024),
                     queue: VecDeque::new(),
                     connected: true,
                     dispatcher: None,
@@ -835,7 +819,7 @@ impl Sim {
             }
         };
         let attached = self.sources[source].dispatcher.is_some();
-        let hub = self.sources[source].hub.0.clone();
+        let hub = self.sources[source].hub.clone();
         match queued {
             Queued::Event {
                 n, row, version, ..
