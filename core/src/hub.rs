@@ -264,54 +264,38 @@ impl SignalHub {
     /// source read at once. Subscribing (or attaching a handler) waits until
     /// they are all emitted.
     ///
-    /// ```
-    /// use pgcachewatch::{Event, Operation, Signal, SignalHub};
-    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-    /// let hub = SignalHub::new(16);
-    /// let mut sub = hub.subscribe();
-    /// hub.send_all((0..3).map(|i| {
-    ///     Signal::Event(Event::new("ch", Operation::Insert, "public", "t").with_txid(i).into())
-    /// }));
-    /// assert!(matches!(sub.recv().await, Some(Signal::Health(_))));
-    /// for i in 0..3 {
-    ///     assert_eq!(sub.recv().await.unwrap().as_event().unwrap().txid, Some(i));
-    /// }
-    /// # });
-    /// ```
-    pub fn send_all(&self, signals: impl IntoIterator<Item = Signal>) {
-        let mut handlers = self.inline.handlers.lock();
-        // Nobody can subscribe while the lock is held: with no subscriber now,
-        // none of these signals is buffered (as `send` would find).
-        let subscribed = self.tx.receiver_count() > 0;
-        for signal in signals {
-            self.emit_locked(&mut handlers, signal, subscribed);
-        }
-    }
-
-    /// [`send_all`](Self::send_all), lending the signals instead of giving
-    /// them: inline handlers see each one, subscribers get a clone of it (for an
-    /// event, one more reference to it), and the caller keeps them. A source
-    /// reuses the allocations of events that nobody else kept (see
-    /// [`PayloadParser::recycle`](crate::PayloadParser::recycle)),
-    /// so a burst with no subscriber allocates no event.
+    /// The signals are lent, not given: inline handlers see each one,
+    /// subscribers get a clone (for an event, one more reference to it), and
+    /// the caller keeps them. A source gives the events that nobody else kept
+    /// back to its parser ([`PayloadParser::recycle`](crate::PayloadParser::recycle)),
+    /// so a burst with no subscriber allocates no events.
     ///
     /// ```
     /// use std::sync::Arc;
     /// use pgcachewatch::{Event, Operation, Signal, SignalHub};
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
     /// let hub = SignalHub::new(16);
-    /// let mut signals: Vec<Signal> = (0..3)
-    ///     .map(|i| Signal::Event(Event::new("ch", Operation::Insert, "public", "t").with_txid(i).into()))
-    ///     .collect();
-    /// hub.send_slice(&signals);
-    /// // Nobody subscribed or kept them: each event is ours alone again.
+    /// let event = |i| Signal::Event(Event::new("ch", Operation::Insert, "public", "t").with_txid(i).into());
+    /// let mut sub = hub.subscribe();
+    /// let mut signals: Vec<Signal> = (0..3).map(event).collect();
+    /// hub.send_batch(&signals);
+    /// assert!(matches!(sub.recv().await, Some(Signal::Health(_))));
+    /// for i in 0..3 {
+    ///     assert_eq!(sub.recv().await.unwrap().as_event().unwrap().txid, Some(i));
+    /// }
+    /// // With nobody subscribed, each event is the caller's alone again.
+    /// drop(sub);
+    /// hub.send_batch(&signals);
     /// assert!(signals.iter_mut().all(|s| match s {
     ///     Signal::Event(e) => Arc::get_mut(e).is_some(),
     ///     _ => false,
     /// }));
+    /// # });
     /// ```
-    pub fn send_slice(&self, signals: &[Signal]) {
+    pub fn send_batch(&self, signals: &[Signal]) {
         let mut handlers = self.inline.handlers.lock();
-        // As in `send_all`: nobody can subscribe while the lock is held.
+        // Nobody can subscribe while the lock is held: with no subscriber now,
+        // none of these signals is buffered (as `send` would find).
         let subscribed = self.tx.receiver_count() > 0;
         for signal in signals {
             self.run_handlers(&mut handlers, signal);

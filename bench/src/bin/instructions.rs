@@ -11,10 +11,10 @@
 //! * `quick-hit`: `quick_cache::sync::Cache::get` on the same keys, the baseline;
 //! * `burst-event`: what the listener does for each notification of a burst
 //!   once sqlx has decoded it: [`PayloadParser::parse_shared`], emitted in
-//!   batches of 256 with [`SignalHub::send_slice`] into an inline
+//!   batches of 256 with [`SignalHub::send_batch`] into an inline
 //!   [`Dispatcher`] → [`Greedy`] → [`Cache`], then [`PayloadParser::recycle`]d;
-//! * `burst-event-alloc`: the same, each event allocated and freed
-//!   ([`SignalHub::send_all`], no recycling), the baseline.
+//! * `burst-event-alloc`: the same, each event allocated and freed (not
+//!   recycled), the baseline.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -114,15 +114,11 @@ fn measure_burst(
                 batch.push(Signal::Event(event));
             }
         }
-        if reuse {
-            hub.send_slice(&batch);
-            for signal in batch.drain(..) {
-                if let Signal::Event(event) = signal {
-                    parser.recycle(event);
-                }
+        hub.send_batch(&batch);
+        for signal in batch.drain(..) {
+            if let (true, Signal::Event(event)) = (reuse, signal) {
+                parser.recycle(event);
             }
-        } else {
-            hub.send_all(batch.drain(..));
         }
     }
 }

@@ -236,7 +236,7 @@ impl PayloadParser {
     /// Gives back an event [`parse_shared`](Self::parse_shared) made, once it
     /// was published: if nobody else holds it any more, the next event is
     /// written into it instead of into a new allocation (a source publishing
-    /// with [`SignalHub::send_slice`](crate::SignalHub::send_slice) keeps its
+    /// with [`SignalHub::send_batch`](crate::SignalHub::send_batch) keeps its
     /// events, so a burst allocates none). One still shared elsewhere is simply
     /// dropped; the parser keeps at most a thousand or so.
     ///
@@ -322,11 +322,7 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     if n != b.len() {
         return false;
     }
-    let word = |s: &[u8], at: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&s[at..at + 8]);
-        u64::from_le_bytes(w)
-    };
+    let word = scan::word_at;
     let half = |s: &[u8], at: usize| {
         let mut w = [0u8; 4];
         w.copy_from_slice(&s[at..at + 4]);

@@ -176,7 +176,9 @@ fn string_end(bytes: &[u8]) -> Option<usize> {
     (found != 0).then(|| n - 8 + first_flagged(found))
 }
 
-fn word_at(bytes: &[u8], at: usize) -> u64 {
+/// The eight bytes of `bytes` from `at`, as one little-endian word.
+#[inline]
+pub(super) fn word_at(bytes: &[u8], at: usize) -> u64 {
     let mut word = [0u8; 8];
     word.copy_from_slice(&bytes[at..at + 8]);
     u64::from_le_bytes(word)

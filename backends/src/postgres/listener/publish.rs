@@ -7,7 +7,7 @@
 //! burst's events share their names), then the batch emitted into the hub under
 //! one lock, running the inline handlers (the dispatcher, its strategies, the
 //! caches). The hub lends the batch's events to its handlers and subscribers
-//! ([`SignalHub::send_slice`]), and those nobody kept are given back to the
+//! ([`SignalHub::send_batch`]), and those nobody kept are given back to the
 //! parser, which writes the next events into them: a burst allocates no events.
 //! No queue and no second task: measured on two cores, handing bursts
 //! to a second task cost more processor time than it saved (the notifications
@@ -99,7 +99,7 @@ impl Publisher {
             }
         }
         self.counters.events_received(events, batch.received_at);
-        self.hub.send_slice(signals);
+        self.hub.send_batch(signals);
         // The events nobody kept (no subscriber, no handler held on) are
         // written over by the next batch instead of freed and allocated again.
         for signal in signals.drain(..) {
