@@ -1,5 +1,8 @@
 //! Code the benchmark programs in `src/bin/` share.
 
+use chrono::{DateTime, Utc};
+use pgcachewatch::{PayloadParser, Signal, SignalHub};
+
 pub mod figures;
 
 /// `n` payloads as a trigger sends them in a burst: one table, in
@@ -15,4 +18,40 @@ pub fn burst_payloads(n: u64) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// The most notifications the listener reads, and publishes, at once.
+pub const BATCH: usize = 256;
+
+/// What the listener does with a batch of a burst once sqlx has decoded it,
+/// first half: each payload parsed into `batch` (an event, or nothing for a
+/// payload that is not one).
+pub fn parse_batch(
+    parser: &mut PayloadParser,
+    payloads: &[String],
+    received_at: DateTime<Utc>,
+    batch: &mut Vec<Signal>,
+) {
+    for payload in payloads {
+        if let Ok(event) = parser.parse_shared("ch", payload, received_at) {
+            batch.push(Signal::Event(event));
+        }
+    }
+}
+
+/// Second half: `batch` emitted into `hub` (running its inline handlers) and
+/// emptied, its events given back to `parser` when `recycle` (as the listener
+/// does) or freed.
+pub fn emit_batch(
+    hub: &SignalHub,
+    parser: &mut PayloadParser,
+    batch: &mut Vec<Signal>,
+    recycle: bool,
+) {
+    hub.send_batch(batch);
+    for signal in batch.drain(..) {
+        if let (true, Signal::Event(event)) = (recycle, signal) {
+            parser.recycle(event);
+        }
+    }
 }

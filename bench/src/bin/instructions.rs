@@ -22,11 +22,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use pgcachewatch::strategies::Greedy;
-use pgcachewatch::{Cache, Dispatcher, Health, PayloadParser, Signal, SignalHub};
+use pgcachewatch::{Cache, Dispatcher, Health, PayloadParser, SignalHub};
+use pgcachewatch_bench::{emit_batch, parse_batch, BATCH};
 
 const KEYS: u64 = 1000;
-/// Notifications the listener reads at once at most.
-const BATCH: usize = 256;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -84,11 +83,11 @@ fn burst(n: u64, reuse: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let hub = Arc::new(SignalHub::with_health(1024, Health::Healthy));
+        let hub = SignalHub::with_health(1024, Health::Healthy);
         let cache: Cache<u64, u64> = Cache::new(16);
         let dispatcher = Dispatcher::new()
             .attach(Greedy::new(), cache.clone())
-            .spawn(&*hub);
+            .spawn(&hub);
         let mut parser = PayloadParser::new();
         measure_burst(&hub, &mut parser, &payloads, Utc::now(), reuse);
         let applied = dispatcher.stats().events;
@@ -109,16 +108,7 @@ fn measure_burst(
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     for chunk in payloads.chunks(BATCH) {
-        for payload in chunk {
-            if let Ok(event) = parser.parse_shared("ch", payload, received_at) {
-                batch.push(Signal::Event(event));
-            }
-        }
-        hub.send_batch(&batch);
-        for signal in batch.drain(..) {
-            if let (true, Signal::Event(event)) = (reuse, signal) {
-                parser.recycle(event);
-            }
-        }
+        parse_batch(parser, chunk, received_at, &mut batch);
+        emit_batch(hub, parser, &mut batch, reuse);
     }
 }

@@ -204,9 +204,10 @@ impl PayloadParser {
         self.parse_into(channel, payload, received_at, |event| event)
     }
 
-    /// [`parse`](Self::parse), the event made right inside the `Arc` a
-    /// [`Signal::Event`](crate::Signal::Event) holds (no copy of the event into
-    /// it): for sources, which publish every event they parse.
+    /// [`parse`](Self::parse), the event in the `Arc` a
+    /// [`Signal::Event`](crate::Signal::Event) holds: for sources, which
+    /// publish every event they parse. It is written into a spare event given
+    /// back by [`recycle`](Self::recycle) when there is one, else allocated.
     ///
     /// # Errors
     ///
@@ -219,6 +220,7 @@ impl PayloadParser {
     ) -> Result<Arc<Event>, PayloadError> {
         let mut spare = self.spares.0.pop();
         let parsed = self.parse_into(channel, payload, received_at, |event| match spare.take() {
+            // A spare is nobody else's (`recycle` keeps only those).
             Some(mut spare) => match Arc::get_mut(&mut spare) {
                 Some(slot) => {
                     *slot = event;
