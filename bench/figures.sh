@@ -9,15 +9,23 @@
 # latency:  write issued → fresh read, pgcachewatch next to raw LISTEN + SELECT
 # writers:  pgbench tps with and without watching (needs pgbench, pg_recvlogical)
 #
-# DATABASE_URL is honoured (default postgres://postgres@127.0.0.1:5432/test);
-# PostgreSQL is started if it is down. CARGO_TARGET_DIR is honoured.
+# DATABASE_URL names a server of yours (used as it is: it needs wal_level =
+# logical for the writers chart); without it the figures are measured on a
+# throw-away cluster started for the run and removed at the end, as the test
+# command does (.ci/servers). CARGO_TARGET_DIR is honoured.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 dir="${1:-docs/figures}"
-export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
-
-bash .ci/ensure-postgres
+# shellcheck source=.ci/servers
+. .ci/servers
+trap pgcw_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+if [ -z "${DATABASE_URL:-}" ]; then
+  pgcw_pg_binaries
+  pgcw_own_postgres
+fi
 cargo build --release -p pgcachewatch-bench --bin bench --bin latency --bin writers
 run() { cargo run --quiet --release -p pgcachewatch-bench --bin "$@"; }
 

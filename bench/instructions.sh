@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Instructions per operation of the two hot paths, each next to its baseline,
+# Instructions per operation of the hot paths, each next to its baseline,
 # counted by callgrind (valgrind): unlike times, counts do not move with the
 # machine's load. See bench/src/bin/instructions.rs for what each mode runs.
 #
@@ -34,3 +34,17 @@ echo "hit path, instructions per hit: Cache::get $hit, quick_cache::get $quick (
 event="$(per_op burst-event 100000)"
 alloc="$(per_op burst-event-alloc 100000)"
 echo "burst event (parse, emit, dispatch, Greedy, cache), instructions per event: reusing events $event, allocating each $alloc (baseline): $(awk "BEGIN { printf \"%.2f\", $event / $alloc }") x"
+keyed="$(per_op keyed-table-event 1000000)"
+owned="$(per_op keyed-table-event-owned 1000000)"
+echo "Keyed on a keyless event of a mapped table, instructions per event: $keyed; building its table list with owned String names as before (baseline): $owned"
+ratio() { awk "BEGIN { printf \"%.2f\", $1 / $2 }"; }
+replication="$(per_op replication-event 100000)"
+frames="$(per_op replication-frames 100000)"
+echo "replication source, pgoutput decode + assembly (one-row UPDATE transactions), instructions per event: $replication; framing the same bytes only (baseline): $frames: $(ratio "$replication" "$frames") x"
+nats="$(per_op nats-event 100000)"
+bytes="$(per_op nats-bytes 100000)"
+value="$(per_op nats-value 100000)"
+echo "NATS source, relay message parsed into an event (WireMessage::from_json), instructions per event: $nats; every payload byte read, as a raw consumer (baseline): $bytes: $(ratio "$nats" "$bytes") x; parsed as a serde_json::Value: $value: $(ratio "$nats" "$value") x"
+for mode in hit burst-event keyed-table-event keyed-table-event-owned replication-event replication-frames nats-event nats-bytes nats-value; do
+  echo "heap allocations per operation, $mode: $("$bin" "$mode" 100000 | awk '{print $NF}')"
+done

@@ -10,72 +10,10 @@ use std::time::Duration;
 
 use pgcachewatch_backends::memory::InMemorySource;
 use pgcachewatch_backends::nats::{NatsAuth, NatsConnect, NatsError, NatsSource, Relay};
-use pgcachewatch_core::{Event, EventSource, GapReason, Health, Operation, Signal, Subscription};
+use pgcachewatch_core::{Event, EventSource, GapReason, Health, Operation, Signal};
 use pgcachewatch_testkit::env::nats_url;
 use pgcachewatch_testkit::proxy::FaultProxy;
-use support::{fresh_stream, OwnNats};
-
-/// Reads until `pred` holds for a signal (panics after 30 s).
-async fn until(
-    sub: &mut Subscription,
-    what: &str,
-    mut pred: impl FnMut(&Signal) -> bool,
-) -> Vec<Signal> {
-    let mut seen = Vec::new();
-    let wait = async {
-        while let Some(s) = sub.recv().await {
-            let done = pred(&s);
-            seen.push(s);
-            if done {
-                return;
-            }
-        }
-        panic!("subscription ended while waiting for {what}");
-    };
-    if tokio::time::timeout(Duration::from_secs(30), wait)
-        .await
-        .is_err()
-    {
-        panic!("timed out waiting for {what}; saw {seen:?}");
-    }
-    seen
-}
-
-fn event_index(s: &Signal) -> Option<usize> {
-    s.as_event()?.table.strip_prefix('e')?.parse().ok()
-}
-
-/// Every index in `0..total` is either received or covered by a gap that came
-/// between its neighbours: never silent loss. Returns (received, gaps).
-pub fn check_no_silent_loss(signals: &[Signal], total: usize) -> (usize, usize) {
-    let mut received = vec![false; total];
-    // For each received event, how many gaps came before it.
-    let mut gaps_before: Vec<Option<usize>> = vec![None; total];
-    let mut gaps = 0;
-    for s in signals {
-        if s.is_gap() {
-            gaps += 1;
-        } else if let Some(i) = event_index(s) {
-            if i < total {
-                received[i] = true;
-                gaps_before[i] = Some(gaps);
-            }
-        }
-    }
-    for i in 0..total {
-        if received[i] {
-            continue;
-        }
-        let before = (0..i).rev().find_map(|j| gaps_before[j]).unwrap_or(0);
-        let after = (i + 1..total).find_map(|j| gaps_before[j]).unwrap_or(gaps);
-        assert!(
-            after > before,
-            "event e{i} was lost without a Gap (received {} of {total})",
-            received.iter().filter(|r| **r).count()
-        );
-    }
-    (received.iter().filter(|r| **r).count(), gaps)
-}
+use support::{check_no_silent_loss, event_index, fresh_stream, until, OwnNats};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_restarted_under_load_loses_nothing_silently() {
@@ -91,18 +29,8 @@ async fn nats_server_restarted_under_load_loses_nothing_silently() {
     let mut subs = Vec::new();
     let mut sources = Vec::new();
     for _ in 0..3 {
-        let source = NatsSource::builder(NatsConnect::new(server.url()))
-            .stream(stream.clone())
-            .heartbeat_timeout(Duration::from_secs(2))
-            .buffer(1 << 16)
-            .connect()
-            .await
-            .expect("source");
-        let mut sub = source.subscribe();
-        until(&mut sub, "healthy", |s| {
-            matches!(s, Signal::Health(Health::Healthy))
-        })
-        .await;
+        let (source, sub) =
+            support::healthy_source(&server.url(), &stream, Duration::from_secs(2)).await;
         subs.push(sub);
         sources.push(source);
     }
@@ -153,21 +81,13 @@ async fn away_while_written(max_messages: i64, n: usize) -> Vec<Signal> {
         .start(&upstream)
         .await
         .expect("relay");
-    let nats: std::net::SocketAddr = nats_url()
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("addr");
+    let nats = support::nats_addr();
     let proxy = FaultProxy::start(nats).await.expect("proxy");
-    let source = NatsSource::builder(NatsConnect::new(format!("nats://{}", proxy.addr())))
-        .stream(stream.clone())
-        .heartbeat_timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .expect("source");
-    let mut sub = source.subscribe();
-    until(&mut sub, "healthy", |s| {
-        matches!(s, Signal::Health(Health::Healthy))
-    })
+    let (source, mut sub) = support::healthy_source(
+        &format!("nats://{}", proxy.addr()),
+        &stream,
+        Duration::from_secs(30),
+    )
     .await;
     proxy.pause();
     for i in 0..n {
@@ -304,4 +224,69 @@ async fn credentials_are_used_and_a_wrong_one_is_a_clear_error() {
         .is_err());
     let good = NatsConnect::new(token_server.url()).auth(NatsAuth::Token("t0ken".into()));
     good.connect().await.expect("the right token connects");
+}
+
+/// A silent partition between a `NatsSource` and NATS (its connection stops
+/// carrying anything and is never closed; a new connection would work): the
+/// source must notice, reconnect and read what was written meanwhile, rather
+/// than wait for the client's pings to run out (async-nats' default: a ping a
+/// minute, given up after two unanswered). How long it took is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_silently_cut_from_nats_reconnects_and_reads_on() {
+    let stream = fresh_stream();
+    let (upstream, handle) = InMemorySource::pair();
+    let relay = Relay::builder(NatsConnect::new(nats_url()))
+        .stream(stream.clone())
+        .heartbeat_interval(Duration::from_millis(100))
+        .start(&upstream)
+        .await
+        .expect("relay");
+    let nats = support::nats_addr();
+    let proxy = support::SilentProxy::start(nats).await;
+    let (source, mut sub) =
+        support::healthy_source(&proxy.url(), &stream, Duration::from_secs(2)).await;
+    let cut_at = std::time::Instant::now();
+    proxy.silence();
+    let n = 20;
+    for i in 0..n {
+        handle.publish(Event::new(
+            "ch",
+            Operation::Insert,
+            "public",
+            format!("e{i}"),
+        ));
+    }
+    let last = format!("e{}", n - 1);
+    let mut unhealthy_at = None;
+    let mut seen = Vec::new();
+    let wait = async {
+        while let Some(s) = sub.recv().await {
+            if matches!(s, Signal::Health(Health::Unhealthy)) && unhealthy_at.is_none() {
+                unhealthy_at = Some(cut_at.elapsed());
+            }
+            let done = s.as_event().is_some_and(|e| e.table == last);
+            seen.push(s);
+            if done {
+                return;
+            }
+        }
+    };
+    let arrived = tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .is_ok();
+    let (received, gaps) = check_no_silent_loss(&seen, n);
+    println!(
+        "silent partition of the source: unhealthy after {unhealthy_at:?}, the events written \
+         during it arrived after {:?} ({received} of {n}, {gaps} gaps, {} consumers)",
+        cut_at.elapsed(),
+        source.stats().consumers
+    );
+    assert!(
+        arrived,
+        "the source never read on after a silent partition ({received} of {n})"
+    );
+    assert_eq!((received, gaps), (n, 0));
+    source.shutdown().await;
+    relay.shutdown().await;
+    support::delete_stream(&nats_url(), &stream).await;
 }

@@ -14,6 +14,7 @@ use pgcachewatch_backends::nats::{NatsConnect, NatsSource, Relay};
 use pgcachewatch_backends::postgres::listener::PgListenerSource;
 use pgcachewatch_core::{EventSource, Health, Signal};
 use pgcachewatch_testkit::env::{database_url, nats_url, unique_name};
+use support::check_no_silent_loss;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_killed_and_restarted_ten_times_never_loses_silently() {
@@ -127,31 +128,4 @@ async fn relay_killed_and_restarted_ten_times_never_loses_silently() {
         listener.shutdown().await;
     }
     support::delete_stream(&nats_url(), &stream).await;
-}
-
-fn event_index(s: &Signal) -> Option<usize> {
-    s.as_event()?.table.strip_prefix('e')?.parse().ok()
-}
-
-/// Every write in `0..total` was received, or a gap came between its received
-/// neighbours. Returns (received, gaps).
-fn check_no_silent_loss(signals: &[Signal], total: usize) -> (usize, usize) {
-    let mut gaps_before: Vec<Option<usize>> = vec![None; total];
-    let mut gaps = 0;
-    for s in signals {
-        if s.is_gap() {
-            gaps += 1;
-        } else if let Some(i) = event_index(s).filter(|i| *i < total) {
-            gaps_before[i] = Some(gaps);
-        }
-    }
-    for i in 0..total {
-        if gaps_before[i].is_some() {
-            continue;
-        }
-        let before = (0..i).rev().find_map(|j| gaps_before[j]).unwrap_or(0);
-        let after = (i + 1..total).find_map(|j| gaps_before[j]).unwrap_or(gaps);
-        assert!(after > before, "write e{i} was lost without a Gap");
-    }
-    (gaps_before.iter().filter(|g| g.is_some()).count(), gaps)
 }

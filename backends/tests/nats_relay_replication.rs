@@ -3,6 +3,8 @@
 //! Every committed write reaches every subscriber through NATS, no subscriber
 //! gets a `Gap` or flushes its cache, and readers that wait for a write's
 //! position before reading through their cache never see an older value.
+//! And the other side: a slot advanced while no relay read it loses the writes
+//! in between, so the next relay must not continue the stream's epoch.
 //! Real PostgreSQL (`DATABASE_URL`, `wal_level = logical`) and real NATS
 //! (`NATS_URL`).
 #![cfg(all(feature = "nats", feature = "replication"))]
@@ -24,7 +26,7 @@ use pgcachewatch_core::{
 };
 use pgcachewatch_strategies::Keyed;
 use pgcachewatch_testkit::env::{database_url, nats_url};
-use replication_support::{wait_slot_released, Fixture};
+use replication_support::{wait_slot_released, wal_position, Fixture};
 
 const SUBSCRIBERS: usize = 3;
 const RESTARTS: usize = 10;
@@ -36,6 +38,16 @@ async fn start_relay(
     slot: &str,
     stream: &StreamSettings,
 ) -> (RelayHandle, PgReplicationSource, bool) {
+    start_relay_at(f, slot, stream, &nats_url()).await
+}
+
+/// [`start_relay`] with the relay connecting to NATS at `url`.
+async fn start_relay_at(
+    f: &Fixture,
+    slot: &str,
+    stream: &StreamSettings,
+    url: &str,
+) -> (RelayHandle, PgReplicationSource, bool) {
     let start = PgReplicationSource::builder(database_url())
         .slot(slot)
         .publication(&f.publication)
@@ -45,7 +57,7 @@ async fn start_relay(
         .await
         .expect("replication source connects");
     let resumed = start.resumed();
-    let (relay, source) = Relay::builder(NatsConnect::new(nats_url()))
+    let (relay, source) = Relay::builder(NatsConnect::new(url))
         .stream(stream.clone())
         .heartbeat_interval(Duration::from_millis(100))
         .start_durable(start)
@@ -128,14 +140,6 @@ async fn subscriber(stream: &StreamSettings, items_ref: &str) -> Subscriber {
 struct Committed {
     value: Vec<i64>,
     position: Vec<Lsn>,
-}
-
-async fn wal_position(db: &sqlx::PgPool) -> Lsn {
-    let text: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(db)
-        .await
-        .expect("pg_current_wal_lsn");
-    text.parse().expect("an LSN")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,10 +321,10 @@ async fn relay_over_replication_killed_ten_times_loses_nothing_flushes_nothing_s
             "subscriber {n}: the cache was flushed"
         );
         eprintln!(
-            "subscriber {n}: {}/{} writes, 0 gaps, 0 flushes over {RESTARTS} relay kills; {} copies skipped",
+            "subscriber {n}: {}/{} writes, 0 gaps, 0 flushes over {RESTARTS} relay kills; {} late copies delivered",
             written.len(),
             written.len(),
-            s.source.stats().duplicates
+            s.source.stats().late
         );
     }
     let stale = stale.lock().clone();
@@ -342,4 +346,272 @@ async fn relay_over_replication_killed_ten_times_loses_nothing_flushes_nothing_s
     }
     support::delete_stream(&nats_url(), &stream).await;
     f.cleanup().await;
+}
+
+/// Waits for the event of `log` row `id` (or panics after 30 s); everything seen.
+async fn until_row(sub: &mut pgcachewatch_core::Subscription, id: i64) -> Vec<Signal> {
+    support::until(sub, &format!("log row {id}"), |s| {
+        s.as_event().is_some_and(|e| {
+            e.table == "log"
+                && e.keys
+                    .iter()
+                    .flatten()
+                    .any(|k| k.get("id").and_then(|v| v.as_i64()) == Some(id))
+        })
+    })
+    .await
+}
+
+/// The relay stops; meanwhile a write commits and someone advances the slot
+/// past it (`pg_replication_slot_advance`, as a second consumer of the slot
+/// would). That write never reaches the stream: the next relay must start a
+/// new epoch, so every subscriber gets a gap (and flushes what that write made
+/// stale) instead of carrying on as if nothing was missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_advanced_while_no_relay_read_it_is_a_new_epoch() {
+    let f = Fixture::new("pgcw_radv").await;
+    let log = f.table("log");
+    f.exec(&format!("CREATE TABLE {log} (id bigint PRIMARY KEY)"))
+        .await;
+    let slot = f.slot();
+    let stream = support::fresh_stream();
+    let (relay, source, _) = start_relay(&f, &slot, &stream).await;
+    let nats = NatsSource::builder(NatsConnect::new(nats_url()))
+        .stream(stream.clone())
+        .heartbeat_timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .expect("NatsSource connects");
+    let mut sub = nats.subscribe();
+    f.exec(&format!("INSERT INTO {log} VALUES (1)")).await;
+    until_row(&mut sub, 1).await;
+    let epoch = relay.status().epoch;
+    relay.shutdown().await;
+    source.shutdown().await;
+    wait_slot_released(&f.db, &slot).await;
+
+    f.exec(&format!("INSERT INTO {log} VALUES (2)")).await;
+    sqlx::query("SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())")
+        .bind(&slot)
+        .execute(&f.db)
+        .await
+        .expect("advance the slot");
+
+    let (relay, source, resumed) = start_relay(&f, &slot, &stream).await;
+    assert!(resumed, "the slot existed");
+    f.exec(&format!("INSERT INTO {log} VALUES (3)")).await;
+    let seen = until_row(&mut sub, 3).await;
+    assert!(
+        seen.iter().any(Signal::is_gap),
+        "row 2 was written and skipped while no relay read the slot, and the subscriber got no gap: {seen:?}"
+    );
+    assert_ne!(relay.status().epoch, epoch, "a new epoch");
+    relay.shutdown().await;
+    source.shutdown().await;
+    nats.shutdown().await;
+    support::delete_stream(&nats_url(), &stream).await;
+    f.cleanup().await;
+}
+
+/// A relay cut off from NATS while the database commits more than a
+/// subscriber buffer's worth of transactions (issue 18, network faults: a
+/// relay partitioned for more than ~20 s lost 5.6k–11k events and started a
+/// new epoch). The slot still holds every one of them, so nothing may be lost:
+/// the relay's source stops reading the slot while the relay cannot publish
+/// (backpressure), the slot is confirmed no further than what JetStream
+/// acknowledged, and once NATS is back every write arrives, in the same epoch,
+/// with no `Gap`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cut_from_nats_while_the_slot_fills_loses_nothing_and_keeps_its_epoch() {
+    const WRITES: i64 = 8_000;
+    let f = Fixture::new("pgcw_rcut").await;
+    let log = f.table("log");
+    f.exec(&format!("CREATE TABLE {log} (id bigint PRIMARY KEY)"))
+        .await;
+    let stream = support::fresh_stream();
+    let proxy = pgcachewatch_testkit::proxy::FaultProxy::start(support::nats_addr())
+        .await
+        .expect("proxy");
+    let slot = f.slot();
+    let (relay, source, _) =
+        start_relay_at(&f, &slot, &stream, &format!("nats://{}", proxy.addr())).await;
+    let epoch = relay.status().epoch;
+
+    let subscriber = NatsSource::builder(NatsConnect::new(nats_url()))
+        .stream(stream.clone())
+        .heartbeat_timeout(Duration::from_secs(2))
+        .buffer(1 << 16)
+        .connect()
+        .await
+        .expect("NatsSource connects");
+    let mut sub = subscriber.subscribe();
+    support::until(&mut sub, "healthy", |s| {
+        matches!(s, Signal::Health(Health::Healthy))
+    })
+    .await;
+
+    proxy.pause();
+    let cut_at = std::time::Instant::now();
+    // One transaction per row: WRITES commits, one event each.
+    f.exec(&format!(
+        "DO $$ BEGIN FOR i IN 1..{WRITES} LOOP INSERT INTO {log} VALUES (i); COMMIT; END LOOP; END $$"
+    ))
+    .await;
+    let end = wal_position(&f.db).await;
+    // Hold the partition until the relay's source has read every write (it
+    // does at once without backpressure) or for 15 s (it stops reading).
+    let hold_until = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < hold_until
+        && source.stats().emitted_lsn.is_none_or(|e| e < end)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let read_while_cut = source.stats().emitted_lsn;
+    let slot_confirmed: Option<String> = sqlx::query_scalar(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(&slot)
+    .fetch_one(&f.db)
+    .await
+    .expect("slot");
+    let slot_confirmed: Lsn = slot_confirmed
+        .expect("a confirmed position")
+        .parse()
+        .expect("an LSN");
+    assert!(
+        slot_confirmed < end,
+        "the slot was confirmed to {slot_confirmed} (writes end at {end}) while JetStream \
+         acknowledged nothing"
+    );
+    let cut_for = cut_at.elapsed();
+    proxy.cut();
+    proxy.resume();
+    let healed_at = std::time::Instant::now();
+
+    // Every write, or a gap and then the relay caught up (the loss to count).
+    let mut ids = HashSet::new();
+    let mut gaps = Vec::new();
+    // Issue 18, network faults 6: the service must not say healthy while the
+    // relay's backlog is still on its way.
+    let mut health = HealthWatch::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while (ids.len() as i64) < WRITES {
+        if !gaps.is_empty() && relay.status().confirmed.is_some_and(|c| c >= end) {
+            // Give what the relay stored meanwhile a moment to arrive.
+            while let Ok(Some(signal)) =
+                tokio::time::timeout(Duration::from_secs(2), sub.recv()).await
+            {
+                health.saw(&signal, ids.len() as i64 >= WRITES);
+                collect(&signal, &mut ids, &mut gaps);
+            }
+            break;
+        }
+        match tokio::time::timeout_at(deadline, sub.recv()).await {
+            Ok(Some(signal)) => {
+                health.saw(&signal, ids.len() as i64 >= WRITES);
+                collect(&signal, &mut ids, &mut gaps);
+            }
+            Ok(None) => panic!("the subscription ended"),
+            Err(_) => panic!(
+                "timed out: {} of {WRITES} writes arrived, gaps {gaps:?}, relay {:?}",
+                ids.len(),
+                relay.status()
+            ),
+        }
+    }
+    let done_at = std::time::Instant::now();
+    let status = relay.status();
+    tracing::info!(
+        cut_ms = cut_for.as_millis() as u64,
+        drain_ms = healed_at.elapsed().as_millis() as u64,
+        received = ids.len(),
+        lost = WRITES - ids.len() as i64,
+        gaps = gaps.len(),
+        epochs = status.epochs,
+        ?read_while_cut,
+        %end,
+        "relay cut from NATS while {WRITES} commits arrived"
+    );
+    println!(
+        "relay cut from NATS for {cut_for:?} under {WRITES} commits: {} received, {} lost, \
+         {} gaps {gaps:?}, {} epochs; the source read up to {read_while_cut:?} of {end} while cut; \
+         drained in {:?}",
+        ids.len(),
+        WRITES - ids.len() as i64,
+        gaps.len(),
+        status.epochs,
+        healed_at.elapsed()
+    );
+    assert!(
+        gaps.is_empty(),
+        "a gap although the slot held everything: {gaps:?}"
+    );
+    assert_eq!(ids.len() as i64, WRITES, "writes lost");
+    assert_eq!(status.epochs, 1, "a new epoch although nothing was lost");
+    assert_eq!(status.epoch, epoch);
+    println!(
+        "the service: unhealthy during the cut: {}; healthy again {:?} after healing, every \
+         write delivered {:?} after healing; said healthy with writes missing {} times",
+        health.unhealthy_seen,
+        health.healthy_at.map(|at| at.duration_since(healed_at)),
+        done_at.duration_since(healed_at),
+        health.early
+    );
+    assert!(health.unhealthy_seen, "the service never noticed the cut");
+    if health.healthy_at.is_none() {
+        // Caching resumes: healthy once the relay is caught up.
+        support::until(&mut sub, "healthy again", |s| {
+            matches!(s, Signal::Health(Health::Healthy))
+        })
+        .await;
+    }
+    assert_eq!(
+        health.early, 0,
+        "the service said healthy while the relay's backlog was still on its way"
+    );
+
+    subscriber.shutdown().await;
+    relay.shutdown().await;
+    source.shutdown().await;
+    wait_slot_released(&f.db, &slot).await;
+    support::delete_stream(&nats_url(), &stream).await;
+    f.cleanup().await;
+
+    fn collect(signal: &Signal, ids: &mut HashSet<i64>, gaps: &mut Vec<String>) {
+        match signal {
+            Signal::Event(e) if e.table == "log" => {
+                for k in e.keys.iter().flatten() {
+                    if let Some(id) = k.get("id").and_then(|v| v.as_i64()) {
+                        ids.insert(id);
+                    }
+                }
+            }
+            Signal::Gap(g) => gaps.push(g.to_string()),
+            _ => {}
+        }
+    }
+}
+
+/// When a subscriber said it was healthy, against what it had received.
+#[derive(Default)]
+struct HealthWatch {
+    unhealthy_seen: bool,
+    /// Healthy after being unhealthy while writes were still missing.
+    early: usize,
+    healthy_at: Option<std::time::Instant>,
+}
+
+impl HealthWatch {
+    fn saw(&mut self, signal: &Signal, complete: bool) {
+        match signal {
+            Signal::Health(Health::Unhealthy) => self.unhealthy_seen = true,
+            Signal::Health(Health::Healthy) if self.unhealthy_seen => {
+                self.healthy_at = Some(std::time::Instant::now());
+                if !complete {
+                    self.early += 1;
+                }
+            }
+            _ => {}
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! TLS on the replication connection, from the URL's `sslmode` and
-//! `sslrootcert`, against the local server (`ssl = on`, self-signed "snakeoil"
-//! certificate): `require` and `verify-ca` stream over TLS (checked in
+//! `sslrootcert`, against the test server (`ssl = on`, a certificate signed by
+//! `PGCW_TEST_SSLROOTCERT`, default Debian's self-signed "snakeoil" one): `require` and `verify-ca` stream over TLS (checked in
 //! `pg_stat_ssl`), `disable` does not, and a root that did not sign the server's
 //! certificate is a clear, permanent error.
 #![cfg(feature = "replication")]
@@ -14,8 +14,6 @@ use pgcachewatch_backends::replication::PgReplicationSource;
 use pgcachewatch_core::Error;
 use pgcachewatch_testkit::env::database_url;
 use support::Fixture;
-
-const SERVER_CERT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
 
 fn url_with(params: &str) -> String {
     let url = database_url();
@@ -44,13 +42,14 @@ async fn streams_over_tls(f: &Fixture, params: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmode_and_sslrootcert_are_honoured() {
-    if !Path::new(SERVER_CERT).exists() {
-        eprintln!("skipped: no {SERVER_CERT}");
+    let server_cert = pgcachewatch_testkit::env::server_root_cert();
+    if !Path::new(&server_cert).exists() {
+        eprintln!("skipped: no {server_cert}");
         return;
     }
     let f = Fixture::new("pgcw_rtls").await;
     assert!(streams_over_tls(&f, "sslmode=require").await);
-    assert!(streams_over_tls(&f, &format!("sslmode=verify-ca&sslrootcert={SERVER_CERT}")).await);
+    assert!(streams_over_tls(&f, &format!("sslmode=verify-ca&sslrootcert={server_cert}")).await);
     assert!(!streams_over_tls(&f, "sslmode=disable").await);
 
     // A root that did not sign the server's certificate: the system's bundle of

@@ -1,6 +1,7 @@
 //! TLS to the real local PostgreSQL (`DATABASE_URL`, default
-//! `postgres://postgres@127.0.0.1:5432/test`), which runs with `ssl = on` and the
-//! self-signed "snakeoil" certificate `/etc/ssl/certs/ssl-cert-snakeoil.pem`:
+//! `postgres://postgres@127.0.0.1:5432/test`), which runs with `ssl = on` and a
+//! certificate signed by `PGCW_TEST_SSLROOTCERT` (default: the self-signed
+//! "snakeoil" certificate `/etc/ssl/certs/ssl-cert-snakeoil.pem` it serves):
 //! `sslmode=require` and `sslmode=verify-ca` connect (and really use TLS), a
 //! root certificate that did not sign the server's is a clear, permanent error.
 #![cfg(all(
@@ -17,7 +18,10 @@ use pgcachewatch_testkit::env::{database_url, unique_name as unique};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-const SERVER_CERT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+/// The root certificate of the test server's (`PGCW_TEST_SSLROOTCERT`, else Debian's snakeoil).
+fn server_cert() -> String {
+    pgcachewatch_testkit::env::server_root_cert()
+}
 
 /// The test database's URL with `params` appended.
 fn url_with(params: &str) -> String {
@@ -72,9 +76,10 @@ async fn sslmode_require_connects_over_tls() {
 
 #[tokio::test]
 async fn sslmode_verify_ca_with_the_servers_root_certificate_connects() {
-    assert!(Path::new(SERVER_CERT).exists(), "{SERVER_CERT} is missing");
+    let server_cert = server_cert();
+    assert!(Path::new(&server_cert).exists(), "{server_cert} is missing");
     let db = admin().await;
-    let url = url_with(&format!("sslmode=verify-ca&sslrootcert={SERVER_CERT}"));
+    let url = url_with(&format!("sslmode=verify-ca&sslrootcert={server_cert}"));
     let source = PgListenerSource::builder(&url)
         .channel(unique("pgcw_tls_ca"))
         .connect()

@@ -1,6 +1,9 @@
 //! The WebSocket server over the in-memory source: PGCacheWatch's JSON, a slow
 //! client disconnected while a fast one keeps up, unknown channels and missing
-//! tokens refused, gaps and unhealthy sources closing every client.
+//! tokens refused, gaps and unhealthy sources closing every client; a burst far
+//! larger than the source's buffer passing every client that reads; requests
+//! that never finish closed after the handshake timeout, and connections above
+//! the limit refused while connected clients keep receiving.
 #![cfg(feature = "websocket")]
 
 use std::net::SocketAddr;
@@ -13,8 +16,13 @@ use pgcachewatch_backends::memory::InMemorySource;
 use pgcachewatch_backends::websocket::{
     WsError, WsServer, WsServerHandle, CLOSE_GAP, CLOSE_LAGGED, CLOSE_SHUTDOWN, CLOSE_UNHEALTHY,
 };
-use pgcachewatch_core::{Event, GapReason, Operation};
+use pgcachewatch_core::{
+    Event, EventSource, GapReason, Health, Operation, Signal, SignalHub, Subscription,
+    DEFAULT_HUB_CAPACITY,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsClientError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -99,7 +107,6 @@ async fn until_close(ws: &mut Client) -> (u16, String, usize) {
 
 /// The response's status line and headers to a plain `GET`.
 async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -384,5 +391,376 @@ async fn a_gap_or_an_unhealthy_source_closes_every_client() {
     let (code, _, _) = until_close(&mut d).await;
     assert_eq!(code, CLOSE_SHUTDOWN);
     wait_for("finished", || srv.is_finished()).await;
+    srv.shutdown().await;
+}
+
+/// A client read by a task of its own: counts the text messages it receives
+/// and records how its connection ended.
+struct Reader {
+    texts: Arc<AtomicUsize>,
+    ended: Arc<std::sync::Mutex<Option<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl Reader {
+    fn spawn(ws: Client) -> Reader {
+        let texts = Arc::new(AtomicUsize::new(0));
+        let ended = Arc::new(std::sync::Mutex::new(None));
+        let task = {
+            let (texts, ended) = (texts.clone(), ended.clone());
+            tokio::spawn(async move {
+                let mut ws = ws;
+                let how = loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(_))) => {
+                            texts.fetch_add(1, Ordering::Release);
+                        }
+                        Some(Ok(Message::Close(f))) => break format!("closed with {f:?}"),
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => break format!("failed: {e}"),
+                        None => break "ended".to_owned(),
+                    }
+                };
+                *ended.lock().unwrap() = Some(how);
+            })
+        };
+        Reader { texts, ended, task }
+    }
+
+    fn ended(&self) -> Option<String> {
+        self.ended.lock().unwrap().clone()
+    }
+
+    /// Waits (a bounded time) until it has received `n` messages; fails at
+    /// once if its connection ended.
+    async fn received(&self, who: &str, n: usize) {
+        let deadline = tokio::time::Instant::now() + BURST_WAIT;
+        loop {
+            if let Some(how) = self.ended() {
+                panic!(
+                    "{who} was disconnected after {} of {n} messages: {how}",
+                    self.texts.load(Ordering::Acquire)
+                );
+            }
+            if self.texts.load(Ordering::Acquire) >= n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{who} received {} of {n} messages in time",
+                self.texts.load(Ordering::Acquire)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// How long a reader may take to receive a burst (a debug build, on a loaded
+/// machine).
+const BURST_WAIT: Duration = Duration::from_secs(120);
+
+/// `n` events on `channel` emitted into `hub` in one batch, as the `LISTEN`
+/// source emits what it read of a large transaction.
+fn burst(hub: &SignalHub, channel: &str, table: &str, n: usize) {
+    let signals: Vec<Signal> = (0..n)
+        .map(|i| {
+            Signal::Event(Arc::new(
+                event(channel, table, Operation::Insert).with_txid(i as i64),
+            ))
+        })
+        .collect();
+    hub.send_batch(&signals);
+}
+
+/// Issue 18, item 6: a burst eleven times the source's own buffer (its default,
+/// 4,096 signals a subscriber) closes nobody who reads; a client that reads
+/// nothing is the only one disconnected, and only once it is really behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_45000_event_burst_passes_every_reading_client_and_only_a_stalled_one_is_closed() {
+    const BURST: usize = 45_000;
+    const MORE: usize = 10_000;
+    let source = SignalHub::new(DEFAULT_HUB_CAPACITY);
+    // The defaults, but for the time the stalled client gets to read up to its
+    // close frame at the end (this test reads it only once the others are done).
+    let srv = WsServer::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .channel(CH)
+        .close_timeout(Duration::from_secs(60))
+        .start(&source)
+        .await
+        .expect("server starts");
+    let a = Reader::spawn(connect(srv.local_addr(), CH, None).await.unwrap());
+    let b = Reader::spawn(connect(srv.local_addr(), CH, None).await.unwrap());
+    // Connected, and never read until the end.
+    let mut stalled = connect(srv.local_addr(), CH, None).await.unwrap();
+    clients(&srv, 3).await;
+
+    burst(&source, CH, "burst", BURST);
+    let mut sent = BURST;
+    a.received("reader a", sent).await;
+    b.received("reader b", sent).await;
+    let s = srv.stats();
+    assert_eq!((s.closed_by_source, s.clients), (0, 3), "{s:?}");
+
+    // More transactions until the stalled client is found out (its socket
+    // buffers take a few MiB first); the readers keep up with every one.
+    let mut rounds = 0;
+    while srv.stats().lagged == 0 {
+        rounds += 1;
+        assert!(rounds <= 100, "the stalled client was never disconnected");
+        burst(&source, CH, "more", MORE);
+        sent += MORE;
+        a.received("reader a", sent).await;
+        b.received("reader b", sent).await;
+    }
+    let s = srv.stats();
+    assert_eq!(
+        (s.lagged, s.clients, s.closed_by_source),
+        (1, 2, 0),
+        "{s:?}"
+    );
+
+    // Both readers still receive what comes after.
+    burst(&source, CH, "after", 10);
+    sent += 10;
+    a.received("reader a", sent).await;
+    b.received("reader b", sent).await;
+
+    let (code, reason, texts) = until_close(&mut stalled).await;
+    assert_eq!(code, CLOSE_LAGGED, "{reason}");
+    assert!(reason.contains("fell behind"), "{reason}");
+    assert!(texts < sent, "the stalled client got everything ({texts})");
+
+    srv.shutdown().await;
+    for r in [a, b] {
+        r.task.await.unwrap();
+        let how = r.ended.lock().unwrap().clone().unwrap();
+        assert!(how.contains("Away"), "{how}");
+    }
+}
+
+/// Opens a connection and sends an HTTP request line and one header, never the
+/// blank line that ends the request; with `drip`, then a byte of another header
+/// every 100 ms (a deadline, not an idle timeout, must close it). Returns how
+/// long until the server closed it, or `Err` if it was still open after `WAIT`.
+async fn unfinished_request(addr: SocketAddr, drip: bool) -> Result<Duration, String> {
+    let started = tokio::time::Instant::now();
+    let mut tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tcp.write_all(format!("GET /pgpubsub/{CH} HTTP/1.1\r\nHost: x\r\nX-Slow: ").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = started + WAIT;
+    let mut buf = [0u8; 1024];
+    loop {
+        tokio::select! {
+            read = tcp.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return Ok(started.elapsed()),
+                Ok(_) => {}
+            },
+            _ = tokio::time::sleep(Duration::from_millis(100)), if drip => {
+                if tcp.write_all(b"x").await.is_err() {
+                    return Ok(started.elapsed());
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(format!("still open after {WAIT:?}"));
+            }
+        }
+    }
+}
+
+/// Issue 18, item 9: sockets that never finish their request are closed after
+/// the handshake timeout (counted), while a connected client stays fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_never_finish_are_closed_after_the_handshake_timeout() {
+    const SLOW: usize = 40;
+    let (source, handle) = InMemorySource::pair();
+    let srv = server(&source, |b| b.handshake_timeout(Duration::from_secs(1))).await;
+    let mut fresh = connect(srv.local_addr(), CH, None).await.unwrap();
+    clients(&srv, 1).await;
+
+    let addr = srv.local_addr();
+    let slow: Vec<_> = (0..SLOW)
+        .map(|i| tokio::spawn(unfinished_request(addr, i % 2 == 1)))
+        .collect();
+    // While they hang, the connected client is served.
+    handle.publish(event(CH, "during", Operation::Insert));
+    assert_eq!(next_text(&mut fresh).await["table"], "during");
+
+    for (i, s) in slow.into_iter().enumerate() {
+        let closed = s.await.unwrap();
+        assert!(closed.is_ok(), "unfinished request {i}: {closed:?}");
+    }
+    wait_for("the timeouts counted", || {
+        srv.stats().handshake_timeouts == SLOW as u64
+    })
+    .await;
+    wait_for("their connections released", || {
+        srv.stats().connections == 1
+    })
+    .await;
+    handle.publish(event(CH, "after", Operation::Insert));
+    assert_eq!(next_text(&mut fresh).await["table"], "after");
+    assert_eq!(srv.stats().clients, 1);
+    srv.shutdown().await;
+}
+
+/// Issue 18, item 9: with `max_connections` open, more connections are refused
+/// at once (counted) while the connected clients keep receiving; slots come
+/// back as clients leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_above_the_limit_is_refused_while_connected_clients_keep_receiving() {
+    const LIMIT: usize = 8;
+    const FLOOD: usize = 200;
+    let (source, handle) = InMemorySource::pair();
+    // A long handshake timeout: what refuses the flood is the limit.
+    let srv = server(&source, |b| {
+        b.max_connections(LIMIT)
+            .handshake_timeout(Duration::from_secs(600))
+    })
+    .await;
+    let addr = srv.local_addr();
+    let fresh = Reader::spawn(connect(addr, CH, None).await.unwrap());
+    let mut held = Vec::new();
+    for _ in 1..LIMIT {
+        held.push(connect(addr, CH, None).await.unwrap());
+    }
+    clients(&srv, LIMIT).await;
+
+    // Events keep coming while the flood lasts.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (handle, stop) = (handle.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Acquire) {
+                handle.publish(event(CH, "during", Operation::Insert));
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            n
+        })
+    };
+    let flood = futures::future::join_all(
+        (0..FLOOD).map(|_| tokio::time::timeout(WAIT, connect(addr, CH, None))),
+    )
+    .await;
+    stop.store(true, Ordering::Release);
+    let published = publisher.await.unwrap();
+
+    let mut served = 0;
+    let mut not_answered = 0;
+    let mut with_503 = 0;
+    for attempt in &flood {
+        match attempt {
+            Ok(Ok(_)) => served += 1,
+            Ok(Err(e)) if http_status(e) == Some(503) => with_503 += 1,
+            Ok(Err(_)) => {}
+            Err(_) => not_answered += 1,
+        }
+    }
+    assert_eq!(
+        (served, not_answered),
+        (0, 0),
+        "of {FLOOD} connections above the limit, {served} were served and {not_answered} not answered in {WAIT:?}"
+    );
+    assert!(with_503 > 0, "none was told 503");
+    drop(flood);
+    wait_for("the refusals counted", || {
+        srv.stats().over_limit == FLOOD as u64
+    })
+    .await;
+    fresh.received("the connected client", published).await;
+    let s = srv.stats();
+    assert_eq!((s.clients, s.connections), (LIMIT, LIMIT), "{s:?}");
+
+    // Clients that leave give their slots back.
+    held.truncate(LIMIT - 3);
+    wait_for("slots released", || srv.stats().connections == LIMIT - 2).await;
+    let mut late = connect(addr, CH, None).await.expect("a slot is free again");
+    clients(&srv, LIMIT - 1).await;
+    handle.publish(event(CH, "late", Operation::Insert));
+    assert_eq!(next_text(&mut late).await["table"], "late");
+    fresh.received("the connected client", published + 1).await;
+    srv.shutdown().await;
+}
+
+/// If the server itself drops events (its pump did not run while
+/// `feed_buffer` events piled up: here a single-threaded runtime busy with the
+/// burst), every client is closed with 1011 and the loss is counted: the
+/// clients really missed events. New clients are served afterwards.
+#[tokio::test]
+async fn events_the_server_itself_drops_close_every_client_and_are_counted() {
+    let source = SignalHub::new(DEFAULT_HUB_CAPACITY);
+    let srv = WsServer::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .channel(CH)
+        .feed_buffer(1000)
+        .start(&source)
+        .await
+        .expect("server starts");
+    let mut ws = connect(srv.local_addr(), CH, None).await.unwrap();
+    clients(&srv, 1).await;
+    // The pump cannot run until this returns.
+    burst(&source, CH, "burst", 5000);
+    let (code, reason, texts) = until_close(&mut ws).await;
+    assert_eq!(code, CLOSE_GAP, "{reason}");
+    assert!(reason.contains("fell behind its source"), "{reason}");
+    assert!(texts <= 1000, "{texts}");
+    let s = srv.stats();
+    assert_eq!(
+        (s.feed_lost, s.closed_by_source, s.lagged),
+        (4000, 1, 0),
+        "{s:?}"
+    );
+
+    let mut again = connect(srv.local_addr(), CH, None).await.unwrap();
+    clients(&srv, 1).await;
+    burst(&source, CH, "after", 1);
+    assert_eq!(next_text(&mut again).await["table"], "after");
+    srv.shutdown().await;
+}
+
+/// A source that offers no inline attachment.
+#[derive(Debug)]
+struct SubscribeOnly(SignalHub);
+
+impl EventSource for SubscribeOnly {
+    fn subscribe(&self) -> Subscription {
+        self.0.subscribe()
+    }
+    fn health(&self) -> Health {
+        self.0.health()
+    }
+}
+
+/// A source read through a subscription serves the same events; a burst
+/// larger than that subscription's buffer is the source's `Lagged` gap, and
+/// closes every client with 1011: they really missed events.
+#[tokio::test]
+async fn a_source_without_inline_attachment_is_read_through_a_subscription() {
+    let source = SubscribeOnly(SignalHub::new(16));
+    let srv = WsServer::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .channel(CH)
+        .start(&source)
+        .await
+        .expect("server starts");
+    let mut ws = connect(srv.local_addr(), CH, None).await.unwrap();
+    clients(&srv, 1).await;
+    burst(&source.0, CH, "users", 1);
+    assert_eq!(next_text(&mut ws).await["table"], "users");
+
+    // The single-threaded runtime runs nothing else until this returns.
+    burst(&source.0, CH, "burst", 100);
+    let (code, reason, _) = until_close(&mut ws).await;
+    assert_eq!(code, CLOSE_GAP, "{reason}");
+    assert!(reason.contains("lagged"), "{reason}");
+    assert_eq!(srv.stats().feed_lost, 0);
+
+    source.0.set_health(Health::Unhealthy);
+    wait_for("unhealthy", || !srv.stats().healthy).await;
+    drop(source);
+    wait_for("finished once the source ended", || srv.is_finished()).await;
     srv.shutdown().await;
 }

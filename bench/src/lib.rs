@@ -1,7 +1,8 @@
 //! Code the benchmark programs in `src/bin/` share.
 
 use chrono::{DateTime, Utc};
-use pgcachewatch::{PayloadParser, Signal, SignalHub};
+use pgcachewatch::source_kit::{PayloadParser, SignalHub};
+use pgcachewatch::Signal;
 
 pub mod figures;
 

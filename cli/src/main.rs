@@ -4,21 +4,28 @@
 //! ```text
 //! pgcachewatch install public.users 'app."Orders"'          # checks, prints the SQL, applies nothing
 //! pgcachewatch install public.users --row-keys --commit     # applies it, in one transaction
+//! pgcachewatch install public.users --pgcachewatch-compat --commit  # for PGCacheWatch (Python) listeners
 //! pgcachewatch status                                       # triggers, listeners, queue usage
 //! pgcachewatch listen                                       # live events with their latency
-//! pgcachewatch record events.jsonl --duration 30s           # an event log the testkit replays
-//! pgcachewatch relay --nats-url nats://127.0.0.1:4222      # LISTEN → JetStream, for many services
+//! pgcachewatch record events.jsonl --duration 30s           # an event log the testkit replays (--force replaces one)
+//! pgcachewatch relay --nats-url nats://127.0.0.1:4222      # replication slot → JetStream, for many services
 //! pgcachewatch relay --ws-listen 127.0.0.1:8000 --no-nats   # LISTEN → WebSocket, for PGCacheWatch's WSEventQueue
 //! pgcachewatch relay status                                 # the relay's heartbeat, stream and lag
-//! pgcachewatch uninstall --commit                           # removes what install installed
+//! pgcachewatch uninstall public.users --commit              # removes what install installed
+//! pgcachewatch uninstall --all --commit                     # … from every table
 //! pgcachewatch replication setup public.users --commit      # publication + slot for the replication source
+//! pgcachewatch replication setup public.logs --replica-identity-full  # a table without a primary key
 //! pgcachewatch replication status                           # slots, their lag, whether consumed
 //! pgcachewatch replication teardown --commit                # drops the slot and the publication
+//! pgcachewatch explain 'SELECT * FROM users WHERE id = $1'  # row-level on public.users(id) from $1
+//! pgcachewatch explain --strict 'SELECT …'                  # exits non-zero on a fall-back to table-level
 //! ```
 //!
 //! The connection comes from `--database-url`, else `DATABASE_URL`, else libpq's
 //! `PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE` (and `PGSSLMODE`,
 //! `PGSSLROOTCERT`). TLS: `?sslmode=require`, or `?sslmode=verify-ca&sslrootcert=ca.pem`.
+//! Connection errors say which setting came from where (the URL, or a variable)
+//! and what to change; `--connect-timeout` bounds each connection attempt.
 //!
 //! Every failure prints `error: …` on stderr first and exits non-zero (2 for a
 //! bad command line). `install` and `uninstall` print their SQL in dry runs, and
@@ -39,8 +46,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use pgcachewatch::postgres::install::{Installer, DEFAULT_FUNCTION_NAME, DEFAULT_SCHEMA};
 use pgcachewatch::postgres::DEFAULT_CHANNEL;
+use pgcachewatch::postgres::{Installer, DEFAULT_FUNCTION_NAME, DEFAULT_SCHEMA};
 use pgcachewatch::replication::{ReplicationSetup, DEFAULT_PUBLICATION, DEFAULT_SLOT};
 
 /// Keep in-process caches consistent with PostgreSQL: manage the triggers that
@@ -53,6 +60,11 @@ struct Cli {
     /// PGDATABASE are used.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
+
+    /// How long connecting to PostgreSQL may take (TCP, TLS, authentication)
+    /// before the command gives up: 500ms, 10s, 1m.
+    #[arg(long, global = true, default_value = "10s", value_parser = duration::parse, value_name = "DURATION")]
+    connect_timeout: Duration,
 
     #[command(subcommand)]
     command: Command,
@@ -70,9 +82,16 @@ enum Command {
         /// The NOTIFY channel the triggers send on.
         #[arg(long, default_value = DEFAULT_CHANNEL, value_parser = channel_name)]
         channel: String,
+        /// Notify on PGCacheWatch's default channel, ch_pgcachewatch_table_change
+        /// (the same as --channel ch_pgcachewatch_table_change): Python services
+        /// whose PGCacheWatch PGEventQueue listens with its defaults are then
+        /// invalidated by these triggers (they read this payload as is).
+        #[arg(long, conflicts_with = "channel")]
+        pgcachewatch_compat: bool,
         /// Send the primary keys of affected rows (row mode: what the Keyed strategy
         /// needs to drop single rows; falls back to table-level events above
-        /// PostgreSQL's 8000-byte payload limit). Tables need a primary key.
+        /// PostgreSQL's 8000-byte payload limit). A table without a primary key
+        /// still gets table-level events: install warns about it.
         #[arg(long)]
         row_keys: bool,
         /// Allow switching tables that already have pgcachewatch's triggers between
@@ -84,11 +103,16 @@ enum Command {
         target: TriggerArgs,
     },
     /// Print (or with --commit, apply) the SQL that removes the triggers installed on
-    /// TABLEs (on every table if none is named), and the function once unused.
+    /// TABLEs (with --all: on every table), and the function once unused.
     Uninstall {
-        /// Tables to stop watching; all of them if none is given.
+        /// Tables to stop watching. Without any, the dry run lists the triggers of
+        /// every table, and --commit needs --all.
         #[arg(value_name = "TABLE")]
         tables: Vec<String>,
+        /// Remove the triggers from every table that has them (calling this
+        /// function), instead of from the TABLEs named.
+        #[arg(long, conflicts_with = "tables")]
+        all: bool,
         #[command(flatten)]
         target: TriggerArgs,
     },
@@ -108,22 +132,51 @@ enum Command {
         #[command(flatten)]
         stop: StopArgs,
     },
-    /// Publish the events of the LISTEN channels to NATS JetStream (one PostgreSQL
-    /// connection for every service that subscribes through NATS) and/or, with
-    /// --ws-listen, serve them at ws://ADDR/pgpubsub/{channel} to PGCacheWatch's
-    /// WSEventQueue (--no-nats: WebSocket only); `relay status` shows the NATS
-    /// relay's health and lag.
+    /// Publish the events of a logical-replication slot (the default; lossless)
+    /// or, with --source listen, of LISTEN channels to NATS JetStream (one
+    /// PostgreSQL connection for every service that subscribes through NATS)
+    /// and/or, with --ws-listen (LISTEN channels), serve them at
+    /// ws://ADDR/pgpubsub/{channel} to PGCacheWatch's WSEventQueue (--no-nats:
+    /// WebSocket only); `relay status` shows the NATS relay's health and lag.
     Relay(Box<commands::RelayArgs>),
     /// Write received events to FILE as a JSON-lines event log that the testkit replays.
     Record {
-        /// Where to write the log (overwritten).
+        /// Where to write the log: a new file (an existing one is refused unless
+        /// --force).
         #[arg(value_name = "FILE")]
         file: std::path::PathBuf,
+        /// Replace FILE if it exists (its previous capture is lost).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         channels: ChannelArgs,
         #[command(flatten)]
         stop: StopArgs,
         /// Print the closing summary as JSON on stdout instead of text on stderr.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a cached query over SQL depends on, resolved on the server as
+    /// `CachedQuery::attach` resolves it: "row-level on public.users(id) from
+    /// $1", or "table-level on public.users, public.orgs: join". Exits non-zero
+    /// on a refusal (FOR UPDATE, now(), a materialized view, …) and, with
+    /// --strict, on any fall-back to table-level.
+    Explain {
+        /// The statement (one SELECT; parameters as $1, $2, …).
+        #[arg(value_name = "SQL")]
+        sql: String,
+        /// Fail (exit non-zero) unless the query is row-level.
+        #[arg(long)]
+        strict: bool,
+        /// Resolve names through this search_path (as the application's
+        /// connections have it), e.g. "app, public"; default: the server's.
+        #[arg(long, value_name = "SCHEMAS")]
+        search_path: Option<String>,
+        /// Skip the cross-check with the statement's generic plan (PREPARE +
+        /// EXPLAIN), for connections that may not prepare statements.
+        #[arg(long)]
+        no_plan_check: bool,
+        /// Print JSON: explain, level, reason, tables, resolution_key, warnings.
         #[arg(long)]
         json: bool,
     },
@@ -137,14 +190,29 @@ enum Command {
 /// The `replication` subcommands.
 #[derive(Debug, Subcommand)]
 enum ReplicationCommand {
-    /// Check the server, then create the publication for TABLEs and the slot
-    /// (pgoutput); prints the SQL, applies it only with --commit.
+    /// Check the server and the TABLEs, then create the publication for them (with
+    /// publish_via_partition_root, so a write to a partition arrives as its
+    /// partitioned table) and the slot (pgoutput); prints the SQL, applies it only
+    /// with --commit. The dry run reads the catalog and makes every check --commit
+    /// makes. Refuses a table that does not exist, a view, a materialized view, a
+    /// foreign or unlogged table, and a table without a primary key (published, its
+    /// UPDATEs and DELETEs would fail) unless --replica-identity-full.
     Setup {
         /// Tables to publish (schema.table; quote mixed case: 'app."Orders"').
+        /// A partitioned table is published as itself (it needs a primary key).
         #[arg(required = true, value_name = "TABLE")]
         tables: Vec<String>,
         #[command(flatten)]
         names: ReplicationNames,
+        /// Publish tables without a primary key (or with REPLICA IDENTITY NOTHING) by
+        /// running ALTER TABLE … REPLICA IDENTITY FULL on them, instead of refusing.
+        /// Costs: every UPDATE and DELETE on such a table then writes the whole old
+        /// row to the WAL (more WAL to retain and stream), and a table without a
+        /// primary key gets table-level events (no row keys: each change invalidates
+        /// the whole table). A partition created later needs it too (run setup
+        /// again). Adding a primary key is the better fix.
+        #[arg(long)]
+        replica_identity_full: bool,
         /// Apply the SQL (without it: a dry run).
         #[arg(long)]
         commit: bool,
@@ -243,8 +311,43 @@ fn channel_name(value: &str) -> Result<String, String> {
     }
 }
 
+/// Without `RUST_LOG`: the library's warnings, except those the commands report
+/// in their own words (`install`'s tables without a primary key).
+const DEFAULT_LOG_FILTER: &str = "warn,pgcachewatch_backends::postgres::install::row_keys=error";
+
+impl Cli {
+    /// What clap's attributes cannot say: `uninstall --commit` names its tables
+    /// or says `--all`.
+    fn check(&self) -> Result<(), clap::Error> {
+        if let Command::Uninstall {
+            tables,
+            all: false,
+            target,
+        } = &self.command
+        {
+            if target.commit && tables.is_empty() {
+                let mut cmd = <Cli as clap::CommandFactory>::command();
+                cmd.build();
+                let message = "uninstall --commit without a TABLE would remove pgcachewatch's \
+                               triggers from every table: name the TABLEs to stop watching, or \
+                               add --all to mean every table (without --commit, uninstall only \
+                               lists what it would remove)";
+                let kind = clap::error::ErrorKind::MissingRequiredArgument;
+                return Err(match cmd.find_subcommand_mut("uninstall") {
+                    Some(uninstall) => uninstall.error(kind, message),
+                    None => cmd.error(kind, message),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = cli.check() {
+        e.exit();
+    }
     // Two rustls crypto providers are linked (NATS's ring, the replication
     // client's aws-lc-rs): rustls then picks none by itself, and sqlx's
     // verify-ca verifier would panic. Choose one for the process.
@@ -252,7 +355,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

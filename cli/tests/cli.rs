@@ -161,6 +161,16 @@ fn wait(mut child: Child) -> (std::process::ExitStatus, String) {
     }
 }
 
+/// Sends the binary a Ctrl-C (SIGINT) and waits for it to exit ([`wait`]).
+fn interrupt(child: Child) -> (std::process::ExitStatus, String) {
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill -INT failed");
+    wait(child)
+}
+
 #[test]
 fn install_dry_run_prints_sql_and_changes_nothing() {
     let s = Scratch::new("pgcw_cli_dry");
@@ -231,7 +241,7 @@ fn commit_installs_status_shows_it_and_uninstall_removes_it() {
     assert_eq!((s.trigger_count(), s.function_count()), (4, 1));
     ok(&[&["uninstall", &table, "--commit"][..], &common[..2]].concat());
     assert_eq!((s.trigger_count(), s.function_count()), (0, 0));
-    let (_, stderr) = ok(&[&["uninstall", "--commit"][..], &common[..2]].concat());
+    let (_, stderr) = ok(&[&["uninstall", "--all", "--commit"][..], &common[..2]].concat());
     assert!(stderr.contains("nothing to uninstall"), "{stderr}");
 }
 
@@ -345,12 +355,7 @@ fn record_writes_a_replayable_log_and_flushes_on_ctrl_c() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let killed = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let (status, _) = wait(child);
+    let (status, _) = interrupt(child);
     assert!(status.success(), "record exited with {status}");
     let summary: Vec<String> = stderr.try_iter().collect();
     assert!(
@@ -544,7 +549,10 @@ fn tls_settings_in_the_url_are_honoured() {
     let (out, _, stderr) = run(pgcachewatch()
         .env(
             "DATABASE_URL",
-            format!("{url}{sep}sslmode=verify-ca&sslrootcert=/etc/ssl/certs/ssl-cert-snakeoil.pem"),
+            format!(
+                "{url}{sep}sslmode=verify-ca&sslrootcert={}",
+                pgcachewatch::testkit::env::server_root_cert()
+            ),
         )
         .arg("status"));
     assert!(out.status.success(), "{stderr}");
@@ -734,4 +742,748 @@ fn spawn_until_line_or_exit(
 /// The value of an aligned summary row (`  label   value`), if `line` is that row.
 fn summary_row<'a>(line: &'a str, label: &str) -> Option<&'a str> {
     line.trim_start().strip_prefix(label).map(str::trim)
+}
+
+/// A slot and a publication of a test's own for `replication setup`; whatever
+/// of them exists is dropped with it (also when the test fails).
+struct Replication<'a> {
+    s: &'a Scratch,
+    slot: String,
+    publication: String,
+}
+
+impl<'a> Replication<'a> {
+    fn new(s: &'a Scratch) -> Self {
+        Replication {
+            s,
+            slot: unique("pgcw_slot"),
+            publication: unique("pgcw_cli_rpub"),
+        }
+    }
+
+    /// `replication setup TABLE --slot … --publication …` with `extra` arguments.
+    fn setup(&self, table: &str, extra: &[&str]) -> Command {
+        let mut cmd = pgcachewatch();
+        cmd.args([
+            "replication",
+            "setup",
+            table,
+            "--slot",
+            &self.slot,
+            "--publication",
+            &self.publication,
+        ])
+        .args(extra);
+        cmd
+    }
+
+    /// Whether the publication and the slot exist.
+    fn exists(&self) -> (bool, bool) {
+        (
+            self.s.scalar(&format!(
+                "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '{}')",
+                self.publication
+            )),
+            self.s.scalar(&format!(
+                "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}')",
+                self.slot
+            )),
+        )
+    }
+}
+
+impl Drop for Replication<'_> {
+    fn drop(&mut self) {
+        let _ = self.s.rt.block_on(
+            sqlx::query(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+            )
+            .bind(&self.slot)
+            .execute(&self.s.db),
+        );
+        let sql = format!("DROP PUBLICATION IF EXISTS \"{}\"", self.publication);
+        let _ = self.s.rt.block_on(sqlx::raw_sql(&sql).execute(&self.s.db));
+    }
+}
+
+impl Scratch {
+    /// The one value `sql` returns.
+    fn scalar<T>(&self, sql: &str) -> T
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+    {
+        self.rt
+            .block_on(sqlx::query_scalar(sql).fetch_one(&self.db))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// `pg_class.relreplident` of `table` in the scratch schema.
+    fn replica_identity(&self, table: &str) -> String {
+        self.scalar(&format!(
+            "SELECT relreplident::text FROM pg_class WHERE oid = '\"{}\".\"{table}\"'::regclass",
+            self.schema
+        ))
+    }
+}
+
+#[test]
+fn replication_setup_refuses_a_keyless_table_unless_told_to_log_whole_rows() {
+    let s = Scratch::new("pgcw_cli_rkey");
+    s.exec(&format!(
+        "CREATE TABLE \"{0}\".logs (v text); INSERT INTO \"{0}\".logs VALUES ('a')",
+        s.schema
+    ));
+    let logs = format!("{}.logs", s.schema);
+    let r = Replication::new(&s);
+
+    // The dry run refuses as --commit does: exit 1, the error and its fix, no SQL.
+    for extra in [&[][..], &["--commit"]] {
+        let (stdout, stderr) = fails(&mut r.setup(&logs, extra), Some(1));
+        assert!(
+            stdout.is_empty(),
+            "SQL printed despite the error:\n{stdout}"
+        );
+        assert!(
+            stderr.contains(&format!("\"{}\".\"logs\"", s.schema))
+                && stderr.contains("no primary key")
+                && stderr.contains("--replica-identity-full"),
+            "{extra:?}: {stderr}"
+        );
+    }
+    assert_eq!(r.exists(), (false, false));
+    // The application's writes still work: nothing was published.
+    s.exec(&format!("UPDATE {logs} SET v = 'b'"));
+
+    // --replica-identity-full: the dry run shows the ALTER TABLE, changes nothing.
+    let (stdout, _) = ok_cmd(&mut r.setup(&logs, &["--replica-identity-full"]));
+    assert!(
+        stdout.contains(&format!(
+            "ALTER TABLE \"{}\".\"logs\" REPLICA IDENTITY FULL;",
+            s.schema
+        )),
+        "{stdout}"
+    );
+    assert_eq!(s.replica_identity("logs"), "d");
+    assert_eq!(r.exists(), (false, false));
+    ok_cmd(&mut r.setup(&logs, &["--replica-identity-full", "--commit"]));
+    assert_eq!(s.replica_identity("logs"), "f");
+    assert_eq!(r.exists(), (true, true));
+    s.exec(&format!("UPDATE {logs} SET v = 'c'"));
+    s.exec(&format!("DELETE FROM {logs}"));
+}
+
+#[test]
+fn replication_setup_dry_run_refuses_what_cannot_be_published() {
+    let s = Scratch::new("pgcw_cli_rkind");
+    s.exec(&format!(
+        "CREATE VIEW \"{0}\".v AS SELECT id FROM \"{0}\".t",
+        s.schema
+    ));
+    let r = Replication::new(&s);
+    for (name, says) in [("missing", "does not exist"), ("v", "is a view")] {
+        let table = format!("{}.{name}", s.schema);
+        let (stdout, stderr) = fails(&mut r.setup(&table, &[]), Some(1));
+        assert!(stdout.is_empty(), "{stdout}");
+        assert!(
+            stderr.contains(&format!("\"{}\".\"{name}\"", s.schema)) && stderr.contains(says),
+            "{name}: {stderr}"
+        );
+    }
+    assert_eq!(r.exists(), (false, false));
+}
+
+#[test]
+fn replication_setup_publishes_a_partitioned_table_via_its_root() {
+    let s = Scratch::new("pgcw_cli_rpart");
+    s.exec(&format!(
+        "CREATE TABLE \"{0}\".orders (id int, region text, PRIMARY KEY (id, region)) \
+           PARTITION BY LIST (region);
+         CREATE TABLE \"{0}\".orders_eu PARTITION OF \"{0}\".orders FOR VALUES IN ('eu');
+         CREATE TABLE \"{0}\".orders_us PARTITION OF \"{0}\".orders FOR VALUES IN ('us')",
+        s.schema
+    ));
+    let orders = format!("{}.orders", s.schema);
+    let r = Replication::new(&s);
+    let (stdout, _) = ok_cmd(&mut r.setup(&orders, &[]));
+    assert!(
+        stdout.contains("WITH (publish_via_partition_root = true);"),
+        "{stdout}"
+    );
+    ok_cmd(&mut r.setup(&orders, &["--commit"]));
+    let via_root: bool = s.scalar(&format!(
+        "SELECT pubviaroot FROM pg_publication WHERE pubname = '{}'",
+        r.publication
+    ));
+    assert!(via_root, "the publication does not publish via the root");
+    s.exec(&format!("INSERT INTO {orders} VALUES (1, 'eu')"));
+    s.exec(&format!("UPDATE {orders} SET id = 2"));
+}
+
+/// Runs `cmd` and expects success.
+fn ok_cmd(cmd: &mut Command) -> (String, String) {
+    let (out, stdout, stderr) = run(cmd);
+    assert!(out.status.success(), "{cmd:?} failed:\n{stderr}");
+    (stdout, stderr)
+}
+
+// Issue 20, item 4: no destructive or silent defaults.
+
+#[test]
+fn record_refuses_to_replace_an_existing_file_without_force() {
+    let channel = unique("pgcw_cli_rforce");
+    let file = std::env::temp_dir().join(format!("{}.jsonl", unique("pgcw_cli_rforce")));
+    let path = file.to_str().unwrap();
+    std::fs::write(&file, "a capture worth keeping\n").unwrap();
+
+    let (stdout, stderr) = fails(
+        pgcachewatch().args(["record", path, "--channel", &channel, "--count", "0"]),
+        Some(1),
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains(path) && stderr.contains("already exists") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "a capture worth keeping\n",
+        "the existing file was touched"
+    );
+
+    // --force replaces it, and says so.
+    let (_, stderr) = ok(&[
+        "record",
+        path,
+        "--channel",
+        &channel,
+        "--count",
+        "0",
+        "--force",
+    ]);
+    assert!(stderr.contains("replacing"), "{stderr}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(!text.contains("worth keeping"), "{text}");
+    EventLogReader::new(text.as_bytes()).expect("a new event log");
+}
+
+#[test]
+fn uninstall_commit_without_a_table_needs_all() {
+    let s = Scratch::new("pgcw_cli_unall");
+    let channel = unique("pgcw_cli_unall");
+    s.install_on(&channel, &[]);
+    let schema = ["--function-schema", s.schema.as_str()];
+
+    let (stdout, stderr) = fails(
+        pgcachewatch().args([&["uninstall", "--commit"][..], &schema].concat()),
+        Some(2),
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("every table") && stderr.contains("--all") && stderr.contains("TABLE"),
+        "{stderr}"
+    );
+    assert_eq!((s.trigger_count(), s.function_count()), (4, 1));
+    // The dry run still lists everything, and says what --commit needs.
+    let (plan, stderr) = ok(&[&["uninstall"][..], &schema].concat());
+    assert_eq!(plan.matches("DROP TRIGGER").count(), 4, "{plan}");
+    assert!(stderr.contains("--all"), "{stderr}");
+    // A table and --all together make no sense.
+    fails(
+        pgcachewatch()
+            .args([&["uninstall", &s.table(), "--all", "--commit"][..], &schema].concat()),
+        Some(2),
+    );
+    assert_eq!(s.trigger_count(), 4);
+    ok(&[&["uninstall", "--all", "--commit"][..], &schema].concat());
+    assert_eq!((s.trigger_count(), s.function_count()), (0, 0));
+}
+
+#[test]
+fn install_row_keys_warns_about_a_table_without_a_primary_key() {
+    let s = Scratch::new("pgcw_cli_nopk");
+    s.exec(&format!("CREATE TABLE \"{}\".logs (line text)", s.schema));
+    let logs = format!("{}.logs", s.schema);
+    let schema = ["--function-schema", s.schema.as_str()];
+    for commit in [&[][..], &["--commit"]] {
+        let (_, stderr) = ok(&[&["install", &logs, "--row-keys"][..], commit, &schema].concat());
+        let warnings: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("no primary key"))
+            .collect();
+        assert_eq!(
+            warnings.len(),
+            1,
+            "{commit:?}: one warning, in the CLI's words:\n{stderr}"
+        );
+        let warning = warnings[0];
+        assert!(
+            warning.starts_with("warning: ")
+                && warning.contains(&format!("\"{}\".\"logs\"", s.schema))
+                && warning.contains("table-level")
+                && warning.contains("primary key"),
+            "{warning}"
+        );
+    }
+    // A table with a primary key: no warning.
+    let (_, stderr) = ok(&[&["install", &s.table(), "--row-keys"][..], &schema].concat());
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+// Issue 20, item 5: every message says what to do.
+
+#[test]
+fn a_missing_certificate_file_is_named_with_where_it_was_set() {
+    let url = database_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let missing = "/nonexistent/pgcw-ca.pem";
+    let (_, stderr) = fails(
+        pgcachewatch()
+            .env(
+                "DATABASE_URL",
+                format!("{url}{sep}sslmode=verify-ca&sslrootcert={missing}"),
+            )
+            .arg("status"),
+        Some(1),
+    );
+    assert!(
+        stderr.contains(missing)
+            && stderr.contains("does not exist")
+            && stderr.contains("sslrootcert")
+            && stderr.contains("--database-url"),
+        "{stderr}"
+    );
+    // From PGSSLROOTCERT: the variable is named, not the URL.
+    let (_, stderr) = fails(
+        pgcachewatch()
+            .env("PGSSLMODE", "verify-ca")
+            .env("PGSSLROOTCERT", missing)
+            .args(["listen", "--count", "1"]),
+        Some(1),
+    );
+    assert!(
+        stderr.contains(missing)
+            && stderr.contains("does not exist")
+            && stderr.contains("PGSSLROOTCERT"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn listen_timeout_names_the_command_line_flag() {
+    // Accepts TCP connections and never answers (the kernel completes the
+    // handshake; nothing reads).
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = black_hole.local_addr().unwrap();
+    let started = std::time::Instant::now();
+    let (_, stderr) = fails(
+        pgcachewatch()
+            .env("DATABASE_URL", format!("postgres://postgres@{addr}/test"))
+            .args(["listen", "--connect-timeout", "300ms"]),
+        Some(1),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stderr.contains(&addr.to_string()) && stderr.contains("--connect-timeout"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(".connect_timeout("),
+        "library words: {stderr}"
+    );
+    drop(black_hole);
+}
+
+#[test]
+fn a_bad_sslmode_is_one_line_listing_the_valid_values() {
+    let url = database_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let valid = "disable, allow, prefer, require, verify-ca, verify-full";
+    let (_, stderr) = fails(
+        pgcachewatch()
+            .env("DATABASE_URL", format!("{url}{sep}sslmode=bogus"))
+            .arg("status"),
+        Some(1),
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("sslmode \"bogus\"")
+            && stderr.contains(valid)
+            && stderr.contains("--database-url"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("error with configuration"), "{stderr}");
+
+    // From PGSSLMODE (which sqlx alone would silently ignore): the variable is blamed.
+    let (_, stderr) = fails(
+        pgcachewatch().env("PGSSLMODE", "bogus").arg("status"),
+        Some(1),
+    );
+    assert!(
+        stderr.contains("PGSSLMODE") && stderr.contains("\"bogus\"") && stderr.contains(valid),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("--database-url"),
+        "the URL is not at fault: {stderr}"
+    );
+}
+
+#[test]
+fn tls_settings_from_the_environment_are_blamed_on_the_environment() {
+    // verify-full fails whichever certificate the test server has: Debian's
+    // snakeoil one names the machine, not 127.0.0.1 (and with native-tls the
+    // system's CA directory, where Debian links it, is trusted as well, so
+    // verify-ca would pass), and a certificate made for the run is signed by a
+    // CA that is not among the public roots.
+    let roots = "/etc/ssl/certs/ca-certificates.crt";
+    let url = database_url();
+    let (_, stderr) = fails(
+        pgcachewatch()
+            .env("DATABASE_URL", &url)
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", roots)
+            .arg("status"),
+        Some(1),
+    );
+    assert!(
+        stderr.contains("sslmode=verify-full from PGSSLMODE")
+            && stderr.contains(&format!("sslrootcert {roots} from PGSSLROOTCERT")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("settings from --database-url / DATABASE_URL)"),
+        "the URL is blamed for the variables' settings: {stderr}"
+    );
+    // The URL's own setting wins over the variable, and is named as the URL's.
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let (_, stderr) = fails(
+        pgcachewatch()
+            .env("DATABASE_URL", format!("{url}{sep}sslmode=verify-full"))
+            .env("PGSSLMODE", "disable")
+            .env("PGSSLROOTCERT", roots)
+            .arg("status"),
+        Some(1),
+    );
+    assert!(
+        stderr.contains("sslmode=verify-full from --database-url / DATABASE_URL")
+            && stderr.contains(&format!("sslrootcert {roots} from PGSSLROOTCERT")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn relay_help_says_replication_is_the_default_source() {
+    let (top, _) = ok(&["--help"]);
+    let relay_line = top
+        .lines()
+        .find(|l| l.trim_start().starts_with("relay"))
+        .unwrap_or_else(|| panic!("no relay line in:\n{top}"));
+    assert!(
+        relay_line.contains("replication slot") && !relay_line.contains("of the LISTEN channels"),
+        "{relay_line}"
+    );
+    let (help, _) = ok(&["relay", "--help"]);
+    assert!(
+        help.contains("logical-replication slot (the default") && help.contains("--source listen"),
+        "{help}"
+    );
+}
+
+// Issue 20, item 6: PGCacheWatch's users.
+
+/// `bench/python/.venv`'s interpreter with PGCacheWatch 0.4.2, made
+/// (idempotently, with pip) by `bench/python/setup.sh`; `None`, with the reason
+/// printed, only when Python or pip is missing outside CI.
+fn pgcachewatch_python() -> Option<std::path::PathBuf> {
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let works = |args: &[&str]| {
+        Command::new(&python)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    // setup.sh makes a venv, whose pip comes from ensurepip.
+    if !works(&["-c", "import ensurepip, venv"]) {
+        assert!(
+            !in_ci,
+            "CI=true but {python} has no venv/pip: the PGCacheWatch test must run in CI"
+        );
+        eprintln!(
+            "SKIPPED: {python} or its pip (ensurepip, venv) is missing, so PGCacheWatch 0.4.2 \
+             cannot be installed (Debian: apt-get install python3-venv)"
+        );
+        return None;
+    }
+    let bench = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/python");
+    let status = Command::new("bash")
+        .arg(bench.join("setup.sh"))
+        .status()
+        .expect("bash runs");
+    assert!(
+        status.success(),
+        "bench/python/setup.sh failed: PGCacheWatch 0.4.2 could not be installed"
+    );
+    Some(bench.join(".venv/bin/python"))
+}
+
+#[test]
+fn pgcachewatch_compat_invalidates_a_pgcachewatch_service_on_its_default_channel() {
+    let Some(python) = pgcachewatch_python() else {
+        return;
+    };
+    let s = Scratch::new("pgcw_cli_py");
+    let table_name = unique("pgcw_py");
+    s.exec(&format!(
+        "CREATE TABLE \"{}\".{table_name} (id int PRIMARY KEY, v text)",
+        s.schema
+    ));
+    let table = format!("{}.{table_name}", s.schema);
+    // The one flag: PGCacheWatch's channel, with pgcachewatch's payload.
+    let (_, stderr) = ok(&[
+        "install",
+        &table,
+        "--pgcachewatch-compat",
+        "--commit",
+        "--function-schema",
+        &s.schema,
+    ]);
+    assert!(
+        stderr.contains("channel \"ch_pgcachewatch_table_change\""),
+        "{stderr}"
+    );
+    // --channel and the flag together make no sense.
+    fails(
+        pgcachewatch().args(["install", &table, "--pgcachewatch-compat", "--channel", "x"]),
+        Some(2),
+    );
+
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../backends/tests/python/pgeventqueue_client.py");
+    let mut child = Command::new(&python)
+        .arg(&script)
+        .arg(database_url())
+        .arg(&table_name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut next = || {
+        lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|e| {
+                let _ = child.kill();
+                panic!("no line from the PGCacheWatch service: {e}")
+            })
+    };
+    assert_eq!(next(), "cached 1");
+    assert_eq!(next(), "ready");
+    s.exec(&format!("INSERT INTO {table} VALUES (1, 'a')"));
+    let line = next();
+    let event: serde_json::Value = serde_json::from_str(&line).expect(&line);
+    assert_eq!(event["channel"], "ch_pgcachewatch_table_change", "{line}");
+    assert_eq!(event["operation"], "insert", "{line}");
+    assert_eq!(event["table"], table_name.as_str(), "{line}");
+    assert_eq!(next(), "invalidated 2");
+    let status = child.wait().expect("python exits");
+    assert!(
+        status.success(),
+        "the PGCacheWatch service failed: {status}"
+    );
+}
+
+// Issue 18, item 7: what operators read when NATS is not there.
+
+/// `relay status` for a stream that does not exist names it, says what to
+/// check, and exits 1: no raw JetStream error code.
+#[test]
+fn relay_status_for_a_missing_stream_names_the_stream() {
+    let stream = unique("PGCW_NO_SUCH_STREAM").to_uppercase();
+    let nats = pgcachewatch::testkit::env::nats_url();
+    let (stdout, stderr) = fails(
+        pgcachewatch().args(["relay", "status", "--nats-url", &nats, "--stream", &stream]),
+        Some(1),
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains(&format!("stream {stream} does not exist"))
+            && stderr.contains("a relay creates it"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("10059") && !stderr.contains("code 404"),
+        "a raw JetStream error: {stderr}"
+    );
+}
+
+/// A nats-server of the test's own (JetStream, a free port, a temporary
+/// store), killed with the guard.
+struct OwnNats {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnNats {
+    fn start() -> OwnNats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let dir = std::env::temp_dir().join(unique("pgcw_cli_nats"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| {
+            [
+                "/usr/sbin/nats-server",
+                "/usr/bin/nats-server",
+                "/usr/local/bin/nats-server",
+            ]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("nats-server")
+            .to_owned()
+        });
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed");
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OwnNats { child, port, dir }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// NATS goes away under a running relay: its report says NATS is
+/// unreachable (not "source healthy" with a growing in-flight count), and
+/// Ctrl-C still stops it cleanly.
+#[test]
+fn relay_report_says_nats_is_unreachable_when_it_is() {
+    let mut nats = OwnNats::start();
+    let url = nats.url();
+    let channel = unique("pgcw_cli_down");
+    let stream = unique("PGCW_CLI_DOWN").to_uppercase();
+    let (mut child, rx, _) = spawn_until_line(
+        &[
+            "relay",
+            "--source",
+            "listen",
+            "--channel",
+            &channel,
+            "--nats-url",
+            &url,
+            "--stream",
+            &stream,
+            "--prefix",
+            &channel,
+            "--heartbeat",
+            "100ms",
+            "--report-every",
+            "200ms",
+        ],
+        "relaying",
+    );
+    // Report lines keep coming: a deadline for the one awaited, not for each.
+    let until = |child: &mut Child, what: &str, pred: &dyn Fn(&str) -> bool| -> String {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let mut last = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if pred(&line) => return line,
+                Ok(line) => last = line,
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("the relay never reported {what} ({e}); its last line: {last}");
+                }
+            }
+        }
+    };
+    until(&mut child, "a healthy source", &|l| {
+        l.starts_with("-- source healthy")
+    });
+    nats.kill();
+    let line = until(&mut child, "NATS unreachable", &|l| {
+        l.starts_with("-- NATS UNREACHABLE")
+    });
+    assert!(
+        line.contains(&url) && line.contains("messages waiting") && line.contains("source healthy"),
+        "{line}"
+    );
+    let (status, _) = interrupt(child);
+    assert_eq!(status.code(), Some(0), "Ctrl-C with NATS down: {status:?}");
+}
+
+/// Ctrl-C stops the relay whenever it comes, also while the relay prints a
+/// report: a report every millisecond makes that the likely moment, and a
+/// Ctrl-C lost there would leave the relay running for ever.
+#[test]
+fn relay_stops_on_a_ctrl_c_that_comes_while_it_reports() {
+    let channel = unique("pgcw_cli_int");
+    for round in 0..25 {
+        let (child, rx, _) = spawn_until_line(
+            &[
+                "relay",
+                "--no-nats",
+                "--channel",
+                &channel,
+                "--ws-listen",
+                "127.0.0.1:0",
+                "--report-every",
+                "1ms",
+            ],
+            "serving",
+        );
+        // Reports are coming.
+        let mut reports = 0;
+        while reports < 3 {
+            let line = rx
+                .recv_timeout(PATIENCE)
+                .unwrap_or_else(|e| panic!("round {round}: no report ({e})"));
+            reports += usize::from(line.starts_with("-- websocket"));
+        }
+        let (status, _) = interrupt(child);
+        assert_eq!(status.code(), Some(0), "round {round}: {status:?}");
+    }
 }

@@ -13,7 +13,7 @@ use crate::source::{InlineAttachment, InlineHandler, Subscription};
 /// one line each on top of it.
 ///
 /// ```
-/// use pgcachewatch::{ClosableHub, Health, SignalHub};
+/// use pgcachewatch_core::{ClosableHub, Health, SignalHub};
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let hub = ClosableHub::new(SignalHub::new(16));
 /// let mut sub = hub.subscribe();

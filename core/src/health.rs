@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 ///
 /// ```
 /// use std::sync::Arc;
-/// use pgcachewatch::{HealthBoard, HealthVote};
+/// use pgcachewatch_core::{HealthBoard, HealthVote};
 /// let board = Arc::new(HealthBoard::named("orders"));
 /// assert!(board.is_healthy()); // nothing attached: a standalone target
 /// let a = HealthVote::new(board.clone());
@@ -108,7 +108,7 @@ impl HealthBoard {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use pgcachewatch::{HealthBoard, HealthVote};
+    /// use pgcachewatch_core::{HealthBoard, HealthVote};
     /// let board = Arc::new(HealthBoard::awaiting_attachment(Some("users".into())));
     /// assert!(!board.is_healthy()); // nothing feeds it yet
     /// let vote = HealthVote::new(board.clone());

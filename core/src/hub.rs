@@ -29,7 +29,7 @@ pub const MAX_HUB_CAPACITY: usize = 1 << 20;
 /// the same hub.
 ///
 /// ```
-/// use pgcachewatch::{Event, Operation, Signal, SignalHub};
+/// use pgcachewatch_core::{Event, Operation, Signal, SignalHub};
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let hub = SignalHub::new(2);
 /// let mut a = hub.subscribe();
@@ -56,7 +56,7 @@ pub const MAX_HUB_CAPACITY: usize = 1 << 20;
 ///
 /// ```
 /// use pgcachewatch::strategies::Greedy;
-/// use pgcachewatch::{Cache, Dispatcher, Event, Operation, SignalHub};
+/// use pgcachewatch_core::{Cache, Dispatcher, Event, Operation, SignalHub};
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let hub = SignalHub::new(16);
 /// let cache: Cache<u32, u32> = Cache::new(8);
@@ -135,7 +135,7 @@ impl SignalHub {
     /// [`Error::Config`](crate::Error::Config) naming the limits.
     ///
     /// ```
-    /// use pgcachewatch::SignalHub;
+    /// use pgcachewatch_core::SignalHub;
     /// assert!(SignalHub::check_capacity(4096).is_ok());
     /// assert!(SignalHub::check_capacity(0).is_err());
     /// assert!(SignalHub::check_capacity(usize::MAX).is_err());
@@ -177,7 +177,7 @@ impl SignalHub {
     /// the feature, it does nothing. Call it before handing out clones.
     ///
     /// ```
-    /// use pgcachewatch::{Event, Operation, SignalHub};
+    /// use pgcachewatch_core::{Event, Operation, SignalHub};
     /// let hub = SignalHub::new(16).with_label("orders-feed");
     /// hub.publish(Event::new("ch", Operation::Insert, "public", "orders"));
     /// ```
@@ -203,7 +203,7 @@ impl SignalHub {
     ///
     /// ```
     /// use std::sync::{Arc, Mutex};
-    /// use pgcachewatch::{Event, Operation, Signal, SignalHub};
+    /// use pgcachewatch_core::{Event, Operation, Signal, SignalHub};
     /// let hub = SignalHub::new(16);
     /// let seen = Arc::new(Mutex::new(Vec::new()));
     /// let log = seen.clone();
@@ -272,7 +272,7 @@ impl SignalHub {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use pgcachewatch::{Event, Operation, Signal, SignalHub};
+    /// use pgcachewatch_core::{Event, Operation, Signal, SignalHub};
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
     /// let hub = SignalHub::new(16);
     /// let event = |i| Signal::Event(Event::new("ch", Operation::Insert, "public", "t").with_txid(i).into());

@@ -61,13 +61,15 @@ mod sync;
 pub mod telemetry;
 
 pub use cache::{
-    Cache, CacheBuilder, CacheStats, InvalidationTarget, RemovalCause, WhileUnhealthy,
+    Cache, CacheBuilder, CacheStats, InvalidationTarget, Refresh, RefreshTask, RemovalCause,
+    WhileUnhealthy,
 };
 pub use closable_hub::ClosableHub;
 pub use dispatcher::{Dispatcher, DispatcherHandle, DispatcherStats, WaitError};
 pub use error::{BoxError, Error, Result};
 pub use event::{
-    Event, IntoTableRef, InvalidTableName, Operation, RowKey, TableRef, UnknownOperation,
+    EnvelopedRecord, Event, IntoTableRef, InvalidTableName, Operation, RowKey, SignalRecord,
+    TableRef, UnknownOperation,
 };
 pub use health::{HasHealthBoard, HealthBoard, HealthSummary, HealthVote};
 pub use hub::{SignalHub, DEFAULT_HUB_CAPACITY, MAX_HUB_CAPACITY};

@@ -260,7 +260,22 @@ impl Serialize for Name {
 
 impl<'de> Deserialize<'de> for Name {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer).map(Name::from)
+        // From the input's text where it can be borrowed: one copy (into the
+        // name), not two (into a `String`, then into the name).
+        struct NameVisitor;
+        impl serde::de::Visitor<'_> for NameVisitor {
+            type Value = Name;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a name (a string)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Name, E> {
+                Ok(Name::new(v))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Name, E> {
+                Ok(Name::from(v))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
     }
 }
 

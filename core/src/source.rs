@@ -47,7 +47,7 @@ use crate::signal::{GapReason, Health, Signal};
 /// Any type that owns a [`SignalHub`](crate::SignalHub) is a source in a few lines:
 ///
 /// ```
-/// use pgcachewatch::{EventSource, Health, Signal, SignalHub, Subscription};
+/// use pgcachewatch_core::{EventSource, Health, Signal, SignalHub, Subscription};
 ///
 /// #[derive(Debug)]
 /// struct Manual(SignalHub);
@@ -91,7 +91,7 @@ pub trait EventSource: Send + Sync + fmt::Debug + 'static {
     /// `nats:<stream>`, `memory`. The default is `custom`.
     ///
     /// ```
-    /// use pgcachewatch::{EventSource, Health, SignalHub, Subscription};
+    /// use pgcachewatch_core::{EventSource, Health, SignalHub, Subscription};
     /// #[derive(Debug)]
     /// struct Orders(SignalHub);
     /// impl EventSource for Orders {
@@ -243,7 +243,7 @@ impl Subscription {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use pgcachewatch::SignalHub;
+    /// use pgcachewatch_core::SignalHub;
     /// let alive = Arc::new(());
     /// let sub = SignalHub::new(4).subscribe().with_guard(alive.clone());
     /// assert_eq!(Arc::strong_count(&alive), 2);

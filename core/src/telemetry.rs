@@ -19,6 +19,9 @@
 //! | [`pgcachewatch_cache_invalidations_total`](CACHE_INVALIDATIONS) | counter | `cache`, `kind` | `key` (one key dropped), `table` (table invalidations), `all` (flushes: gaps, attach, `Decision::All`), `expired` (reads that found their entry past its time-to-live or -idle) |
 //! | [`pgcachewatch_cache_bypasses_total`](CACHE_BYPASSES) | counter | `cache` | reads that went to the loader because the source was unhealthy |
 //! | [`pgcachewatch_cache_entries`](CACHE_ENTRIES) | gauge | `cache` | entries held, set on every store, removal and `stats()` |
+//! | [`pgcachewatch_cache_refreshes_total`](CACHE_REFRESHES) | counter | `cache`, `kind` | background reloads ([`Refresh`](crate::Refresh)): `started`, `served` (stored), `discarded` (an invalidation arrived while it ran), `failed` (refresher error or panic, dropped), `skipped` (at `max_concurrent`, or no runtime) |
+//! | [`pgcachewatch_cache_warm_loads_total`](CACHE_WARM_LOADS) | counter | `cache` | refreshes started by warming after a flush |
+//! | [`pgcachewatch_cache_stale_served_total`](CACHE_STALE_SERVED) | counter | `cache` | reads answered with a key's previous value while its refresh ran ([`serve_stale_within`](crate::CacheBuilder::serve_stale_within)) |
 //! | [`pgcachewatch_source_events_total`](SOURCE_EVENTS) | counter | `source` | events the source emitted |
 //! | [`pgcachewatch_source_gaps_total`](SOURCE_GAPS) | counter | `source`, `reason` | gaps the source emitted: `connection_lost`, `heartbeat_timeout`, `reconnected`, `malformed_payload`, `slot_lost`, `injected` (a subscriber's own `lagged` gaps are not counted) |
 //! | [`pgcachewatch_source_healthy`](SOURCE_HEALTHY) | gauge | `source` | 1 while the source is healthy, else 0 |
@@ -57,7 +60,7 @@
 //!     .snapshot()
 //!     .into_vec()
 //!     .into_iter()
-//!     .find(|(key, ..)| key.key().name() == pgcachewatch::telemetry::CACHE_MISSES)
+//!     .find(|(key, ..)| key.key().name() == pgcachewatch_core::telemetry::CACHE_MISSES)
 //!     .map(|(.., value)| value);
 //! assert_eq!(misses, Some(metrics_util::debugging::DebugValue::Counter(1)));
 //! ```
@@ -87,6 +90,14 @@ pub const CACHE_INVALIDATIONS: &str = "pgcachewatch_cache_invalidations_total";
 pub const CACHE_BYPASSES: &str = "pgcachewatch_cache_bypasses_total";
 /// Gauge: entries held. Labels: `cache`.
 pub const CACHE_ENTRIES: &str = "pgcachewatch_cache_entries";
+/// Counter: background reloads by what became of them. Labels: `cache`,
+/// `kind` (`started`, `served`, `discarded`, `failed`, `skipped`).
+pub const CACHE_REFRESHES: &str = "pgcachewatch_cache_refreshes_total";
+/// Counter: refreshes started by warming after a flush. Labels: `cache`.
+pub const CACHE_WARM_LOADS: &str = "pgcachewatch_cache_warm_loads_total";
+/// Counter: reads answered with a key's previous value within the stale bound.
+/// Labels: `cache`.
+pub const CACHE_STALE_SERVED: &str = "pgcachewatch_cache_stale_served_total";
 
 /// Counter: events emitted by a source. Labels: `source`.
 pub const SOURCE_EVENTS: &str = "pgcachewatch_source_events_total";
@@ -153,12 +164,20 @@ pub(crate) struct CacheMetrics {
     pub(crate) flushes: Counter,
     pub(crate) expired: Counter,
     pub(crate) entries: Gauge,
+    pub(crate) refreshes_started: Counter,
+    pub(crate) refreshes_served: Counter,
+    pub(crate) refreshes_discarded: Counter,
+    pub(crate) refreshes_failed: Counter,
+    pub(crate) refreshes_skipped: Counter,
+    pub(crate) warm_loads: Counter,
+    pub(crate) stale_served: Counter,
 }
 
 impl CacheMetrics {
     pub(crate) fn new(name: Option<&str>) -> Self {
         let cache = name.unwrap_or(UNNAMED).to_owned();
         let kind = |kind: &'static str| counter!(CACHE_INVALIDATIONS, "cache" => cache.clone(), "kind" => kind);
+        let refreshes = |kind: &'static str| counter!(CACHE_REFRESHES, "cache" => cache.clone(), "kind" => kind);
         CacheMetrics {
             hits: counter!(CACHE_HITS, "cache" => cache.clone()),
             exported_hits: AtomicU64::new(0),
@@ -172,6 +191,13 @@ impl CacheMetrics {
             by_table: kind("table"),
             flushes: kind("all"),
             expired: kind("expired"),
+            refreshes_started: refreshes("started"),
+            refreshes_served: refreshes("served"),
+            refreshes_discarded: refreshes("discarded"),
+            refreshes_failed: refreshes("failed"),
+            refreshes_skipped: refreshes("skipped"),
+            warm_loads: counter!(CACHE_WARM_LOADS, "cache" => cache.clone()),
+            stale_served: counter!(CACHE_STALE_SERVED, "cache" => cache.clone()),
             entries: gauge!(CACHE_ENTRIES, "cache" => cache),
         }
     }

@@ -12,8 +12,8 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, Share
 use metrics_util::registry::{AtomicStorage, Registry};
 use pgcachewatch::memory::InMemorySource;
 use pgcachewatch::strategies::Greedy;
-use pgcachewatch::telemetry::{self as t, HIT_BATCH};
 use pgcachewatch::{Cache, Dispatcher, Event, GapReason, Operation, TableRef};
+use pgcachewatch_core::telemetry::{self as t, HIT_BATCH};
 
 /// A recorder (`metrics-util`'s atomic registry) whose reads reset nothing:
 /// counters and gauges as they stand, histograms as their sample count.

@@ -331,9 +331,19 @@ pub(crate) fn expand(options: Options, item: ItemFn) -> syn::Result<TokenStream>
         None => quote!(let #key_var = #key_expr;),
     };
 
+    let audit = audit(&options, &item)?;
     let mut handle = TokenStream::new();
+    let mut audit_on_miss = TokenStream::new();
     let cache_ref = if let Some(cache) = &options.cache {
         let cache = &cache.value;
+        if !audit.is_empty() {
+            // A cache of one's own is made elsewhere: the rule is registered by
+            // the first miss.
+            audit_on_miss = quote! {
+                static AUDITED: ::std::sync::Once = ::std::sync::Once::new();
+                AUDITED.call_once(|| { #audit });
+            };
+        }
         quote!({
             let #cache_var: &::pgcachewatch::Cache<_, _> = &#cache;
             #cache_var
@@ -402,6 +412,7 @@ pub(crate) fn expand(options: Options, item: ItemFn) -> syn::Result<TokenStream>
                         .unhealthy_until_attached()
                         .build();
                     #register
+                    #audit
                     #cache_var
                 });
                 &#static_var
@@ -433,6 +444,7 @@ pub(crate) fn expand(options: Options, item: ItemFn) -> syn::Result<TokenStream>
             {
                 return #hit_value;
             }
+            #audit_on_miss
             ::std::boxed::Box::pin(::pgcachewatch::__private::#load(#cache_var, #key_var, #tables, move || async move {
                 let #out_var: #ret = async move #block.await;
                 #out_var
@@ -442,4 +454,116 @@ pub(crate) fn expand(options: Options, item: ItemFn) -> syn::Result<TokenStream>
 
         #handle
     })
+}
+
+/// The audit of a hand-written rule (feature `query`): with `tables = [...]` and
+/// the SQL known (`sql = "…"`, or string literals given to `sqlx::query*` in the
+/// body), the registration that compares them when the cache is made.
+fn audit(options: &Options, item: &ItemFn) -> syn::Result<TokenStream> {
+    let Some(tables) = &options.tables else {
+        if let Some(sql) = &options.sql {
+            return Err(syn::Error::new_spanned(
+                &sql.name,
+                "`sql` is audited against `tables = [...]`: declare the tables too (or use \
+                 `query = \"…\"`, whose dependencies come from the statement)",
+            ));
+        }
+        return Ok(TokenStream::new());
+    };
+    let statements: Vec<syn::LitStr> = match &options.sql {
+        Some(sql) => vec![sql.value.clone()],
+        None => {
+            let mut found = Vec::new();
+            sql_literals(item.block.to_token_stream(), &mut found);
+            found
+        }
+    };
+    if statements.is_empty() {
+        return Ok(TokenStream::new());
+    }
+    #[cfg(feature = "query")]
+    if let Some(sql) = &options.sql {
+        if let Err(e) = pgcachewatch_query::analyze(&sql.value.value()) {
+            if !e.is_refusal() {
+                return Err(syn::Error::new_spanned(&sql.value, e.to_string()));
+            }
+        }
+    }
+    if cfg!(not(feature = "query")) {
+        return Ok(TokenStream::new());
+    }
+    let name = match &options.name {
+        Some(n) => n.value.value(),
+        None => item.sig.ident.to_string(),
+    };
+    let declared = tables.value.elems.iter();
+    let declared = quote!(&[#(#declared),*]);
+    Ok(quote! {
+        #(::pgcachewatch::__private::audit_rule(#name, #statements, #declared);)*
+    })
+}
+
+/// The functions of sqlx whose first argument is the statement.
+const SQLX_QUERIES: &[&str] = &[
+    "query",
+    "query_as",
+    "query_scalar",
+    "query_with",
+    "query_as_with",
+    "query_scalar_with",
+    "query_unchecked",
+    "query_as_unchecked",
+    "query_scalar_unchecked",
+];
+
+/// String literals given first to `query(…)`, `query_as::<…>(…)`,
+/// `query_scalar!(…)` and friends, anywhere in `tokens`.
+fn sql_literals(tokens: TokenStream, out: &mut Vec<syn::LitStr>) {
+    use proc_macro2::{Delimiter, TokenTree};
+    let tokens: Vec<TokenTree> = tokens.into_iter().collect();
+    let mut i = 0;
+    while i < tokens.len() {
+        match &tokens[i] {
+            TokenTree::Group(g) => sql_literals(g.stream(), out),
+            TokenTree::Ident(ident) if SQLX_QUERIES.contains(&ident.to_string().as_str()) => {
+                let mut j = i + 1;
+                if matches!(tokens.get(j), Some(TokenTree::Punct(p)) if p.as_char() == '!') {
+                    j += 1;
+                }
+                // A turbofish: `::<…>`.
+                if matches!(tokens.get(j), Some(TokenTree::Punct(p)) if p.as_char() == ':')
+                    && matches!(tokens.get(j + 2), Some(TokenTree::Punct(p)) if p.as_char() == '<')
+                {
+                    let mut depth = 0usize;
+                    j += 2;
+                    while let Some(t) = tokens.get(j) {
+                        if let TokenTree::Punct(p) = t {
+                            match p.as_char() {
+                                '<' => depth += 1,
+                                '>' => depth = depth.saturating_sub(1),
+                                _ => {}
+                            }
+                        }
+                        j += 1;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                }
+                if let Some(TokenTree::Group(g)) = tokens.get(j) {
+                    if g.delimiter() == Delimiter::Parenthesis {
+                        if let Some(TokenTree::Literal(lit)) = g.stream().into_iter().next() {
+                            if let Ok(sql) = syn::parse_str::<syn::LitStr>(&lit.to_string()) {
+                                if !out.iter().any(|s| s.value() == sql.value()) {
+                                    out.push(syn::LitStr::new(&sql.value(), lit.span()));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
 }

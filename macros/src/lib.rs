@@ -34,6 +34,7 @@
 
 mod expand;
 mod options;
+mod query;
 mod ttl;
 
 use proc_macro::TokenStream;
@@ -138,6 +139,46 @@ use proc_macro::TokenStream;
 /// for a cache without `strategy`, before you attach it yourself — runs the
 /// body and stores nothing, since nothing would ever invalidate what it stored.
 ///
+/// # The query form: `#[cached(query = "SELECT …")]` (feature `query`)
+///
+/// The statement is the function: no body, the arguments are `$1…$n` (and the
+/// key), the return type picks the read, and the dependencies and the strategy
+/// come from the statement (a `pgcachewatch::query::CachedQuery`: row-level
+/// where provably sound, table-level on every table it reads otherwise).
+///
+/// ```text
+/// #[cached(query = "SELECT id, name FROM users WHERE id = $1")]
+/// async fn user(id: i64) -> Result<Option<User>, CachedQueryError>;   // fetch_optional
+/// // -> Result<User, E> (fetch_one), Result<Vec<User>, E> or Result<Arc<[User]>, E> (fetch_all),
+/// //    E: From<CachedQueryError>; the row: sqlx::FromRow + Clone (a tuple will do)
+///
+/// user_query().attach(&pool, &source).await?; // any EventSource: LISTEN, replication, NATS
+/// println!("{}", user_query().explain().unwrap()); // row-level on public.users(id) from $1
+/// ```
+///
+/// The statement is read at compile time with PostgreSQL's own parser (no
+/// server): what can never be cached — `FOR UPDATE`/`FOR SHARE`, `now()`,
+/// `random()`, `nextval()`, `current_user`, `current_setting()`, a write — is a
+/// compile error that names the way out (drop `query`, write the body, declare
+/// `tables = [...]` and a `strategy`); so is a parameter count that does not
+/// match the arguments. Names, views, keys and user functions are checked at
+/// attach, on the server. Options: `name`, `capacity`, `strict = true` (attach
+/// fails unless row-level); the others belong to the hand-written form.
+///
+/// # Auditing a hand-written rule: `sql = "SELECT …"` (feature `query`)
+///
+/// A function with `tables = [...]` whose statement is known — given as `sql =
+/// "…"`, or a string literal passed to `sqlx::query`, `query_as`,
+/// `query_scalar` (or their `_with` forms, or the `query!` macros) in its body —
+/// has the tables that statement reads compared with the declared ones when its
+/// cache is made (by name; a cache given with `cache = …`: at its first miss):
+/// each table it reads that the declaration leaves out (so that nothing
+/// invalidates it) is a `tracing` warning and an entry of
+/// `pgcachewatch::query::audit::findings()`. At start-up,
+/// `pgcachewatch::query::audit::check_on(&pool)` redoes every comparison on
+/// the server (views expanded to their base tables, names through the
+/// `search_path`). Without the feature, `sql` is accepted and not audited.
+///
 /// # Not supported
 ///
 /// `self` receivers (one cache serves every caller: results would be shared
@@ -155,6 +196,26 @@ pub fn cached(attr: TokenStream, item: TokenStream) -> TokenStream {
     let parser = syn::meta::parser(|meta| options.parse(meta));
     if let Err(e) = syn::parse::Parser::parse(parser, attr) {
         return e.to_compile_error().into();
+    }
+    if options.query.is_some() {
+        return match syn::parse::<query::QueryFn>(item) {
+            Ok(item) => match query::expand(options, item) {
+                Ok(tokens) => tokens.into(),
+                Err(e) => e.to_compile_error().into(),
+            },
+            Err(e) => syn::Error::new(
+                e.span(),
+                "`#[cached(query = …)]` goes on an `async fn` signature: \
+                 `async fn user(id: i64) -> Result<Option<User>, CachedQueryError>;`",
+            )
+            .to_compile_error()
+            .into(),
+        };
+    }
+    if let Some(strict) = &options.strict {
+        return syn::Error::new_spanned(&strict.name, "`strict` goes with `query`")
+            .to_compile_error()
+            .into();
     }
     let item = match syn::parse::<syn::ItemFn>(item) {
         Ok(item) => item,

@@ -1,7 +1,7 @@
 //! The attribute's options: `#[cached(name = "…", capacity = …, …)]`.
 
 use syn::meta::ParseNestedMeta;
-use syn::{Expr, ExprArray, Ident, LitStr, Type};
+use syn::{Expr, ExprArray, Ident, LitBool, LitStr, Type};
 
 /// One option as written: its name (for errors) and its value.
 pub(crate) struct Opt<T> {
@@ -26,10 +26,13 @@ pub(crate) struct Options {
     pub(crate) cache: Option<Opt<Expr>>,
     pub(crate) strategy: Option<Opt<Expr>>,
     pub(crate) source: Option<Opt<LitStr>>,
+    pub(crate) query: Option<Opt<LitStr>>,
+    pub(crate) strict: Option<Opt<LitBool>>,
+    pub(crate) sql: Option<Opt<LitStr>>,
 }
 
-const KNOWN: &str =
-    "`name`, `capacity`, `ttl`, `tables`, `key`, `key_type`, `cache`, `strategy` or `source`";
+const KNOWN: &str = "`name`, `capacity`, `ttl`, `tables`, `key`, `key_type`, `cache`, `strategy`, \
+     `source`, `sql` or `query` (with `strict`)";
 
 fn set<T>(slot: &mut Option<Opt<T>>, name: &Ident, value: T) -> syn::Result<()> {
     if slot.is_some() {
@@ -96,6 +99,9 @@ impl Options {
             "cache" => set(&mut self.cache, &name, meta.value()?.parse()?),
             "strategy" => set(&mut self.strategy, &name, meta.value()?.parse()?),
             "source" => set(&mut self.source, &name, meta.value()?.parse()?),
+            "query" => set(&mut self.query, &name, meta.value()?.parse()?),
+            "strict" => set(&mut self.strict, &name, meta.value()?.parse()?),
+            "sql" => set(&mut self.sql, &name, meta.value()?.parse()?),
             _ => Err(syn::Error::new_spanned(
                 &name,
                 format!("unknown option `{name}`; expected {KNOWN}"),

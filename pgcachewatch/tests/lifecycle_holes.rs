@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgcachewatch::memory::{InMemoryHandle, InMemorySource};
+use pgcachewatch::source_kit::{SignalHub, MAX_HUB_CAPACITY};
 use pgcachewatch::strategies::Greedy;
 use pgcachewatch::{
     Cache, Decision, Dispatcher, Event, EventSource, InvalidationStrategy, InvalidationTarget,
-    Operation, Signal, SignalHub, TableRef, WhileUnhealthy, MAX_HUB_CAPACITY,
+    Operation, Signal, TableRef, WhileUnhealthy,
 };
 use tokio::sync::oneshot;
 

@@ -17,6 +17,26 @@ pub fn database_url() -> String {
 /// The database URL used when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
+/// The root certificate that signed the test server's TLS certificate:
+/// `PGCW_TEST_SSLROOTCERT` (the test command sets it for the cluster it
+/// starts), else [`DEFAULT_SSLROOTCERT`], the certificate Debian's clusters
+/// serve.
+///
+/// ```
+/// let root = pgcachewatch_testkit::env::server_root_cert();
+/// assert!(!root.is_empty());
+/// ```
+pub fn server_root_cert() -> String {
+    std::env::var("PGCW_TEST_SSLROOTCERT")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| DEFAULT_SSLROOTCERT.to_owned())
+}
+
+/// The root certificate used when `PGCW_TEST_SSLROOTCERT` is not set: Debian's
+/// self-signed "snakeoil" certificate.
+pub const DEFAULT_SSLROOTCERT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
 /// `prefix` followed by the process id and a per-process counter mixed with the
 /// clock: unique across the tests of one binary and across binaries running in
 /// parallel against one database. Lower case letters, digits and `_` only, so it
@@ -36,7 +56,7 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 /// The NATS server the tests talk to: `NATS_URL`, or the local default
-/// `nats://127.0.0.1:4222` (JetStream on; `.ci/ensure-nats` starts one).
+/// `nats://127.0.0.1:4222` (JetStream on; `bash .ci/test` starts one of its own).
 ///
 /// ```
 /// assert!(pgcachewatch::testkit::env::nats_url().starts_with("nats://"));

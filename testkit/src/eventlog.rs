@@ -1,11 +1,11 @@
 //! The event log: a JSON-lines recording of what a source emitted, and when.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! The first line is a header; every other non-blank line is one record:
 //!
 //! ```text
-//! {"pgcachewatch_log":1,"recorded_at":"2025-01-01T12:00:00Z","source":"postgres channel pgcachewatch"}
+//! {"pgcachewatch_log":2,"recorded_at":"2025-01-01T12:00:00Z","source":"postgres channel pgcachewatch"}
 //! {"offset_us":0,"health":"healthy"}
 //! {"offset_us":1520,"event":{"channel":"pgcachewatch","operation":"update","schema":"public","table":"users","received_at":"2025-01-01T12:00:00.001520Z","txid":741}}
 //! {"offset_us":9000,"health":"unhealthy"}
@@ -16,14 +16,17 @@
 //!
 //! * `offset_us` is microseconds since the start of the recording. Offsets never
 //!   decrease; replay uses them to reproduce the timing.
-//! * `event` is the core [`Event`] in its serde form.
-//! * `gap` has a `reason` (`lagged` with `missed`, `connection_lost` with `detail`,
-//!   `heartbeat_timeout`, `reconnected`, `malformed_payload`, `injected` with
-//!   `detail`, or `other` with `detail` for reasons newer than this format).
-//! * `health` is `"healthy"` or `"unhealthy"`.
+//! * The rest of the line is one signal in the JSON form the NATS relay's
+//!   messages share ([`SignalRecord`](pgcachewatch_core::SignalRecord), one
+//!   definition for both): exactly one of `event`, `gap`, `health`,
+//!   `progress`.
 //!
-//! Unknown fields are ignored (later minor additions stay readable); a header with
-//! a higher version is rejected.
+//! Version 2 names an event with a commit position (logical replication) by
+//! what its fields hold: `slot`, `xid32` (the 32-bit transaction id), `lsn`
+//! with `lsn_u64`; it adds the `slot_lost` gap reason and `progress_u64`.
+//! Events without a position (`LISTEN`) are written as in version 1. Version 1
+//! logs are read as before. Unknown fields are ignored (later minor additions
+//! stay readable); a header with a higher version is rejected.
 //!
 //! # Example
 //!
@@ -49,15 +52,14 @@
 
 use std::fmt;
 use std::io::{BufRead, Write};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use pgcachewatch_core::{Event, GapReason, Health, Lsn, Signal};
+use pgcachewatch_core::{GapReason, Signal};
 use serde::{Deserialize, Serialize};
 
 /// The format version this crate writes and the highest it reads.
-pub const LOG_VERSION: u32 = 1;
+pub const LOG_VERSION: u32 = 2;
 
 /// Why a log could not be read or written. Every variant that concerns a line
 /// names it (1-based).
@@ -74,7 +76,7 @@ pub enum LogError {
         source: std::io::Error,
     },
     /// The input is empty: not even a header.
-    #[error("empty event log: expected a header line {{\"pgcachewatch_log\":1,...}}")]
+    #[error("empty event log: expected a header line {{\"pgcachewatch_log\":2,...}}")]
     MissingHeader,
     /// The first line is not a valid header.
     #[error("line {line}: not a pgcachewatch event-log header: {detail}")]
@@ -117,7 +119,7 @@ pub enum LogError {
 /// ```
 /// use pgcachewatch::testkit::eventlog::LogHeader;
 /// let h = LogHeader::new().source("postgres channel pgcachewatch");
-/// assert_eq!(h.version, 1);
+/// assert_eq!(h.version, 2);
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -172,19 +174,10 @@ impl LogHeader {
     }
 }
 
-/// What a record says happened.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum RecordKind {
-    /// A table changed.
-    Event(Event),
-    /// Events may have been lost.
-    Gap(GapReason),
-    /// The source's health changed.
-    Health(Health),
-    /// A lossless source passed this position (see [`Signal::Progress`]).
-    Progress(Lsn),
-}
+/// What a record says happened: an event, a gap, a health change or a
+/// lossless source's progress. The same type, and the same JSON form, as the
+/// body of a NATS relay message.
+pub use pgcachewatch_core::SignalRecord as RecordKind;
 
 /// One line of a log after the header: what happened, and when.
 #[derive(Debug, Clone, PartialEq)]
@@ -203,28 +196,19 @@ impl LogRecord {
 
     /// The record of a signal a source emitted at `offset`.
     pub fn from_signal(signal: &Signal, offset: Duration) -> Self {
-        let kind = match signal {
-            Signal::Event(e) => RecordKind::Event((**e).clone()),
-            Signal::Gap(reason) => RecordKind::Gap(reason.clone()),
-            Signal::Health(h) => RecordKind::Health(*h),
-            Signal::Progress(lsn) => RecordKind::Progress(*lsn),
-            // A signal kind newer than this format: the safe reading is "something
-            // may have been lost".
-            other => RecordKind::Gap(GapReason::Injected {
-                detail: format!("unrecorded signal: {other:?}").into(),
-            }),
-        };
+        // A signal kind newer than this format: the safe reading is "something
+        // may have been lost".
+        let kind = RecordKind::from_signal(signal).unwrap_or_else(|| {
+            RecordKind::Gap(GapReason::Injected {
+                detail: format!("unrecorded signal: {signal:?}").into(),
+            })
+        });
         LogRecord { offset, kind }
     }
 
     /// The signal this record replays as.
     pub fn to_signal(&self) -> Signal {
-        match &self.kind {
-            RecordKind::Event(e) => Signal::Event(Arc::new(e.clone())),
-            RecordKind::Gap(reason) => Signal::Gap(reason.clone()),
-            RecordKind::Health(h) => Signal::Health(*h),
-            RecordKind::Progress(lsn) => Signal::Progress(*lsn),
-        }
+        self.kind.to_signal()
     }
 }
 
@@ -303,120 +287,25 @@ impl fmt::Display for EventLog {
 
 // ---- wire form -------------------------------------------------------------
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
+struct WireRecordOut<'a> {
+    offset_us: u64,
+    #[serde(flatten)]
+    kind: &'a RecordKind,
+}
+
+#[derive(Deserialize)]
 struct WireRecord {
     offset_us: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    event: Option<Event>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    gap: Option<WireGap>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    health: Option<WireHealth>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    progress: Option<Lsn>,
+    #[serde(flatten)]
+    kind: RecordKind,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "reason", rename_all = "snake_case")]
-enum WireGap {
-    Lagged { missed: u64 },
-    ConnectionLost { detail: String },
-    HeartbeatTimeout,
-    Reconnected,
-    MalformedPayload,
-    Injected { detail: String },
-    Other { detail: String },
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy)]
-#[serde(rename_all = "snake_case")]
-enum WireHealth {
-    Healthy,
-    Unhealthy,
-}
-
-impl From<&GapReason> for WireGap {
-    fn from(r: &GapReason) -> Self {
-        match r {
-            GapReason::Lagged { missed } => WireGap::Lagged { missed: *missed },
-            GapReason::ConnectionLost { detail } => WireGap::ConnectionLost {
-                detail: detail.to_string(),
-            },
-            GapReason::HeartbeatTimeout => WireGap::HeartbeatTimeout,
-            GapReason::Reconnected => WireGap::Reconnected,
-            GapReason::MalformedPayload => WireGap::MalformedPayload,
-            GapReason::Injected { detail } => WireGap::Injected {
-                detail: detail.to_string(),
-            },
-            other => WireGap::Other {
-                detail: other.to_string(),
-            },
-        }
+fn to_wire(record: &LogRecord) -> WireRecordOut<'_> {
+    WireRecordOut {
+        offset_us: u64::try_from(record.offset.as_micros()).unwrap_or(u64::MAX),
+        kind: &record.kind,
     }
-}
-
-impl From<WireGap> for GapReason {
-    fn from(w: WireGap) -> Self {
-        match w {
-            WireGap::Lagged { missed } => GapReason::Lagged { missed },
-            WireGap::ConnectionLost { detail } => GapReason::ConnectionLost {
-                detail: detail.into(),
-            },
-            WireGap::HeartbeatTimeout => GapReason::HeartbeatTimeout,
-            WireGap::Reconnected => GapReason::Reconnected,
-            WireGap::MalformedPayload => GapReason::MalformedPayload,
-            WireGap::Injected { detail } | WireGap::Other { detail } => GapReason::Injected {
-                detail: detail.into(),
-            },
-        }
-    }
-}
-
-fn to_wire(record: &LogRecord) -> WireRecord {
-    let offset_us = u64::try_from(record.offset.as_micros()).unwrap_or(u64::MAX);
-    let mut wire = WireRecord {
-        offset_us,
-        event: None,
-        gap: None,
-        health: None,
-        progress: None,
-    };
-    match &record.kind {
-        RecordKind::Event(e) => wire.event = Some(e.clone()),
-        RecordKind::Gap(g) => wire.gap = Some(g.into()),
-        RecordKind::Health(h) => {
-            wire.health = Some(if h.is_healthy() {
-                WireHealth::Healthy
-            } else {
-                WireHealth::Unhealthy
-            })
-        }
-        RecordKind::Progress(lsn) => wire.progress = Some(*lsn),
-    }
-    wire
-}
-
-fn from_wire(wire: WireRecord) -> Result<LogRecord, String> {
-    let offset = Duration::from_micros(wire.offset_us);
-    const FIELDS: &str = "`event`, `gap`, `health`, `progress`";
-    let kind = match (wire.event, wire.gap, wire.health, wire.progress) {
-        (Some(e), None, None, None) => RecordKind::Event(e),
-        (None, Some(g), None, None) => RecordKind::Gap(g.into()),
-        (None, None, Some(h), None) => RecordKind::Health(match h {
-            WireHealth::Healthy => Health::Healthy,
-            WireHealth::Unhealthy => Health::Unhealthy,
-        }),
-        (None, None, None, Some(lsn)) => RecordKind::Progress(lsn),
-        (None, None, None, None) => {
-            return Err(format!("expected one of the fields {FIELDS}; found none"))
-        }
-        _ => {
-            return Err(format!(
-                "expected exactly one of the fields {FIELDS}; found several"
-            ))
-        }
-    };
-    Ok(LogRecord { offset, kind })
 }
 
 // ---- writer ----------------------------------------------------------------
@@ -652,7 +541,10 @@ impl<R: BufRead> EventLogReader<R> {
                 detail: e.to_string(),
             })?;
         let offset_us = wire.offset_us;
-        let record = from_wire(wire).map_err(|detail| LogError::BadRecord { line, detail })?;
+        let record = LogRecord {
+            offset: Duration::from_micros(offset_us),
+            kind: wire.kind,
+        };
         if offset_us < self.last_offset_us {
             return Err(LogError::OffsetWentBack {
                 line,
@@ -690,7 +582,7 @@ impl<R: BufRead> Iterator for EventLogReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pgcachewatch_core::{Operation, RowKey};
+    use pgcachewatch_core::{Event, Health, Lsn, Operation, RowKey};
 
     fn sample() -> EventLog {
         let mut log = EventLog::new(LogHeader::new().source("unit").note("n"));
@@ -710,6 +602,15 @@ mod tests {
             RecordKind::Gap(GapReason::Injected { detail: "x".into() }),
             RecordKind::Gap(GapReason::Reconnected),
             RecordKind::Health(Health::Healthy),
+            RecordKind::Event(
+                Event::new("slot", Operation::Insert, "public", "users")
+                    .with_lsn(Lsn(0x1_0000_0010))
+                    .with_txid(9),
+            ),
+            RecordKind::Progress(Lsn(0x1_0000_0020)),
+            RecordKind::Gap(GapReason::SlotLost {
+                detail: "dropped".into(),
+            }),
         ];
         for (i, kind) in kinds.into_iter().enumerate() {
             log.records
@@ -724,6 +625,16 @@ mod tests {
         let text = log.to_string();
         assert_eq!(text.lines().count(), 1 + log.records.len());
         assert_eq!(EventLog::parse(&text).unwrap(), log);
+    }
+
+    #[test]
+    fn version_1_logs_are_still_read() {
+        let text = "{\"pgcachewatch_log\":1}\n{\"offset_us\":1,\"event\":{\"channel\":\"s\",\"operation\":\"update\",\"table\":\"t\",\"received_at\":\"2025-01-01T00:00:00Z\",\"txid\":7,\"lsn\":\"0/20\"}}\n{\"offset_us\":2,\"progress\":\"0/30\"}\n";
+        let log = EventLog::parse(text).unwrap();
+        assert!(
+            matches!(&log.records[0].kind, RecordKind::Event(e) if e.txid == Some(7) && e.lsn == Some(Lsn(0x20)) && e.channel == "s")
+        );
+        assert_eq!(log.records[1].kind, RecordKind::Progress(Lsn(0x30)));
     }
 
     #[test]
@@ -762,8 +673,8 @@ mod tests {
             Err(LogError::BadHeader { line: 3, .. })
         ));
         assert!(matches!(
-            EventLogReader::new("{\"pgcachewatch_log\":2}\n".as_bytes()),
-            Err(LogError::UnsupportedVersion { found: 2, .. })
+            EventLogReader::new("{\"pgcachewatch_log\":3}\n".as_bytes()),
+            Err(LogError::UnsupportedVersion { found: 3, .. })
         ));
         assert!(matches!(
             EventLogReader::new("{\"pgcachewatch_log\":\"1\"}\n".as_bytes()),

@@ -6,6 +6,11 @@
 //! possibly reordered within the transaction), injected gaps, and outages
 //! (`Unhealthy`, gap, silence, gap, `Healthy`). Offsets never decrease.
 //!
+//! Checker [`schedules`] mix writes visible at once ([`Op::Write`]) with writes
+//! whose visibility lags their commit record by a few steps ([`Op::Commit`], later
+//! [`Op::BecomeVisible`]), so deliveries and loads fall inside the visibility
+//! window (see [`SourceDelivery`]).
+//!
 //! ```
 //! use proptest::prelude::*;
 //! use pgcachewatch::testkit::eventlog::{EventLog, RecordKind};
@@ -27,6 +32,8 @@ use pgcachewatch_core::{Event, GapReason, Health, Operation, RowKey};
 use proptest::prelude::*;
 
 pub use crate::checker::schedules;
+#[cfg(doc)]
+use crate::checker::{Op, SourceDelivery};
 use crate::eventlog::{EventLog, LogHeader, LogRecord, RecordKind};
 
 /// The tables generated events are about.

@@ -14,13 +14,14 @@
 //!   firing its deadlines, and get every decision with its cause as a table.
 //! * [`checker`]: the staleness model checker: simulated table, writers, lossy
 //!   delivery, health changes, and readers through the real
-//!   [`Cache`](pgcachewatch_core::Cache), checked against the guarantee in
-//!   [ARCHITECTURE.md](https://github.com/pgcachewatch/pgcachewatch/blob/main/ARCHITECTURE.md#the-guarantee).
+//!   [`Cache`](pgcachewatch_core::Cache), checked against
+//!   [the guarantee](pgcachewatch_core#the-guarantee).
 //! * `generators` (feature `proptest`): events, gap reasons, event logs with bursts,
 //!   transactions and outages, and checker schedules.
 //! * [`scenarios`]: the cache's guarantees (single-flight, errors not cached,
 //!   the stale-set race) as scenarios over any way of reading through a cache.
 //! * `proxy`: a TCP proxy that pauses or cuts connections on demand.
+//! * `cluster`: a throw-away PostgreSQL cluster of a test's own.
 //! * [`env`](mod@env): the test database's URL and names unique across parallel tests.
 //!
 //! ## Features
@@ -41,6 +42,7 @@ pub mod proxy;
 
 pub mod checker;
 pub mod clock;
+pub mod cluster;
 pub mod conformance;
 pub mod env;
 pub mod eventlog;

@@ -32,6 +32,15 @@ pub enum NatsError {
         /// The server's or client's answer.
         detail: String,
     },
+    /// The stream does not exist (a relay creates it when it starts).
+    #[error(
+        "stream {stream} does not exist on this NATS server: a relay creates it when it starts \
+         (is one running with this stream name and NATS account?)"
+    )]
+    StreamNotFound {
+        /// The stream name.
+        stream: String,
+    },
     /// The stream exists with settings that do not fit the relay.
     #[error("stream {stream}: {detail}")]
     StreamMismatch {

@@ -23,10 +23,15 @@ mod stream;
 pub mod subject;
 pub mod wire;
 
-pub use self::connect::{NatsAuth, NatsConnect, DEFAULT_NATS_CONNECT_TIMEOUT};
+pub use self::connect::{
+    NatsAuth, NatsConnect, DEFAULT_NATS_CONNECT_TIMEOUT, DEFAULT_NATS_PING_INTERVAL,
+};
 pub use self::error::NatsError;
-pub use self::relay::{Confirm, Relay, RelayBuilder, RelayHandle, RelayStatus};
+pub use self::relay::{
+    Confirm, Relay, RelayBuilder, RelayHandle, RelayStatus, DEFAULT_ACK_TIMEOUT,
+};
 pub use self::source::{NatsSource, NatsSourceBuilder, NatsSourceStats};
 pub use self::stream::{
-    StreamSettings, DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, DEFAULT_PREFIX, DEFAULT_STREAM,
+    StreamSettings, DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, DEFAULT_PREFIX, DEFAULT_REPLICAS,
+    DEFAULT_STREAM, MAX_REPLICAS,
 };

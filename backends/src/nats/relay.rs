@@ -3,30 +3,80 @@
 //! # What it publishes
 //!
 //! Each event goes to `<prefix>.<schema>.<table>` (names escaped by
-//! [`subject`](super::subject)), its payload a [`WireMessage`](super::wire::WireMessage):
-//! the event log's JSON form plus the relay's *epoch* and the message's number
-//! within it. Control messages go to `<prefix>.~relay.<kind>`:
+//! [`subject`](super::subject)), its payload a [`WireMessage`](super::wire::WireMessage)
+//! (version 2 of the relay's contract: the event log's JSON form of the signal
+//! plus the relay's *epoch*). Control messages go to `<prefix>.~relay.…`:
 //!
-//! * `gap`: the relay lost continuity. It starts a new epoch at start-up and at
-//!   every `Gap` of its source (every `LISTEN` reconnect: NOTIFY is not durable),
-//!   and the epoch's first message is this marker. Every consumer turns it, and
-//!   any change of epoch, into a `Gap`.
+//! * `gap`: the relay lost continuity. It starts a new epoch at start-up (a
+//!   durable relay may continue the stream's: [`RelayBuilder::start_durable`]),
+//!   at every `Gap` of its source (every `LISTEN` reconnect: NOTIFY is not
+//!   durable; a replication slot advanced or recreated under its source), and
+//!   when its stream was lost; the epoch's first message is this marker. Every
+//!   consumer turns it, and any change of epoch, into a `Gap`.
 //! * `heartbeat`: every interval, and at once when the source's health changes:
-//!   the source's health and the number of the last message before it. A
-//!   consumer that hears no heartbeat for a while turns unhealthy.
-//! * `progress`: a lossless source passed this position.
+//!   the source's health. A consumer that hears no heartbeat for a while turns
+//!   unhealthy.
+//! * `progress.<origin>`: every event up to this position is stored in the
+//!   stream, before this record (see below).
+//!
+//! # What the stream keeps
+//!
+//! Heartbeats and progress records replace the previous one on their subject
+//! (JetStream's subject rollup, `Nats-Rollup: sub`): the stream keeps the
+//! latest heartbeat and the latest record of each upstream, never one per
+//! position, so the stream's limits go to events, however busy the database
+//! is with tables nobody watches. Progress records follow the stored position
+//! at most every [progress interval](RelayBuilder::progress_interval) (50 ms;
+//! the first after a quiet spell at once), and at each heartbeat.
 //!
 //! # Never lose, never duplicate
 //!
-//! Each message carries a `Nats-Msg-Id` derived from its position: commit LSN and
-//! index within the commit for events that carry one (`lsn:<lsn>:<index>`),
-//! `<epoch>:<n>` otherwise, so a republished message is dropped by JetStream's
-//! duplicate window. A message whose acknowledgement fails is published again,
-//! with the same id, until JetStream acknowledges it. Positions are *confirmed*
-//! upstream ([`Confirm`]) only once JetStream has acknowledged every message up
-//! to them, so over a lossless source a relay killed at any moment loses nothing.
+//! Each message carries a `Nats-Msg-Id`. An event with a position has
+//! `<origin>:<lsn>:<index>`: its commit LSN and index within the commit, after
+//! the name of the upstream it came from (a durable relay's replication slot,
+//! `pg:<system id>/slot:<name>`; any other relay's epoch), so relays over
+//! different upstreams writing into one stream never drop each other's
+//! messages, while a relay restarted over the same slot gives each republished
+//! copy the id of the first and JetStream's duplicate window drops it. Other
+//! messages have `<origin>:<run>:<k>` (random to each relay process, then a
+//! count).
+//!
+//! Acknowledgements are awaited in order. When one fails, the relay publishes
+//! that message and every one after it again, in order, with the same ids,
+//! until JetStream acknowledges them: the later ones it already stored are
+//! dropped as duplicates, and nothing after a failure is left out. (A message
+//! stored after later ones is *late*; consumers deliver it, never mistaking it
+//! for a copy.)
+//!
+//! Once JetStream has acknowledged every event up to a position, the relay
+//! publishes a `progress` *record* of it, and positions are *confirmed*
+//! upstream ([`Confirm`]) only once that record is acknowledged. So over a
+//! lossless source a relay killed at any moment loses nothing, and the stream
+//! always holds a record at or beyond the slot's confirmed position: a slot
+//! further along than the stream's last record was moved by someone else, and
+//! a restarted relay starts a new epoch instead of continuing (an event's own
+//! position would not prove that the events before it were stored). For the
+//! same reason consumers move their read-your-writes position by records, not
+//! by events ([`NatsSource`](super::NatsSource)).
+//!
+//! While JetStream does not acknowledge (NATS unreachable, a slow stream), at
+//! most [`max_in_flight`](RelayBuilder::max_in_flight) messages wait, and the
+//! relay stops reading its source. Over a replication slot
+//! ([`RelayBuilder::start_durable`]) that stops the slot being read: the slot
+//! keeps every change, however long NATS is away (bounded only by the
+//! server's `max_slot_wal_keep_size`), nothing is confirmed past what
+//! JetStream acknowledged, and the relay goes on in the same epoch once NATS
+//! is back: no event lost, no gap.
+//!
+//! If the stream is gone (a NATS restart lost a memory-backed stream, or it was
+//! deleted) the relay creates it again with its settings and starts a new
+//! epoch: what the stream held is gone. A stream created anew by someone else
+//! is noticed by its sequence numbers going back, with the same outcome.
 
+#[cfg(test)]
+mod model;
 mod publisher;
+mod resume;
 mod task;
 
 use std::fmt;
@@ -34,10 +84,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use pgcachewatch_core::{EventSource, Health, Lsn};
+use pgcachewatch_core::{EventSource, GapReason, Health, Lsn};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use self::resume::Begin;
+use self::task::Connection;
 use super::connect::NatsConnect;
 use super::error::NatsError;
 use super::stream::StreamSettings;
@@ -47,9 +99,10 @@ use super::stream::StreamSettings;
 ///
 /// `confirmed(lsn)` is called when every event with a commit position up to and
 /// including `lsn` that the relay received has been acknowledged by JetStream,
-/// and the commit at `lsn` is complete (a later position or a
-/// [`Progress`](pgcachewatch_core::Signal::Progress) followed it). Calls come in
-/// increasing order, from the relay's task: keep them quick.
+/// the commit at `lsn` is complete (a later position or a
+/// [`Progress`](pgcachewatch_core::Signal::Progress) followed it), and a
+/// progress record saying so is stored too (see the [module docs](self)).
+/// Calls come in increasing order, from the relay's task: keep them quick.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,6 +138,11 @@ impl Confirm for crate::replication::ConfirmGate {
 pub const DEFAULT_RELAY_HEARTBEAT: Duration = Duration::from_secs(1);
 /// The default number of messages published but not yet acknowledged.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+/// The default time to wait for JetStream's acknowledgement of a publish
+/// (async-nats' own default is 5 s).
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// The default shortest time between two progress records.
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
 
 /// A relay's state, now ([`RelayHandle::status`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -104,7 +162,8 @@ pub struct RelayStatus {
     pub events: u64,
     /// Epochs started (1 + the source's gaps).
     pub epochs: u64,
-    /// Messages published again after a failed acknowledgement.
+    /// Failed acknowledgements: after each, the failed message and every one
+    /// after it were published again.
     pub retries: u64,
     /// Messages published, not yet acknowledged.
     pub in_flight: usize,
@@ -114,6 +173,11 @@ pub struct RelayStatus {
     pub confirmed: Option<Lsn>,
     /// Time from the source receiving the last acknowledged event to its acknowledgement.
     pub last_event_lag: Option<Duration>,
+    /// When JetStream last acknowledged a message (`None`: never yet).
+    pub last_ack_at: Option<std::time::Instant>,
+    /// Whether the NATS connection is up now (false: NATS is unreachable, and
+    /// what the relay publishes waits in flight).
+    pub nats_connected: bool,
 }
 
 /// Builds and starts a [`Relay`].
@@ -122,7 +186,9 @@ pub struct RelayBuilder {
     connect: NatsConnect,
     stream: StreamSettings,
     heartbeat: Duration,
+    progress_interval: Duration,
     max_in_flight: usize,
+    ack_timeout: Duration,
     confirm: Option<Arc<dyn Confirm>>,
 }
 
@@ -151,7 +217,9 @@ impl Relay {
             connect,
             stream: StreamSettings::new(),
             heartbeat: DEFAULT_RELAY_HEARTBEAT,
+            progress_interval: DEFAULT_PROGRESS_INTERVAL,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            ack_timeout: DEFAULT_ACK_TIMEOUT,
             confirm: None,
         }
     }
@@ -159,24 +227,112 @@ impl Relay {
 
 impl RelayBuilder {
     /// The stream to publish into (created or checked at start).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcachewatch::nats::{NatsConnect, Relay, StreamSettings};
+    /// # async fn run(source: pgcachewatch::postgres::PgListenerSource) -> Result<(), pgcachewatch::nats::NatsError> {
+    /// let stream = StreamSettings::new()
+    ///     .stream("ORDERS")
+    ///     .subject_prefix("orders")
+    ///     .max_age(Duration::from_secs(3600)); // a subscriber away longer gets a gap
+    /// let relay = Relay::builder(NatsConnect::new("nats://nats.internal:4222"))
+    ///     .stream(stream) // each NatsSource reads it with the same settings
+    ///     .start(&source)
+    ///     .await?;
+    /// # drop(relay); Ok(()) }
+    /// ```
     pub fn stream(mut self, stream: StreamSettings) -> Self {
         self.stream = stream;
         self
     }
 
     /// How often to publish a heartbeat (default 1 s).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcachewatch::nats::{NatsConnect, Relay};
+    /// # async fn run(source: pgcachewatch::postgres::PgListenerSource) -> Result<(), pgcachewatch::nats::NatsError> {
+    /// // Subscribers then notice a dead relay sooner: give their
+    /// // `NatsSourceBuilder::heartbeat_timeout` a few intervals (say 1.5 s).
+    /// let relay = Relay::builder(NatsConnect::new("nats://nats.internal:4222"))
+    ///     .heartbeat_interval(Duration::from_millis(500))
+    ///     .start(&source)
+    ///     .await?;
+    /// # drop(relay); Ok(()) }
+    /// ```
     pub fn heartbeat_interval(mut self, every: Duration) -> Self {
         self.heartbeat = every;
         self
     }
 
+    /// The shortest time between two progress records (default 50 ms). A
+    /// consumer's read-your-writes wait ends once a record covers the write,
+    /// so under a steady stream of commits a wait takes up to this much
+    /// longer; after a quiet spell the first record goes at once. Each record
+    /// replaces the one before in the stream, so this bounds what the relay
+    /// writes, not what the stream keeps.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcachewatch::nats::{NatsConnect, Relay};
+    /// # async fn run(source: pgcachewatch::postgres::PgListenerSource) -> Result<(), pgcachewatch::nats::NatsError> {
+    /// // Subscribers' `wait_for_lsn` ends at most 10 ms after the write's own record.
+    /// let relay = Relay::builder(NatsConnect::new("nats://nats.internal:4222"))
+    ///     .progress_interval(Duration::from_millis(10))
+    ///     .start(&source)
+    ///     .await?;
+    /// # drop(relay); Ok(()) }
+    /// ```
+    pub fn progress_interval(mut self, every: Duration) -> Self {
+        self.progress_interval = every;
+        self
+    }
+
     /// How many messages may await their acknowledgement (default 256).
+    ///
+    /// ```no_run
+    /// use pgcachewatch::nats::{NatsConnect, Relay};
+    /// # async fn run(source: pgcachewatch::postgres::PgListenerSource) -> Result<(), pgcachewatch::nats::NatsError> {
+    /// // NATS in another region: more messages on the wire at once.
+    /// let relay = Relay::builder(NatsConnect::new("nats://nats.eu-west.internal:4222"))
+    ///     .max_in_flight(2048)
+    ///     .start(&source)
+    ///     .await?;
+    /// println!("{} awaiting acknowledgement", relay.status().in_flight);
+    /// # Ok(()) }
+    /// ```
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n.max(1);
         self
     }
 
+    /// How long to wait for JetStream's acknowledgement of a publish (and
+    /// for its answer to a stream lookup) before publishing again (default
+    /// [`DEFAULT_ACK_TIMEOUT`], 2 s). A publish in flight to a cluster node
+    /// that died is never acknowledged: this bounds the stall; a copy sent
+    /// again that JetStream already stored is dropped by its message id.
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout.max(Duration::from_millis(100));
+        self
+    }
+
     /// Confirms acknowledged positions upstream (the replication source).
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use pgcachewatch::nats::{NatsConnect, Relay};
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let source = PgReplicationSource::builder("postgres://app@db.internal/app").connect().await?;
+    /// // The slot frees WAL only up to what JetStream acknowledged. (`start_durable`
+    /// // does this, and from the slot's first unconfirmed event on.)
+    /// let relay = Relay::builder(NatsConnect::new("nats://nats.internal:4222"))
+    ///     .confirm(Arc::new(source.confirm_gate()))
+    ///     .start(&source)
+    ///     .await?;
+    /// # drop(relay); Ok(()) }
+    /// ```
     pub fn confirm(mut self, confirm: Arc<dyn Confirm>) -> Self {
         self.confirm = Some(confirm);
         self
@@ -186,6 +342,20 @@ impl RelayBuilder {
     /// publishing. The relay runs until [`RelayHandle::shutdown`], until the
     /// handle is dropped, or until the source ends.
     ///
+    /// ```no_run
+    /// use pgcachewatch::nats::{NatsConnect, Relay};
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let source = PgListenerSource::connect("postgres://app@db.internal/app").await?;
+    /// let relay = Relay::builder(NatsConnect::new("nats://nats.internal:4222"))
+    ///     .start(&source)
+    ///     .await?;
+    /// // … until the process exits:
+    /// println!("{} events published", relay.status().events);
+    /// relay.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`NatsError`] if connecting or the stream fails.
@@ -194,9 +364,15 @@ impl RelayBuilder {
         source: &S,
     ) -> Result<RelayHandle, NatsError> {
         self.check()?;
-        let (client, js) = self.open().await?;
+        let connection = self.open().await?;
         let subscription = source.subscribe();
-        Ok(self.run(client, js, subscription, Continuity::None).await)
+        let begin = Begin::New {
+            reason: GapReason::Injected {
+                detail: "relay started".into(),
+            },
+            covered: None,
+        };
+        Ok(self.run(connection, subscription, None, begin).await)
     }
 
     /// Starts a relay over a replication source started with
@@ -205,16 +381,24 @@ impl RelayBuilder {
     /// confirmed position on, and the slot is confirmed only up to what
     /// JetStream acknowledged, so a relay killed at any moment loses nothing:
     /// the next one republishes what was not confirmed (JetStream drops the
-    /// copies it still remembers; consumers skip the others). When the slot
-    /// resumed, the relay continues the stream's epoch, so consumers keep their
-    /// caches across relay restarts; a created or recreated slot starts a new
-    /// epoch (a gap for every consumer).
+    /// copies it still remembers; consumers invalidate the others twice).
+    ///
+    /// The relay continues the stream's epoch for this slot, so consumers keep
+    /// their caches across relay restarts, only when the stream holds
+    /// everything the slot will not replay: its last progress record from
+    /// this slot (see the [module docs](self)) is at or beyond the slot's
+    /// confirmed position. A slot created or recreated now, one that someone
+    /// else consumed or advanced meanwhile, or a stream that lost this slot's
+    /// messages, starts a new epoch (a gap for every consumer).
     ///
     /// Returns the relay and the source (shut the source down after the relay).
     ///
     /// ```no_run
-    /// use pgcachewatch::nats::{NatsConnect, Relay};
-    /// use pgcachewatch::replication::PgReplicationSource;
+    /// // Through this crate, not the facade: the facade's `replication` feature
+    /// // is off in this crate's own doc tests (it would bring a second TLS
+    /// // provider into its rustls-only test run).
+    /// use pgcachewatch_backends::nats::{NatsConnect, Relay};
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// let start = PgReplicationSource::builder("postgres://postgres@127.0.0.1/test")
     ///     .connect_durable()
@@ -244,17 +428,25 @@ impl RelayBuilder {
             ));
         }
         let resumed = start.resumed();
+        let slot_confirmed = start.slot_confirmed();
         let (source, subscription, gate) = start.into_parts();
-        let origin = format!("slot:{}", source.slot());
+        let origin = durable_origin(&source);
         self.confirm = Some(Arc::new(gate));
-        let (client, js) = self.open().await?;
-        let resume = if resumed {
-            last_epoch(&js, &self.stream, &origin).await
+        let connection = self.open().await?;
+        let found = if resumed {
+            match self.stream.open(&connection.js).await {
+                Ok(stream) => resume::find_last(&stream, self.stream.prefix(), &origin).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the stream back: starting a new epoch");
+                    None
+                }
+            }
         } else {
             None
         };
+        let begin = resume::decide(&origin, resumed, slot_confirmed, found);
         let handle = self
-            .run(client, js, subscription, Continuity::Origin(origin, resume))
+            .run(connection, subscription, Some(origin), begin)
             .await;
         Ok((handle, source))
     }
@@ -268,29 +460,23 @@ impl RelayBuilder {
         self.stream.check()
     }
 
-    async fn open(
-        &self,
-    ) -> Result<(async_nats::Client, async_nats::jetstream::Context), NatsError> {
-        let client = self.connect.connect().await?;
-        let js = async_nats::jetstream::new(client.clone());
-        self.stream.ensure(&js).await?;
-        Ok((client, js))
+    async fn open(&self) -> Result<Connection, NatsError> {
+        let connection = Connection::open(&self.connect, self.ack_timeout).await?;
+        self.stream.ensure(&connection.js).await?;
+        Ok(connection)
     }
 
     async fn run(
         self,
-        client: async_nats::Client,
-        js: async_nats::jetstream::Context,
+        connection: Connection,
         subscription: pgcachewatch_core::Subscription,
-        continuity: Continuity,
+        origin: Option<String>,
+        begin: Begin,
     ) -> RelayHandle {
-        let (origin, resume) = match continuity {
-            Continuity::None => (None, None),
-            Continuity::Origin(origin, resume) => (Some(origin), resume),
+        let epoch = match &begin {
+            Begin::Continue(resume) => resume.epoch.clone(),
+            Begin::New { .. } => task::new_epoch(origin.as_deref()),
         };
-        let epoch = resume
-            .as_ref()
-            .map_or_else(|| task::new_epoch(origin.as_deref()), |r| r.epoch.clone());
         let status = Arc::new(Mutex::new(RelayStatus {
             epoch: epoch.clone(),
             upstream: Health::Unhealthy,
@@ -304,20 +490,30 @@ impl RelayBuilder {
             last_stream_seq: 0,
             confirmed: None,
             last_event_lag: None,
+            last_ack_at: None,
+            nats_connected: true,
         }));
         let (stop_tx, stop_rx) = watch::channel(false);
         tracing::info!(stream = %self.stream.name(), prefix = %self.stream.prefix(), %epoch, "relay starting");
+        let client = Arc::new(Mutex::new(connection.client.clone()));
         let task = task::Task::new(
-            js,
-            self.stream.prefix().to_owned(),
+            task::Setup {
+                connection,
+                connect: self.connect,
+                ack_timeout: self.ack_timeout,
+                client: client.clone(),
+                stream: self.stream,
+                epoch,
+                origin,
+                begin,
+                heartbeat: self.heartbeat,
+                progress_interval: self.progress_interval,
+                max_in_flight: self.max_in_flight,
+                confirm: self.confirm,
+                status: status.clone(),
+                stop: stop_rx,
+            },
             subscription,
-            epoch,
-            (origin, resume),
-            self.heartbeat,
-            self.max_in_flight,
-            self.confirm,
-            status.clone(),
-            stop_rx,
         );
         let handle = tokio::spawn(task.run());
         RelayHandle {
@@ -329,55 +525,16 @@ impl RelayBuilder {
     }
 }
 
-/// Whether the relay's upstream has an identity that outlives the relay.
-#[cfg_attr(not(feature = "replication"), allow(dead_code))]
-enum Continuity {
-    /// No: every start is a new epoch (the LISTEN source).
-    None,
-    /// Yes (a replication slot), and maybe the epoch to continue.
-    Origin(String, Option<task::Resume>),
-}
-
-/// The epoch of the stream's last message, if it came from a relay over the
-/// same upstream (`<origin>/…`): the one to continue.
+/// The lasting name of a durable relay's upstream: its replication slot. A
+/// slot's name is unique within its PostgreSQL cluster and the slot belongs to
+/// one database, so two relays over different slots (of one database or of
+/// several databases of one cluster) never share it, while a relay restarted
+/// over the same slot gets the same one.
 #[cfg(feature = "replication")]
-async fn last_epoch(
-    js: &async_nats::jetstream::Context,
-    stream: &StreamSettings,
-    origin: &str,
-) -> Option<task::Resume> {
-    let handle = match stream.open(js).await {
-        Ok(handle) => handle,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the stream's last message: starting a new epoch");
-            return None;
-        }
-    };
-    let last = match handle
-        .get_last_raw_message_by_subject(&format!("{}.>", stream.prefix()))
-        .await
-    {
-        Ok(last) => last,
-        Err(e) => {
-            tracing::info!(error = %e, "no earlier relay message: starting a new epoch");
-            return None;
-        }
-    };
-    let msg = match super::wire::WireMessage::from_json(&last.payload) {
-        Ok(msg) => msg,
-        Err(e) => {
-            tracing::warn!(error = %e, "the stream's last message is not a relay message: starting a new epoch");
-            return None;
-        }
-    };
-    let continues = msg
-        .epoch
-        .strip_prefix(origin)
-        .is_some_and(|rest| rest.starts_with('/'));
-    continues.then(|| task::Resume {
-        epoch: msg.epoch,
-        next_n: msg.n.saturating_add(1),
-    })
+fn durable_origin(source: &crate::replication::PgReplicationSource) -> String {
+    // Slot names are unique within a cluster only: the system identifier
+    // keeps relays of two clusters from deduplicating each other's messages.
+    format!("pg:{}/slot:{}", source.system_identifier(), source.slot())
 }
 
 /// A running relay. Dropping it stops the relay (as
@@ -387,7 +544,9 @@ pub struct RelayHandle {
     status: Arc<Mutex<RelayStatus>>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
-    client: async_nats::Client,
+    /// The relay's current NATS client (the task replaces it when its
+    /// connection goes silent).
+    client: Arc<Mutex<async_nats::Client>>,
 }
 
 impl fmt::Debug for RelayHandle {
@@ -401,12 +560,15 @@ impl fmt::Debug for RelayHandle {
 impl RelayHandle {
     /// The relay's state now.
     pub fn status(&self) -> RelayStatus {
-        self.status.lock().clone()
+        let mut s = self.status.lock().clone();
+        s.nats_connected =
+            self.client.lock().connection_state() == async_nats::connection::State::Connected;
+        s
     }
 
     /// The NATS connection's state (connected, pending, disconnected).
     pub fn nats_state(&self) -> async_nats::connection::State {
-        self.client.connection_state()
+        self.client.lock().connection_state()
     }
 
     /// Whether the relay's task has ended (its source ended, or it was stopped).

@@ -38,7 +38,7 @@ impl RelayReport {
         let beating = self.heartbeat_age.is_some_and(|a| a < timeout);
         let healthy = matches!(
             self.heartbeat.as_ref().map(|h| &h.kind),
-            Some(WireKind::Heartbeat { health, .. }) if health.is_healthy()
+            Some(WireKind::Health(health)) if health.is_healthy()
         );
         beating && healthy
     }

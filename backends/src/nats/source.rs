@@ -6,6 +6,11 @@
 //! ephemeral consumer filtered to the subjects of the tables it is given (and
 //! the relay's control subjects), and tracks the stream sequence of each message.
 //!
+//! * A consumer that goes silent (the server's idle heartbeat on it, a fifth
+//!   of the [heartbeat timeout](NatsSourceBuilder::heartbeat_timeout), missed
+//!   twice) or is gone (the cluster node holding it died) is replaced by a new
+//!   one at the next sequence; a connection that then does not answer a
+//!   probe within 2 s (a silent partition) is reconnected at once.
 //! * After a disconnect it creates a new consumer starting at the next sequence:
 //!   nothing was lost, so there is **no `Gap`**. It turns `Healthy` once it has
 //!   read up to where the stream ended when it came back.
@@ -19,11 +24,21 @@
 //!   says its own source is unhealthy, and when no heartbeat came for the
 //!   heartbeat timeout (the relay is down: nobody listens to PostgreSQL).
 //!
-//! Events carry the commit position (`lsn`) they had at the relay's source, so
 //! [`DispatcherHandle::wait_for_lsn`](pgcachewatch_core::DispatcherHandle::wait_for_lsn)
-//! works over NATS as over a replication slot. An event whose position is below
-//! one already delivered (a republished message that landed out of order) is
-//! delivered after a `Gap`.
+//! works over NATS as over a replication slot, but positions come from the
+//! relay's progress records ([`Signal::Progress`](pgcachewatch_core::Signal::Progress)),
+//! not from events: a record is stored after every event it covers, so once
+//! the source has read it, it has delivered each of them. An event's own
+//! position promises nothing about the events before it (one may be stored
+//! later, republished after a failure), so events are delivered without their
+//! `lsn`. An event whose position is below one already delivered (a
+//! republished copy, or a message stored out of order) is delivered all the
+//! same: never dropped as a duplicate.
+//!
+//! * A stream deleted and created anew under the same name (a memory-backed
+//!   stream after a NATS restart) is noticed by its creation time, or by
+//!   ending before what the source already read: a `Gap`, then reading from
+//!   the new stream's start.
 
 mod task;
 
@@ -36,7 +51,7 @@ use pgcachewatch_core::{
     ClosableHub, EventSource, Health, InlineAttachment, InlineHandler, IntoTableRef, SignalHub,
     Subscription, TableRef, DEFAULT_HUB_CAPACITY,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::connect::NatsConnect;
@@ -110,12 +125,18 @@ pub struct NatsSourceStats {
     pub events: u64,
     /// Gaps emitted.
     pub gaps: u64,
-    /// Messages skipped as copies of ones already delivered (a restarted relay
-    /// republishing what it had not confirmed, after JetStream's duplicate
-    /// window forgot them).
-    pub duplicates: u64,
+    /// Events delivered after one with a later position (in one relay epoch):
+    /// a copy a restarted relay republished once JetStream's duplicate window
+    /// forgot the first, or a first copy that JetStream stored after later
+    /// messages (republished after a failed acknowledgement). Delivered, never
+    /// dropped: the source cannot tell the two apart, and a second
+    /// invalidation is harmless where a lost one serves stale values.
+    pub late: u64,
     /// Consumers created (1 + resumptions).
     pub consumers: u64,
+    /// The name of the consumer reading now (JetStream's consumer info shows
+    /// which server holds it).
+    pub consumer: Option<String>,
     /// The relay epoch last seen.
     pub epoch: Option<String>,
 }
@@ -132,6 +153,16 @@ impl fmt::Debug for NatsSource {
 
 impl NatsSource {
     /// A builder connecting with `connect` (default stream, every table).
+    ///
+    /// ```no_run
+    /// use pgcachewatch::nats::{NatsConnect, NatsSource};
+    /// # async fn run() -> Result<(), pgcachewatch::nats::NatsError> {
+    /// // The stream a relay started with the defaults publishes into; every table.
+    /// let source = NatsSource::builder(NatsConnect::new("nats://nats.internal:4222"))
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn builder(connect: NatsConnect) -> NatsSourceBuilder {
         NatsSourceBuilder {
             connect,
@@ -143,11 +174,36 @@ impl NatsSource {
     }
 
     /// The counters now.
+    ///
+    /// ```no_run
+    /// # async fn run(source: pgcachewatch::nats::NatsSource) {
+    /// let stats = source.stats();
+    /// println!(
+    ///     "{} events, {} gaps, read up to stream sequence {}",
+    ///     stats.events, stats.gaps, stats.last_stream_seq,
+    /// );
+    /// # }
+    /// ```
     pub fn stats(&self) -> NatsSourceStats {
         self.inner.stats.lock().clone()
     }
 
     /// Stops reading: subscriptions end; the task is gone when this returns.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::nats::{NatsConnect, NatsSource};
+    /// use pgcachewatch::strategies::Greedy;
+    /// use pgcachewatch::{Cache, Dispatcher};
+    /// # async fn run(users: Cache<u32, String>) -> Result<(), pgcachewatch::nats::NatsError> {
+    /// let source = NatsSource::builder(NatsConnect::new("nats://nats.internal:4222"))
+    ///     .connect()
+    ///     .await?;
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// // … serve; then, at exit:
+    /// dispatcher.shutdown().await;
+    /// source.shutdown().await; // its NATS consumer is gone when this returns
+    /// # Ok(()) }
+    /// ```
     pub async fn shutdown(&self) {
         self.inner.hub.close();
         self.inner.stop.send_replace(true);
@@ -158,6 +214,18 @@ impl NatsSource {
 
 impl NatsSourceBuilder {
     /// The relay's stream (its name and prefix must match the relay's).
+    ///
+    /// ```no_run
+    /// use pgcachewatch::nats::{NatsConnect, NatsSource, StreamSettings};
+    /// # async fn run() -> Result<(), pgcachewatch::nats::NatsError> {
+    /// // The same settings the relay publishes with.
+    /// let stream = StreamSettings::new().stream("ORDERS").subject_prefix("orders");
+    /// let source = NatsSource::builder(NatsConnect::new("nats://nats.internal:4222"))
+    ///     .stream(stream)
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn stream(mut self, stream: StreamSettings) -> Self {
         self.stream = stream;
         self
@@ -165,6 +233,17 @@ impl NatsSourceBuilder {
 
     /// Reads only this table's events (repeat for several; none: every table).
     /// `users` matches the table in any schema, `public.users` only in `public`.
+    ///
+    /// ```
+    /// use pgcachewatch::nats::{NatsConnect, NatsSource};
+    /// let nats = NatsConnect::new("nats://nats.internal:4222");
+    /// let builder = NatsSource::builder(nats.clone())
+    ///     .table("public.users")? // `users` in `public` only
+    ///     .table("orders")?; // `orders` in any schema
+    /// # let _ = builder;
+    /// assert!(NatsSource::builder(nats).table("a.b.c").is_err()); // not a table name
+    /// # Ok::<_, pgcachewatch::nats::NatsError>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -179,12 +258,35 @@ impl NatsSourceBuilder {
 
     /// Unhealthy after this long without a relay heartbeat (default 5 s; keep
     /// it a few relay heartbeat intervals).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcachewatch::nats::{NatsConnect, NatsSource};
+    /// # async fn run() -> Result<(), pgcachewatch::nats::NatsError> {
+    /// // The relay heartbeats every 2 s (`RelayBuilder::heartbeat_interval`): allow three.
+    /// let source = NatsSource::builder(NatsConnect::new("nats://nats.internal:4222"))
+    ///     .heartbeat_timeout(Duration::from_secs(6))
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
         self.heartbeat_timeout = timeout;
         self
     }
 
     /// The per-subscriber buffer, in signals (default 4096).
+    ///
+    /// ```no_run
+    /// use pgcachewatch::nats::{NatsConnect, NatsSource};
+    /// # async fn run() -> Result<(), pgcachewatch::nats::NatsError> {
+    /// // Subscribers that read in bursts may fall 8192 signals behind before a `Lagged` gap.
+    /// let source = NatsSource::builder(NatsConnect::new("nats://nats.internal:4222"))
+    ///     .buffer(8192)
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn buffer(mut self, signals: usize) -> Self {
         self.buffer = signals;
         self
@@ -212,6 +314,18 @@ impl NatsSourceBuilder {
     /// Connects, checks the stream exists, and starts reading at its end. The
     /// source is `Unhealthy` until the relay's first heartbeat.
     ///
+    /// ```no_run
+    /// use pgcachewatch::nats::{NatsConnect, NatsError, NatsSource};
+    /// # async fn run() -> Result<(), NatsError> {
+    /// let builder = NatsSource::builder(NatsConnect::new("nats://nats.internal:4222"));
+    /// let source = match builder.table("public.users")?.connect().await {
+    ///     Ok(source) => source, // caches bypass until the relay's first heartbeat
+    ///     Err(e @ NatsError::StreamNotFound { .. }) => panic!("start the relay first: {e}"),
+    ///     Err(e) => return Err(e),
+    /// };
+    /// # drop(source); Ok(()) }
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`NatsError`] if connecting fails or the stream does not exist.
@@ -223,18 +337,7 @@ impl NatsSourceBuilder {
                 "the heartbeat timeout must be above zero".into(),
             ));
         }
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let client = self
-            .connect
-            .connect_with(|o| {
-                o.event_callback(move |event| {
-                    let tx = events_tx.clone();
-                    async move {
-                        let _ = tx.send(event);
-                    }
-                })
-            })
-            .await?;
+        let (client, events_rx) = self.connect.connect_with_events().await?;
         let js = async_nats::jetstream::new(client.clone());
         let mut stream = self.stream.open(&js).await?;
         let info = stream
@@ -242,6 +345,7 @@ impl NatsSourceBuilder {
             .await
             .map_err(|e| NatsError::js("stream info", e))?;
         let start = info.state.last_sequence + 1;
+        let identity = task::StreamIdentity::of(info);
         let label = format!("nats:{}", self.stream.name());
         let hub = SignalHub::with_health(buffer, Health::Unhealthy).with_label(label.clone());
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -254,7 +358,9 @@ impl NatsSourceBuilder {
             filters: self.filters(),
             hub: hub.clone(),
             next_seq: start,
+            identity,
             heartbeat_timeout: self.heartbeat_timeout,
+            idle_heartbeat: task::idle_heartbeat(self.heartbeat_timeout),
             stop: stop_rx,
             nats_events: events_rx,
             stats: stats.clone(),

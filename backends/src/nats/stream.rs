@@ -15,6 +15,10 @@ pub const DEFAULT_PREFIX: &str = "pgcachewatch";
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// The default maximum size of the stream.
 pub const DEFAULT_MAX_BYTES: i64 = 1 << 30;
+/// The default number of copies of the stream in a NATS cluster.
+pub const DEFAULT_REPLICAS: usize = 1;
+/// The most copies JetStream keeps of a stream.
+pub const MAX_REPLICAS: usize = 5;
 
 /// The stream's name, subjects and limits.
 ///
@@ -38,6 +42,9 @@ pub struct StreamSettings {
     max_messages: i64,
     duplicate_window: Duration,
     memory: bool,
+    /// Asked for explicitly; `None`: [`DEFAULT_REPLICAS`] for a stream the
+    /// relay creates, and an existing stream keeps its own count.
+    replicas: Option<usize>,
 }
 
 impl Default for StreamSettings {
@@ -57,6 +64,7 @@ impl StreamSettings {
             max_messages: -1,
             duplicate_window: Duration::from_secs(120),
             memory: false,
+            replicas: None,
         }
     }
 
@@ -113,12 +121,46 @@ impl StreamSettings {
         self
     }
 
+    /// How many servers of a NATS cluster keep a copy of the stream (default
+    /// [`DEFAULT_REPLICAS`], 1; at most [`MAX_REPLICAS`], 5, and no more than
+    /// the cluster has servers). With 3, the stream survives the loss of one
+    /// server, and its events are acknowledged once a majority stored them.
+    /// A single server takes only 1. The relay sets it when it creates the
+    /// stream and updates an existing stream to it. Not set, a stream the
+    /// relay creates has 1, and an existing stream keeps its own count (a
+    /// relay started without it never reduces a replicated stream to one
+    /// copy).
+    ///
+    /// ```
+    /// use pgcachewatch_backends::nats::StreamSettings;
+    /// let s = StreamSettings::new().replicas(3);
+    /// assert_eq!(s.replica_count(), 3);
+    /// assert_eq!(StreamSettings::new().replica_count(), 1);
+    /// ```
+    pub fn replicas(mut self, n: usize) -> Self {
+        self.replicas = Some(n);
+        self
+    }
+
+    /// The number of copies a stream the relay creates gets
+    /// ([`replicas`](Self::replicas), else [`DEFAULT_REPLICAS`]).
+    pub fn replica_count(&self) -> usize {
+        self.replicas.unwrap_or(DEFAULT_REPLICAS)
+    }
+
     pub(crate) fn check(&self) -> Result<(), NatsError> {
         subject::check_prefix(&self.prefix).map_err(NatsError::Config)?;
         if self.name.is_empty() || self.name.contains(['.', '*', '>', ' ', '\t', '/', '\\']) {
             return Err(NatsError::Config(format!(
                 "stream name {:?} must be non-empty without `.`, `*`, `>`, `/`, `\\` or whitespace",
                 self.name
+            )));
+        }
+        if !(1..=MAX_REPLICAS).contains(&self.replica_count()) {
+            return Err(NatsError::Config(format!(
+                "{} stream replicas: give 1 to {MAX_REPLICAS} (1 for a single server, 3 for a \
+                 cluster of three)",
+                self.replica_count()
             )));
         }
         Ok(())
@@ -138,6 +180,7 @@ impl StreamSettings {
                 stream::StorageType::File
             },
             discard: stream::DiscardPolicy::Old,
+            num_replicas: self.replica_count(),
             ..Default::default()
         }
     }
@@ -168,17 +211,29 @@ impl StreamSettings {
                         ),
                     });
                 }
+                if have.deny_delete {
+                    tracing::warn!(
+                        stream = %self.name,
+                        "the stream denies deleting messages: the relay cannot delete its \
+                         superseded heartbeats and progress records, which then take room \
+                         from events under the stream's limits"
+                    );
+                }
                 let limits_differ = have.max_age != wanted.max_age
                     || have.max_bytes != wanted.max_bytes
                     || have.max_messages != wanted.max_messages
-                    || have.duplicate_window != wanted.duplicate_window;
+                    || have.duplicate_window != wanted.duplicate_window
+                    || self.replicas.is_some_and(|n| have.num_replicas.max(1) != n);
                 if limits_differ {
                     let mut update = have.clone();
                     update.max_age = wanted.max_age;
                     update.max_bytes = wanted.max_bytes;
                     update.max_messages = wanted.max_messages;
                     update.duplicate_window = wanted.duplicate_window;
-                    tracing::info!(stream = %self.name, "updating the stream's limits");
+                    if let Some(n) = self.replicas {
+                        update.num_replicas = n;
+                    }
+                    tracing::info!(stream = %self.name, replicas = update.num_replicas, "updating the stream's limits");
                     js.update_stream(update)
                         .await
                         .map_err(|e| NatsError::js("stream update", e))?;
@@ -195,8 +250,20 @@ impl StreamSettings {
     /// The stream, which must exist (consumers never create it).
     pub(crate) async fn open(&self, js: &jetstream::Context) -> Result<stream::Stream, NatsError> {
         self.check()?;
-        js.get_stream(&self.name)
-            .await
-            .map_err(|e| NatsError::js("stream lookup", e))
+        js.get_stream(&self.name).await.map_err(|e| {
+            if is_not_found(&e) {
+                NatsError::StreamNotFound {
+                    stream: self.name.clone(),
+                }
+            } else {
+                NatsError::js("stream lookup", e)
+            }
+        })
     }
+}
+
+/// Whether JetStream said the stream does not exist.
+pub(crate) fn is_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    matches!(e.kind(), GetStreamErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }

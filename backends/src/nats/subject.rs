@@ -85,9 +85,24 @@ pub fn table_subject(prefix: &str, schema: Option<&str>, table: &str) -> String 
     format!("{prefix}.{schema}.{}", escape_token(table))
 }
 
-/// The subject of the relay's control messages of `kind` (`gap`, `heartbeat`, `progress`).
+/// The subject of the relay's control messages of `kind` (`gap`, `heartbeat`).
 pub fn control_subject(prefix: &str, kind: &str) -> String {
     format!("{prefix}.{CONTROL_TOKEN}.{kind}")
+}
+
+/// The subject of the progress records of the relay over `origin` (its
+/// upstream's lasting name; see [`Relay`](super::Relay)):
+/// `<prefix>.~relay.progress.<origin, escaped>`. The relay deletes each record
+/// once the next one is stored, so the stream keeps the latest per upstream,
+/// found by its subject; relays over different upstreams sharing a stream each
+/// keep their own.
+///
+/// ```
+/// use pgcachewatch::nats::subject::progress_subject;
+/// assert_eq!(progress_subject("pgcw", "pg:1/slot:s"), "pgcw.~relay.progress.pg~3A1~2Fslot~3As");
+/// ```
+pub fn progress_subject(prefix: &str, origin: &str) -> String {
+    format!("{prefix}.{CONTROL_TOKEN}.progress.{}", escape_token(origin))
 }
 
 /// Every control subject of a prefix: `<prefix>.~relay.>`.

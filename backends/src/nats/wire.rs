@@ -1,137 +1,87 @@
-//! The relay's message payloads: event-log records with the relay's epoch.
+//! The relay's messages: a documented, versioned contract (version 2).
 //!
-//! Every payload is one JSON object in the form of a line of pgcachewatch's
-//! event log (`offset_us` plus exactly one of `event`, `gap`, `health`,
-//! `progress`; see the testkit's `eventlog` module), with two more fields: the
-//! relay's `epoch` and `n`, the message's number within that epoch. A heartbeat is a
-//! `health` record and also carries `last_n`, the number of the last message the relay
-//! published before it.
+//! Every message the relay publishes is one JSON object: the contract's
+//! version `v`, the relay's `epoch`, and one signal in the form the event log
+//! shares ([`SignalRecord`], one definition for both): exactly one of
+//! `event`, `gap`, `health` (a heartbeat), `progress`.
 //!
 //! ```text
-//! {"offset_us":0,"gap":{"reason":"injected","detail":"relay started"},"epoch":"5f0c…","n":0}
-//! {"offset_us":1520,"event":{"channel":"pgcachewatch","operation":"update","schema":"public","table":"users","received_at":"…"},"epoch":"5f0c…","n":1}
-//! {"offset_us":1000000,"health":"healthy","epoch":"5f0c…","n":2,"last_n":1}
+//! {"v":2,"epoch":"pg:7312…/slot:pgcachewatch/5f0c…","gap":{"reason":"injected","detail":"relay started"}}
+//! {"v":2,"epoch":"pg:7312…/slot:pgcachewatch/5f0c…","progress":"0/234CD68","progress_u64":36983144}
+//! {"v":2,"epoch":"pg:7312…/slot:pgcachewatch/5f0c…","event":{"slot":"pgcachewatch","operation":"update","schema":"public","table":"users","received_at":"2025-01-01T12:00:00.001520Z","keys":[{"id":7}],"xid32":741,"lsn":"0/234CE00","lsn_u64":36983296}}
+//! {"v":2,"epoch":"pg:7312…/slot:pgcachewatch/5f0c…","health":"healthy"}
 //! ```
+//!
+//! * `v`: `2`. A reader refuses a higher version (a message without `v` is
+//!   version 1, which also had `offset_us` and `n`: ignore them).
+//! * `epoch`: changes whenever the relay lost continuity; a consumer that sees
+//!   it change (or reads a `gap`) must assume anything changed. A relay over a
+//!   replication slot names its epochs `<origin>/<random>`, where the origin
+//!   names the database cluster and slot, and keeps its epoch across restarts
+//!   that lost nothing.
+//! * `event`: a table changed (fields: [`SignalRecord`]). Events with a
+//!   position (`slot`, `lsn`, `lsn_u64`, `xid32`) come from a replication
+//!   slot; events without (`channel`, `txid`) from `LISTEN`.
+//! * `gap`: the epoch's first message, saying why continuity was lost.
+//! * `health`: a heartbeat, every interval (1 s by default) and when the
+//!   relay's source changes health. Only the latest is kept in the stream.
+//! * `progress`: every event at or before this position is stored in the
+//!   stream *before* this message. Only the latest per upstream is kept. A
+//!   consumer that reads in stream order has seen every event up to it: that,
+//!   and not an event's own position, is how far a read-your-writes wait may
+//!   go (an event can be stored after later ones when the relay published it
+//!   again after a failure).
+//!
+//! Order and loss are read from JetStream, not from the payload: messages are
+//! read in stream-sequence order; a consumer whose next sequence the stream no
+//! longer holds (its limits discarded it) has missed messages. Unknown fields
+//! are ignored: a later minor version may add some.
+//!
+//! The JSON Schema is `docs/wire/relay-message.schema.json` in the repository,
+//! with a consumer in Python beside it.
 
-use pgcachewatch_core::{Event, GapReason, Health, Lsn};
-use serde::{Deserialize, Serialize};
+use pgcachewatch_core::{EnvelopedRecord, SignalRecord};
+use serde::Serialize;
 
-/// What one relay message says.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum WireKind {
-    /// A table changed.
-    Event(Event),
-    /// The relay lost continuity: consumers must assume anything changed.
-    Gap(GapReason),
-    /// A heartbeat: the relay's upstream health and its last message number.
-    Heartbeat {
-        /// Whether the relay's upstream is listening.
-        health: Health,
-        /// The number (`n`) of the last message published before this one.
-        last_n: u64,
-    },
-    /// Every change committed before this position has been published.
-    Progress(Lsn),
-}
+/// What one relay message says: the event log's record kinds, with a
+/// heartbeat as a [`Health`](WireKind::Health) record.
+pub use pgcachewatch_core::SignalRecord as WireKind;
 
-/// One relay message: what it says, the relay epoch and its number in the epoch.
+/// The version of this contract the relay writes, and the highest it reads.
+pub const WIRE_VERSION: u32 = 2;
+
+/// One relay message: what it says, and the relay epoch it belongs to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WireMessage {
-    /// Changes whenever the relay loses continuity (a restart, an upstream gap).
+    /// Changes whenever the relay loses continuity (a restart that lost
+    /// something, an upstream gap, a lost stream).
     pub epoch: String,
-    /// The message's number within its epoch (0 is the epoch's gap marker).
-    pub n: u64,
-    /// Microseconds since the epoch started.
-    pub offset_us: u64,
     /// The content.
     pub kind: WireKind,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Wire {
-    offset_us: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    event: Option<Event>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    gap: Option<WireGap>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    health: Option<WireHealth>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    progress: Option<Lsn>,
-    epoch: String,
-    n: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    last_n: Option<u64>,
-}
-
-/// A gap reason as the event log writes it.
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "reason", rename_all = "snake_case")]
-enum WireGap {
-    Lagged { missed: u64 },
-    ConnectionLost { detail: String },
-    HeartbeatTimeout,
-    Reconnected,
-    MalformedPayload,
-    Injected { detail: String },
-    Other { detail: String },
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy)]
-#[serde(rename_all = "snake_case")]
-enum WireHealth {
-    Healthy,
-    Unhealthy,
-}
-
-impl From<&GapReason> for WireGap {
-    fn from(r: &GapReason) -> Self {
-        match r {
-            GapReason::Lagged { missed } => WireGap::Lagged { missed: *missed },
-            GapReason::ConnectionLost { detail } => WireGap::ConnectionLost {
-                detail: detail.to_string(),
-            },
-            GapReason::HeartbeatTimeout => WireGap::HeartbeatTimeout,
-            GapReason::Reconnected => WireGap::Reconnected,
-            GapReason::MalformedPayload => WireGap::MalformedPayload,
-            GapReason::Injected { detail } => WireGap::Injected {
-                detail: detail.to_string(),
-            },
-            other => WireGap::Other {
-                detail: other.to_string(),
-            },
-        }
-    }
-}
-
-impl From<WireGap> for GapReason {
-    fn from(w: WireGap) -> Self {
-        match w {
-            WireGap::Lagged { missed } => GapReason::Lagged { missed },
-            WireGap::ConnectionLost { detail } => GapReason::ConnectionLost {
-                detail: detail.into(),
-            },
-            WireGap::HeartbeatTimeout => GapReason::HeartbeatTimeout,
-            WireGap::Reconnected => GapReason::Reconnected,
-            WireGap::MalformedPayload => GapReason::MalformedPayload,
-            WireGap::Injected { detail } | WireGap::Other { detail } => GapReason::Injected {
-                detail: detail.into(),
-            },
-        }
-    }
+#[derive(Serialize)]
+struct WireOut<'a> {
+    v: u32,
+    epoch: &'a str,
+    #[serde(flatten)]
+    kind: &'a SignalRecord,
 }
 
 /// A payload that is not a relay message.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WireError {
-    /// Not JSON of the expected shape.
+    /// Not JSON of the expected shape (exactly one of `event`, `gap`,
+    /// `health`, `progress`, and an `epoch`).
     #[error("not a relay message: {0}")]
     Json(#[from] serde_json::Error),
-    /// Not exactly one of `event`, `gap`, `health`, `progress`.
-    #[error("a relay message has exactly one of `event`, `gap`, `health`, `progress`")]
-    Kind,
+    /// Written by a newer relay than this reader knows.
+    #[error("relay message version {found}: this reader knows up to {WIRE_VERSION}")]
+    Version {
+        /// The version found.
+        found: u64,
+    },
 }
 
 impl WireMessage {
@@ -142,95 +92,91 @@ impl WireMessage {
     /// use pgcachewatch::{Event, Operation};
     /// let m = WireMessage {
     ///     epoch: "e1".into(),
-    ///     n: 3,
-    ///     offset_us: 10,
     ///     kind: WireKind::Event(Event::new("ch", Operation::Insert, "public", "users")),
     /// };
     /// let bytes = m.to_json();
+    /// assert!(bytes.starts_with(br#"{"v":2,"epoch":"e1","event":{"channel":"ch""#));
     /// assert_eq!(WireMessage::from_json(&bytes)?, m);
     /// # Ok::<_, pgcachewatch::nats::wire::WireError>(())
     /// ```
     pub fn to_json(&self) -> Vec<u8> {
-        let mut wire = Wire {
-            offset_us: self.offset_us,
-            event: None,
-            gap: None,
-            health: None,
-            progress: None,
-            epoch: self.epoch.clone(),
-            n: self.n,
-            last_n: None,
-        };
-        match &self.kind {
-            WireKind::Event(e) => wire.event = Some(e.clone()),
-            WireKind::Gap(g) => wire.gap = Some(g.into()),
-            WireKind::Heartbeat { health, last_n } => {
-                wire.health = Some(if health.is_healthy() {
-                    WireHealth::Healthy
-                } else {
-                    WireHealth::Unhealthy
-                });
-                wire.last_n = Some(*last_n);
-            }
-            WireKind::Progress(lsn) => wire.progress = Some(*lsn),
-        }
         // Serializing these types to a Vec cannot fail (string keys, no maps of
         // non-string keys); an empty payload would be rejected by consumers.
-        serde_json::to_vec(&wire).unwrap_or_default()
+        serde_json::to_vec(&WireOut {
+            v: WIRE_VERSION,
+            epoch: &self.epoch,
+            kind: &self.kind,
+        })
+        .unwrap_or_default()
     }
 
-    /// Parses a payload.
+    /// Parses a payload (version 1, without `v`, included).
     ///
     /// # Errors
     ///
-    /// [`WireError`] if it is not a relay message.
+    /// [`WireError`] if it is not a relay message of a known version.
     pub fn from_json(bytes: &[u8]) -> Result<Self, WireError> {
-        let w: Wire = serde_json::from_slice(bytes)?;
-        let kind = match (w.event, w.gap, w.health, w.progress) {
-            (Some(e), None, None, None) => WireKind::Event(e),
-            (None, Some(g), None, None) => WireKind::Gap(g.into()),
-            (None, None, Some(h), None) => WireKind::Heartbeat {
-                health: match h {
-                    WireHealth::Healthy => Health::Healthy,
-                    WireHealth::Unhealthy => Health::Unhealthy,
-                },
-                last_n: w.last_n.unwrap_or_default(),
-            },
-            (None, None, None, Some(lsn)) => WireKind::Progress(lsn),
-            _ => return Err(WireError::Kind),
-        };
-        Ok(WireMessage {
-            epoch: w.epoch,
-            n: w.n,
-            offset_us: w.offset_us,
-            kind,
-        })
+        // One pass over the object (the envelope is read with the record).
+        let w: EnvelopedRecord = serde_json::from_slice(bytes)?;
+        match (w.version, w.epoch) {
+            (Some(found), _) if found > u64::from(WIRE_VERSION) => {
+                Err(WireError::Version { found })
+            }
+            (_, None) => Err(WireError::Json(serde::de::Error::missing_field("epoch"))),
+            (_, Some(epoch)) => Ok(WireMessage {
+                epoch,
+                kind: w.record,
+            }),
+        }
     }
 }
+
+/// The header on a relay heartbeat holding when the relay sent it (Unix time
+/// in milliseconds). A consumer judges a heartbeat's age by the later of this
+/// and JetStream's store time: a heartbeat held up by a partition and stored
+/// after healing is not fresh news. Optional: older relays do not send it.
+pub const SENT_AT_HEADER: &str = "Pgcw-Sent-At";
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pgcachewatch_core::{Event, GapReason, Health, Lsn, Operation};
 
     #[test]
     fn every_kind_round_trips() {
         for kind in [
             WireKind::Gap(GapReason::Reconnected),
             WireKind::Gap(GapReason::Lagged { missed: 4 }),
-            WireKind::Heartbeat {
-                health: Health::Unhealthy,
-                last_n: 9,
-            },
+            WireKind::Health(Health::Unhealthy),
             WireKind::Progress(Lsn(77)),
+            WireKind::Event(
+                Event::new("slot", Operation::Update, "public", "t")
+                    .with_lsn(Lsn(0x1_0000_0000))
+                    .with_txid(3),
+            ),
         ] {
             let m = WireMessage {
                 epoch: "x".into(),
-                n: 1,
-                offset_us: 2,
                 kind,
             };
             assert_eq!(WireMessage::from_json(&m.to_json()).unwrap(), m);
         }
-        assert!(WireMessage::from_json(b"{\"offset_us\":0,\"epoch\":\"e\",\"n\":0}").is_err());
+        assert!(WireMessage::from_json(b"{\"v\":2,\"epoch\":\"e\"}").is_err());
+        // The epoch is required.
+        assert!(WireMessage::from_json(br#"{"v":2,"health":"healthy"}"#).is_err());
+    }
+
+    #[test]
+    fn version_1_is_read_and_a_newer_version_refused() {
+        let v1 = br#"{"offset_us":0,"health":"healthy","epoch":"e","n":2,"last_n":1}"#;
+        assert_eq!(
+            WireMessage::from_json(v1).unwrap().kind,
+            WireKind::Health(Health::Healthy)
+        );
+        let v3 = br#"{"v":3,"epoch":"e","health":"healthy"}"#;
+        assert!(matches!(
+            WireMessage::from_json(v3),
+            Err(WireError::Version { found: 3 })
+        ));
     }
 }

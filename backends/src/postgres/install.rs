@@ -18,7 +18,11 @@
 //!   deduplicated). If that would reach PostgreSQL's 8000-byte payload limit, or the
 //!   table has no primary key, or it is a `TRUNCATE`, the event is table-level (no
 //!   `keys`), which strategies treat as "any row". A statement that touched no row
-//!   sends `"keys": []`.
+//!   sends `"keys": []`. Row mode on a table without a primary key is installed,
+//!   with an [`InstallWarning::NoPrimaryKey`]: [`Installer::check`] reports it
+//!   beforehand, [`Plan::warnings`] of the applied plan afterwards, and
+//!   [`Installer::install`] logs it (`warn`, target
+//!   `pgcachewatch_backends::postgres::install::row_keys`).
 //! * Row mode is what makes [`Keyed`](https://docs.rs/pgcachewatch-strategies/latest/pgcachewatch_strategies/struct.Keyed.html)
 //!   drop single rows: without it every event is table-level and `Keyed` drops
 //!   everything, like `Greedy`.
@@ -55,7 +59,7 @@
 //! # Example
 //!
 //! ```no_run
-//! use pgcachewatch::postgres::install::{status, Installer, TableName};
+//! use pgcachewatch::postgres::{status, Installer, TableName};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/test").await?;
@@ -97,7 +101,7 @@ pub const DEFAULT_FUNCTION_NAME: &str = "pgcachewatch_notify";
 /// `public.`[`pgcachewatch_notify`](DEFAULT_FUNCTION_NAME)`()`, table-level events.
 ///
 /// ```
-/// use pgcachewatch::postgres::install::{Installer, TableName};
+/// use pgcachewatch::postgres::{Installer, TableName};
 ///
 /// let sql = Installer::new()
 ///     .channel("orders_changed")
@@ -106,7 +110,7 @@ pub const DEFAULT_FUNCTION_NAME: &str = "pgcachewatch_notify";
 /// assert!(sql.starts_with("BEGIN;"));
 /// assert!(sql.contains(r#"CREATE TRIGGER "pgcachewatch_update" AFTER UPDATE ON "shop"."orders""#));
 /// assert!(sql.contains(r#"EXECUTE FUNCTION "public"."pgcachewatch_notify"('orders_changed', 'table');"#));
-/// # Ok::<_, pgcachewatch::postgres::install::InstallError>(())
+/// # Ok::<_, pgcachewatch::postgres::InstallError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Installer {
@@ -149,6 +153,44 @@ impl std::fmt::Display for ModeChange {
             mode_name(self.requested_row_keys)
         )
     }
+}
+
+/// Something an install does that works, but perhaps not as meant. Reported by
+/// [`Installer::check`] before, in [`Plan::warnings`] after, and logged by
+/// [`Installer::install`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InstallWarning {
+    /// Row keys were asked for, but the table has no primary key: its triggers
+    /// send table-level events, so every write to it invalidates everything
+    /// cached from it. Add a primary key to get row keys.
+    NoPrimaryKey(TableName),
+}
+
+impl std::fmt::Display for InstallWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InstallWarning::NoPrimaryKey(table) => write!(
+                f,
+                "{table} has no primary key: its row-mode triggers will send table-level \
+                 events (every write to it invalidates everything cached from it); add a \
+                 primary key to get row keys"
+            ),
+        }
+    }
+}
+
+/// What [`Installer::check`] found: what an install would change, and what it
+/// would warn about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Preflight {
+    /// The tables whose mode an install would switch (only when
+    /// [`allow_mode_change`](Installer::allow_mode_change) allows it; otherwise
+    /// that is an [`InstallError::ModeChange`]).
+    pub mode_changes: Vec<ModeChange>,
+    /// What the install would warn about.
+    pub warnings: Vec<InstallWarning>,
 }
 
 impl ModeChange {
@@ -195,13 +237,13 @@ impl Installer {
     /// needs to drop single rows. Off by default: table-level events.
     ///
     /// ```
-    /// use pgcachewatch::postgres::install::{Installer, TableName};
+    /// use pgcachewatch::postgres::{Installer, TableName};
     /// let sql = Installer::new()
     ///     .row_keys(true)
     ///     .plan_install(&[TableName::parse("public.users")?])?
     ///     .to_string();
     /// assert!(sql.contains("REFERENCING NEW TABLE AS"));
-    /// # Ok::<_, pgcachewatch::postgres::install::InstallError>(())
+    /// # Ok::<_, pgcachewatch::postgres::InstallError>(())
     /// ```
     pub fn row_keys(mut self, row_keys: bool) -> Self {
         self.row_keys = row_keys;
@@ -271,7 +313,8 @@ impl Installer {
     }
 
     /// Installs the function and the triggers on `tables`, in one transaction, and
-    /// returns the plan it applied.
+    /// returns the plan it applied, with what it warns about in
+    /// [`Plan::warnings`] (also logged: a table without a primary key in row mode).
     ///
     /// `conn` is anything that can open a transaction: `&PgPool`, `&mut PgConnection`,
     /// or an open `&mut Transaction` (then it nests as a savepoint).
@@ -285,15 +328,19 @@ impl Installer {
     where
         A: Acquire<'c, Database = Postgres>,
     {
-        let plan = self.plan_install(tables)?;
+        let mut plan = self.plan_install(tables)?;
         let mut tx = conn.begin().await?;
         lock(&mut tx).await?;
-        let changes = self.checks(&mut tx, tables).await?;
-        for change in &changes {
+        let found = self.checks(&mut tx, tables).await?;
+        for change in &found.mode_changes {
             tracing::warn!(%change, "changing the event mode of a table (allowed by allow_mode_change)");
         }
         sqlx::raw_sql(&plan.body()).execute(&mut *tx).await?;
         tx.commit().await?;
+        for warning in &found.warnings {
+            tracing::warn!(target: concat!(module_path!(), "::row_keys"), "{warning}");
+        }
+        plan.set_warnings(found.warnings);
         tracing::info!(tables = tables.len(), channel = %self.channel, row_keys = self.row_keys, "pgcachewatch triggers installed");
         Ok(plan)
     }
@@ -316,6 +363,36 @@ impl Installer {
     where
         A: Acquire<'c, Database = Postgres>,
     {
+        Ok(self.check(conn, tables).await?.mode_changes)
+    }
+
+    /// [`preflight`](Self::preflight), also returning what an install would warn
+    /// about: [`InstallWarning::NoPrimaryKey`] for each table that would get
+    /// row-mode triggers without having a primary key. Changes nothing and logs
+    /// nothing: for dry runs that report the warnings themselves.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::{Installer, TableName};
+    /// # async fn run(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+    /// let tables = [TableName::parse("public.audit_log")?];
+    /// let found = Installer::new().row_keys(true).check(&pool, &tables).await?;
+    /// for warning in &found.warnings {
+    ///     eprintln!("warning: {warning}"); // "… has no primary key: … table-level events …"
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`preflight`](Self::preflight).
+    pub async fn check<'c, A>(
+        &self,
+        conn: A,
+        tables: &[TableName],
+    ) -> Result<Preflight, InstallError>
+    where
+        A: Acquire<'c, Database = Postgres>,
+    {
         self.plan_install(tables)?;
         let mut conn = conn.acquire().await?;
         self.checks(&mut conn, tables).await
@@ -325,7 +402,8 @@ impl Installer {
         &self,
         conn: &mut PgConnection,
         tables: &[TableName],
-    ) -> Result<Vec<ModeChange>, InstallError> {
+    ) -> Result<Preflight, InstallError> {
+        let mut warnings = Vec::new();
         if !catalog::schema_exists(conn, &self.function_schema).await? {
             return Err(InstallError::SchemaNotFound(self.function_schema.clone()));
         }
@@ -340,11 +418,11 @@ impl Installer {
         for table in tables {
             catalog::check_table(conn, table).await?;
             catalog::check_no_foreign_trigger(conn, table).await?;
-            if self.row_keys && !catalog::has_primary_key(conn, table).await? {
-                tracing::warn!(
-                    %table,
-                    "table has no primary key: its row-mode triggers will send table-level events"
-                );
+            if self.row_keys
+                && !catalog::has_primary_key(conn, table).await?
+                && !warnings.contains(&InstallWarning::NoPrimaryKey(table.clone()))
+            {
+                warnings.push(InstallWarning::NoPrimaryKey(table.clone()));
             }
         }
         let function = sql::qualified_function(&self.function_schema, &self.function_name);
@@ -365,7 +443,10 @@ impl Installer {
         if !changes.is_empty() && !self.allow_mode_change {
             return Err(InstallError::ModeChange(changes));
         }
-        Ok(changes)
+        Ok(Preflight {
+            mode_changes: changes,
+            warnings,
+        })
     }
 
     /// The SQL that [`uninstall`](Installer::uninstall) would run now: drops of the
@@ -466,4 +547,73 @@ async fn lock(conn: &mut PgConnection) -> Result<(), InstallError> {
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use pgcachewatch_testkit::env::{database_url, unique_name};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn row_keys_without_a_primary_key_are_reported_before_and_after_the_install() {
+        let db = sqlx::PgPool::connect(&database_url())
+            .await
+            .expect("PostgreSQL must be running at DATABASE_URL");
+        let schema = unique_name("pgcw_inst_nopk");
+        sqlx::raw_sql(&format!(
+            "CREATE SCHEMA {schema}; CREATE TABLE {schema}.logs (line text);
+             CREATE TABLE {schema}.users (id int PRIMARY KEY)"
+        ))
+        .execute(&db)
+        .await
+        .unwrap();
+        let logs = TableName::new(schema.as_str(), "logs").unwrap();
+        let tables = [
+            logs.clone(),
+            TableName::new(schema.as_str(), "users").unwrap(),
+        ];
+        let rows = Installer::new()
+            .channel(&schema)
+            .function_schema(&schema)
+            .row_keys(true);
+
+        // Before: reported, nothing installed.
+        let found = rows.check(&db, &tables).await.unwrap();
+        assert_eq!(
+            found.warnings,
+            vec![InstallWarning::NoPrimaryKey(logs.clone())]
+        );
+        assert!(found.mode_changes.is_empty());
+        let text = found.warnings[0].to_string();
+        assert!(
+            text.contains(&logs.to_string())
+                && text.contains("no primary key")
+                && text.contains("table-level events")
+                && text.contains("add a primary key"),
+            "{text}"
+        );
+        assert_eq!(rows.preflight(&db, &tables).await.unwrap(), vec![]);
+        assert!(rows.plan_install(&tables).unwrap().warnings().is_empty());
+
+        // After: the applied plan carries it.
+        let plan = rows.install(&db, &tables).await.unwrap();
+        assert_eq!(plan.warnings(), found.warnings.as_slice());
+
+        // Table-level events: nothing to warn about.
+        let table_level = rows.clone().row_keys(false).allow_mode_change(true);
+        assert!(table_level
+            .check(&db, &tables)
+            .await
+            .unwrap()
+            .warnings
+            .is_empty());
+        let plan = table_level.install(&db, &tables).await.unwrap();
+        assert!(plan.warnings().is_empty());
+
+        sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&db)
+            .await
+            .unwrap();
+    }
 }

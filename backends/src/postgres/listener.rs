@@ -13,11 +13,22 @@
 //! * a payload that is not an event is counted, logged, and dropped or turned into a
 //!   gap ([`MalformedPolicy`]); it never stops the source;
 //! * every heartbeat interval the task NOTIFYs its own heartbeat channel on the same
-//!   connection; if that does not come back within the heartbeat timeout, the
-//!   connection is presumed half-open (TCP alone may take many minutes to notice),
-//!   unless notifications kept arriving meanwhile: then the heartbeat is only
-//!   queued behind a burst the handlers are still working through, and it gets
-//!   more time (a burst never costs a spurious gap);
+//!   connection; if that does not come back within the heartbeat timeout, and no
+//!   notification arrived meanwhile (else the heartbeat is only queued behind a
+//!   burst the handlers are still working through, and it gets more time), the
+//!   task sends `SELECT 1` on the connection: if that is not answered within the
+//!   timeout either, the connection is presumed half-open (TCP alone may take
+//!   many minutes to notice);
+//! * a connection that answers is alive and still listening, and the queue is
+//!   *stalled*: a transaction that sent notifications is committing but not yet
+//!   visible (its commit waits for a synchronous standby, say). PostgreSQL
+//!   delivers nothing queued after it until then, and it holds the NOTIFY commit
+//!   lock, so the heartbeat's own commit would wait too: the heartbeat gives up
+//!   on the lock after half the timeout (`lock_timeout`), and that answer is
+//!   the round trip. The stall is logged once (`warn`), counted
+//!   ([`ListenerStats::queue_stalls`]), and waited out, the connection asked
+//!   again every interval: no gap, no reconnect, no flush, since nothing is lost
+//!   and no watched write becomes visible before the held one;
 //! * on a lost connection or a heartbeat timeout it emits `Health::Unhealthy` and
 //!   `Gap(ConnectionLost | HeartbeatTimeout)`, opens a *new* connection with capped,
 //!   jittered exponential backoff, LISTENs on every channel again, then emits
@@ -152,12 +163,36 @@ impl fmt::Debug for PgListenerSource {
 impl PgListenerSource {
     /// A builder for a source that connects to `database_url`
     /// (`postgres://user[:password]@host[:port]/database`).
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// use pgcachewatch::EventSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// let url = std::env::var("DATABASE_URL").expect("DATABASE_URL"); // postgres://app@db.internal/app
+    /// let source = PgListenerSource::builder(url).channel("pgcachewatch").connect().await?;
+    /// assert!(source.health().is_healthy()); // listening when `connect` returns
+    /// # Ok(()) }
+    /// ```
     pub fn builder(database_url: impl Into<String>) -> PgListenerBuilder {
         PgListenerBuilder::from_url(database_url.into())
     }
 
     /// A builder for a source that connects with ready-made options (TLS,
     /// socket paths, and anything else sqlx lets you set).
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// use pgcachewatch::sqlx::postgres::{PgConnectOptions, PgSslMode};
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// let options = PgConnectOptions::new()
+    ///     .host("db.internal")
+    ///     .username("app")
+    ///     .database("app")
+    ///     .ssl_mode(PgSslMode::VerifyFull)
+    ///     .ssl_root_cert("/etc/ssl/db-ca.pem");
+    /// let source = PgListenerSource::builder_with_options(options).connect().await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn builder_with_options(options: PgConnectOptions) -> PgListenerBuilder {
         PgListenerBuilder::from_options(options)
     }
@@ -170,7 +205,7 @@ impl PgListenerSource {
     /// ```no_run
     /// use pgcachewatch::postgres::PgListenerSource;
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    /// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
+    /// let pool = pgcachewatch::sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
     /// let source = PgListenerSource::from_pool(&pool).connect().await?;
     /// # drop(source); Ok(()) }
     /// ```
@@ -180,6 +215,14 @@ impl PgListenerSource {
 
     /// Connects to `database_url` with every default (channel
     /// [`DEFAULT_CHANNEL`](crate::postgres::DEFAULT_CHANNEL)).
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::{PgListenerSource, DEFAULT_CHANNEL};
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// let source = PgListenerSource::connect("postgres://app@db.internal/app").await?;
+    /// assert_eq!(source.channels(), [DEFAULT_CHANNEL]); // "pgcachewatch"
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///
@@ -224,16 +267,48 @@ impl PgListenerSource {
     }
 
     /// The counters, now.
+    ///
+    /// ```no_run
+    /// # async fn run(source: pgcachewatch::postgres::PgListenerSource) {
+    /// let stats = source.stats();
+    /// println!(
+    ///     "{} events, {} reconnects, {} malformed, heartbeat round trip {:?}",
+    ///     stats.events, stats.reconnects, stats.malformed, stats.last_heartbeat_rtt,
+    /// );
+    /// # }
+    /// ```
     pub fn stats(&self) -> ListenerStats {
         self.inner.counters.snapshot()
     }
 
     /// The channels listened on (sorted, without duplicates).
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// let source = PgListenerSource::builder("postgres://app@db.internal/app")
+    ///     .channels(["pgcachewatch", "app_cache", "pgcachewatch"])
+    ///     .connect()
+    ///     .await?;
+    /// assert_eq!(source.channels(), ["app_cache", "pgcachewatch"]);
+    /// # Ok(()) }
+    /// ```
     pub fn channels(&self) -> &[String] {
         &self.inner.settings.channels
     }
 
     /// This source's private heartbeat channel (its notifications are never events).
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// let source = PgListenerSource::connect("postgres://app@db.internal/app").await?;
+    /// // Seen from PostgreSQL: `SELECT pg_listening_channels()` on its connection
+    /// // lists "pgcachewatch" and this one.
+    /// println!("heartbeats on {}", source.heartbeat_channel()); // pgcachewatch_hb_…
+    /// assert!(source.heartbeat_channel().starts_with("pgcachewatch_hb_"));
+    /// # Ok(()) }
+    /// ```
     pub fn heartbeat_channel(&self) -> &str {
         &self.inner.settings.heartbeat_channel
     }
@@ -242,6 +317,15 @@ impl PgListenerSource {
     /// notification queue in use. A queue that fills up makes writers' commits
     /// fail; it grows when a listening session stops reading (or sits in a long
     /// transaction). Asked on the listening connection.
+    ///
+    /// ```no_run
+    /// # async fn run(source: pgcachewatch::postgres::PgListenerSource) -> Result<(), pgcachewatch::Error> {
+    /// let usage = source.queue_usage().await?;
+    /// if usage > 0.5 {
+    ///     eprintln!("NOTIFY queue {:.0} % full: a listening session is not reading", usage * 100.0);
+    /// }
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///
@@ -259,6 +343,19 @@ impl PgListenerSource {
 
     /// Stops listening: subscriptions end, the task and its connection are gone
     /// when this returns. Later calls (on any clone) return at once.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// use pgcachewatch::strategies::Greedy;
+    /// use pgcachewatch::{Cache, Dispatcher};
+    /// # async fn run(users: Cache<u32, String>) -> Result<(), pgcachewatch::Error> {
+    /// let source = PgListenerSource::connect("postgres://app@db.internal/app").await?;
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// // … serve; then, at exit:
+    /// dispatcher.shutdown().await;
+    /// source.shutdown().await; // its connection is closed when this returns
+    /// # Ok(()) }
+    /// ```
     pub async fn shutdown(&self) {
         self.inner.hub.close();
         self.inner.stop.send_replace(true);

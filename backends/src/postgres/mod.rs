@@ -15,10 +15,11 @@ pub const DEFAULT_CHANNEL: &str = "pgcachewatch";
 /// the password.
 ///
 /// ```
-/// use pgcachewatch::postgres::describe_target;
+/// use pgcachewatch_backends::postgres::describe_target;
 /// let o: sqlx::postgres::PgConnectOptions = "postgres://ann:secret@db:5433/app".parse().unwrap();
 /// assert_eq!(describe_target(&o), "ann@db:5433/app");
 /// ```
+#[doc(hidden)] // for the `pgcachewatch` command
 pub fn describe_target(options: &sqlx::postgres::PgConnectOptions) -> String {
     format!(
         "{}@{}:{}/{}",
@@ -37,10 +38,11 @@ pub fn describe_target(options: &sqlx::postgres::PgConnectOptions) -> String {
 /// library's error, and other TLS trouble as `sqlx::Error::Tls`.
 ///
 /// ```
-/// use pgcachewatch::postgres::is_tls_error;
+/// use pgcachewatch_backends::postgres::is_tls_error;
 /// assert!(is_tls_error(&sqlx::Error::Tls("handshake failed".into())));
 /// assert!(!is_tls_error(&sqlx::Error::PoolTimedOut));
 /// ```
+#[doc(hidden)] // for the `pgcachewatch` command
 pub fn is_tls_error(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Tls(_) => true,
@@ -57,11 +59,12 @@ pub fn is_tls_error(error: &sqlx::Error) -> bool {
 /// The `sslmode` of `options` as PostgreSQL spells it (`prefer`, `verify-ca`, …).
 ///
 /// ```
-/// use pgcachewatch::postgres::ssl_mode_name;
+/// use pgcachewatch_backends::postgres::ssl_mode_name;
 /// let o: sqlx::postgres::PgConnectOptions =
 ///     "postgres://db.example/app?sslmode=verify-ca".parse().unwrap();
 /// assert_eq!(ssl_mode_name(&o), "verify-ca");
 /// ```
+#[doc(hidden)] // for the `pgcachewatch` command
 pub fn ssl_mode_name(options: &sqlx::postgres::PgConnectOptions) -> &'static str {
     use sqlx::postgres::PgSslMode;
     match options.get_ssl_mode() {

@@ -2,11 +2,24 @@
 //! each commit. No I/O.
 //!
 //! It buffers one transaction at a time. At `Commit` it hands out, per (table,
-//! operation) in order of first appearance, one [`Event`] carrying the replica
-//! identity (normally the primary key) of every changed row as a [`RowKey`]
-//! (`{"column": value}`, the shape pgcachewatch's row-level triggers send).
-//! Memory is bounded: past the per-transaction key cap, the table receiving the
-//! next key degrades to a table-level event (keys `None`) and its keys are freed.
+//! operation) in order of first appearance, one [`Event`] carrying the primary
+//! key of every changed row as a [`RowKey`] (`{"column": value}`, values as
+//! `to_jsonb` gives them: the shape and values pgcachewatch's row-level
+//! triggers send).
+//!
+//! **Keys are the primary key, not the replica identity.** pgoutput flags the
+//! replica-identity columns, which `REPLICA IDENTITY USING INDEX` and `FULL`
+//! make something else; the task tells the assembler each relation's primary
+//! key from the catalog ([`Assembler::describe`]). A key is read from a tuple
+//! only when every key column is in it; an `UPDATE` that sends no old tuple
+//! kept its key only if the key columns are part of the replica identity
+//! (otherwise the key may have changed unseen). Anything else is a table-level
+//! event for that table.
+//!
+//! Memory is bounded: past the per-transaction key cap (a count, and
+//! [`KEY_BYTES_PER_KEY`] bytes of key text per allowed key), the table
+//! receiving the next key degrades to a table-level event (keys `None`) and
+//! its keys are freed.
 
 use std::collections::{HashMap, HashSet};
 
@@ -18,8 +31,18 @@ use super::pgoutput::{Begin, Commit, Datum, Message, Relation, Tuple};
 /// PostgreSQL's epoch (2000-01-01 UTC) in Unix seconds.
 const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
 
-/// Type OIDs whose text form becomes a JSON number: int2, int4, int8, oid.
-const INT_TYPES: [u32; 4] = [21, 23, 20, 26];
+/// Key text a transaction may buffer per key of its cap: a key cap of 10,000
+/// allows 2.5 MiB of key text. Wide keys (long text) degrade a table sooner.
+pub(crate) const KEY_BYTES_PER_KEY: usize = 256;
+
+/// Type OIDs `to_jsonb` writes as JSON numbers: int2, int4, int8, float4,
+/// float8, numeric (`NaN` and infinities as strings).
+const NUMBER_TYPES: [u32; 6] = [21, 23, 20, 700, 701, 1700];
+const BOOL: u32 = 16;
+const JSON: u32 = 114;
+const JSONB: u32 = 3802;
+const TIMESTAMP: u32 = 1114;
+const TIMESTAMPTZ: u32 = 1184;
 
 /// What a commit produced.
 #[derive(Debug)]
@@ -28,6 +51,8 @@ pub(crate) enum Committed {
     Events {
         /// The end of the commit record.
         end_lsn: Lsn,
+        /// The transaction's (32-bit) id.
+        xid: u32,
         /// One event per (table, operation).
         events: Vec<Event>,
         /// How many of them degraded to table level because of the key cap.
@@ -38,6 +63,8 @@ pub(crate) enum Committed {
     Unreadable {
         /// The end of the commit record.
         end_lsn: Lsn,
+        /// The transaction's (32-bit) id.
+        xid: u32,
         /// What went wrong first.
         detail: String,
     },
@@ -48,6 +75,22 @@ impl Committed {
     pub(crate) fn end_lsn(&self) -> Lsn {
         match self {
             Committed::Events { end_lsn, .. } | Committed::Unreadable { end_lsn, .. } => *end_lsn,
+        }
+    }
+
+    /// The transaction's id.
+    pub(crate) fn xid(&self) -> u32 {
+        match self {
+            Committed::Events { xid, .. } | Committed::Unreadable { xid, .. } => *xid,
+        }
+    }
+
+    /// Whether publishing it changes what a cache may hold (events, or a gap),
+    /// so it must wait until other sessions see the transaction.
+    pub(crate) fn affects_caches(&self) -> bool {
+        match self {
+            Committed::Events { events, .. } => !events.is_empty(),
+            Committed::Unreadable { .. } => true,
         }
     }
 }
@@ -64,6 +107,8 @@ struct Change {
     operation: Operation,
     /// `None`: table level (no key, or past the key cap).
     keys: Option<Vec<RowKey>>,
+    /// The key text of `keys`, in bytes.
+    bytes: usize,
 }
 
 #[derive(Debug)]
@@ -71,8 +116,9 @@ struct Transaction {
     begin: Begin,
     changes: Vec<Change>,
     index: HashMap<(u32, Operation), usize>,
-    /// Keys buffered, all tables together.
+    /// Keys buffered, all tables together, and their text's bytes.
     keys: usize,
+    key_bytes: usize,
     degraded: usize,
     unreadable: Option<String>,
 }
@@ -80,11 +126,26 @@ struct Transaction {
 /// A relation as the stream described it, plus what keys need.
 #[derive(Debug)]
 struct Table {
-    /// Shared by every event of the table (no copy per event).
+    /// Shared by every event of the table (no copy per event): the table the
+    /// user watches (a partition's root).
     schema: Name,
     name: Name,
-    /// (column index, name, type oid) of the replica-identity columns.
+    /// (column index, name, type oid) of the primary-key columns; empty when
+    /// the table has no key usable here.
     key_columns: Vec<(usize, String, u32)>,
+    /// Every key column is a replica-identity column: an `UPDATE` that sends
+    /// no old tuple did not change the key.
+    identity_holds_key: bool,
+}
+
+/// What the catalog says of a relation's key (see [`Assembler::describe`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct KeySpec {
+    /// The table to name in events (schema, name); `None`: as the stream says.
+    pub(crate) table: Option<(String, String)>,
+    /// Primary-key columns in key order, each with the type `to_jsonb` sees
+    /// (a domain's base type); empty: no primary key.
+    pub(crate) columns: Vec<(String, u32)>,
 }
 
 /// Buffers one transaction; see the module docs.
@@ -138,6 +199,7 @@ impl Assembler {
                 tx.changes.clear();
                 tx.index.clear();
                 tx.keys = 0;
+                tx.key_bytes = 0;
                 true
             }
             None => false,
@@ -163,6 +225,7 @@ impl Assembler {
                     changes: Vec::new(),
                     index: HashMap::new(),
                     keys: 0,
+                    key_bytes: 0,
                     degraded: 0,
                     unreadable: None,
                 });
@@ -200,6 +263,7 @@ impl Assembler {
                                 relation,
                                 operation: Operation::Truncate,
                                 keys: None,
+                                bytes: 0,
                             });
                             tx.changes.len() - 1
                         });
@@ -220,36 +284,68 @@ impl Assembler {
             .ok_or_else(|| OutOfOrder(format!("{what} outside a transaction")))
     }
 
+    /// A relation message without catalog knowledge: its replica-identity
+    /// columns stand for the key. The task uses [`describe`](Self::describe).
     fn relation(&mut self, rel: Relation) {
-        let key_columns: Vec<(usize, String, u32)> = rel
-            .columns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.is_key())
-            .map(|(i, c)| (i, c.name.clone(), c.type_oid))
-            .collect();
-        let qualified = format!("{}.{}", rel.namespace, rel.name);
+        let spec = KeySpec {
+            table: None,
+            columns: rel
+                .columns
+                .iter()
+                .filter(|c| c.is_key())
+                .map(|c| (c.name.clone(), c.type_oid))
+                .collect(),
+        };
+        self.describe(rel, &spec);
+    }
+
+    /// Takes a relation message with what the catalog says of its key: events
+    /// name `spec.table`, and keys are `spec.columns` read from each tuple.
+    pub(crate) fn describe(&mut self, rel: Relation, spec: &KeySpec) {
+        let (schema, name) = spec
+            .table
+            .clone()
+            .unwrap_or_else(|| (rel.namespace.clone(), rel.name.clone()));
+        let mut key_columns = Vec::with_capacity(spec.columns.len());
+        let mut identity_holds_key = true;
+        for (column, type_oid) in &spec.columns {
+            match rel.columns.iter().position(|c| &c.name == column) {
+                Some(i) => {
+                    identity_holds_key &= rel.columns[i].is_key();
+                    key_columns.push((i, column.clone(), *type_oid));
+                }
+                None => {
+                    // The stream's row lacks a key column (a published column
+                    // list): no key can be read.
+                    key_columns.clear();
+                    break;
+                }
+            }
+        }
+        let qualified = format!("{schema}.{name}");
         if key_columns.is_empty() && self.warned.insert(qualified.clone()) {
             tracing::warn!(
                 table = %qualified,
                 replica_identity = %char::from(rel.replica_identity),
-                "table has no replica identity columns (no primary key, or REPLICA IDENTITY \
-                 NOTHING): its changes invalidate the whole table; add a primary key or set \
-                 REPLICA IDENTITY USING INDEX for row-level events"
+                "table has no primary key (or the published columns leave it out): its \
+                 changes invalidate the whole table; add a primary key for row-level events"
             );
         }
         self.tables.insert(
             rel.id,
             Table {
-                schema: rel.namespace.into(),
-                name: rel.name.into(),
+                schema: schema.into(),
+                name: name.into(),
                 key_columns,
+                identity_holds_key,
             },
         );
     }
 
     /// Records a row change: the keys of `tuples` (the new row, and the old one
-    /// when sent, so a changed key invalidates both).
+    /// when sent, so a changed key invalidates both). For an `UPDATE` without
+    /// an old tuple the key is known unchanged only when the replica identity
+    /// holds it.
     fn change(
         &mut self,
         relation: u32,
@@ -265,11 +361,16 @@ impl Assembler {
             return Err(OutOfOrder(detail));
         };
         let mut keys: [Option<RowKey>; 2] = [None, None];
-        let mut table_level = table.key_columns.is_empty();
+        let mut table_level = table.key_columns.is_empty()
+            || (operation == Operation::Update && tuples[1].is_none() && !table.identity_holds_key);
+        let mut bytes = 0;
         for (slot, tuple) in keys.iter_mut().zip(tuples) {
             if let Some(tuple) = tuple {
                 match row_key(table, tuple) {
-                    Some(key) => *slot = Some(key),
+                    Some((key, size)) => {
+                        *slot = Some(key);
+                        bytes += size;
+                    }
                     None => table_level = true,
                 }
             }
@@ -289,6 +390,7 @@ impl Assembler {
                 relation,
                 operation,
                 keys: Some(Vec::new()),
+                bytes: 0,
             });
             tx.changes.len() - 1
         });
@@ -296,22 +398,28 @@ impl Assembler {
         let Some(list) = &mut change.keys else {
             return Ok(None);
         };
+        let count = keys.iter().flatten().count().max(1);
         let new_keys = keys.into_iter().flatten().filter(|_| !table_level);
         for key in new_keys {
             if list.last() == Some(&key) {
                 continue;
             }
-            if tx.keys >= key_cap {
+            let size = bytes / count;
+            if tx.keys >= key_cap || tx.key_bytes + size > key_cap.saturating_mul(KEY_BYTES_PER_KEY)
+            {
                 table_level = true;
                 tx.degraded += 1;
                 break;
             }
             list.push(key);
             tx.keys += 1;
+            tx.key_bytes += size;
+            change.bytes += size;
         }
         if table_level {
-            let freed = list.len();
-            tx.keys -= freed;
+            tx.keys -= list.len();
+            tx.key_bytes -= change.bytes;
+            change.bytes = 0;
             change.keys = None;
         }
         Ok(None)
@@ -321,6 +429,7 @@ impl Assembler {
         if let Some(detail) = tx.unreadable {
             return Committed::Unreadable {
                 end_lsn: commit.end_lsn,
+                xid: tx.begin.xid,
                 detail,
             };
         }
@@ -353,37 +462,97 @@ impl Assembler {
             .collect();
         Committed::Events {
             end_lsn: commit.end_lsn,
+            xid: tx.begin.xid,
             events,
             degraded: tx.degraded,
         }
     }
 }
 
-/// The replica-identity values of `tuple`; `None` if one is missing (NULL,
-/// unchanged TOAST, binary) or the table has no key.
-fn row_key(table: &Table, tuple: &Tuple) -> Option<RowKey> {
+/// The key of `tuple` and the bytes of its text; `None` if a key column is
+/// missing (NULL, unchanged TOAST, binary) or the table has no key.
+fn row_key(table: &Table, tuple: &Tuple) -> Option<(RowKey, usize)> {
     if table.key_columns.is_empty() {
         return None;
     }
     let mut map = serde_json::Map::with_capacity(table.key_columns.len());
+    let mut bytes = 0;
     for (index, name, type_oid) in &table.key_columns {
         let Some(Datum::Text(text)) = tuple.get(*index) else {
             return None;
         };
+        bytes += name.len() + text.len();
         map.insert(name.clone(), json_value(*type_oid, text));
     }
-    Some(RowKey(map))
+    Some((RowKey(map), bytes))
 }
 
-/// A column's text form as JSON: integers as numbers, anything else as a string.
+/// A column's text form (as the walsender prints it: `DateStyle` ISO) as the
+/// JSON value `to_jsonb` gives the triggers: numbers as numbers (`NaN` and
+/// infinities as strings), booleans, `json`/`jsonb` as themselves, timestamps in
+/// JSON's form (`timestamptz` in UTC, `+00:00`, as the triggers write it),
+/// anything else as its text.
 pub(crate) fn json_value(type_oid: u32, text: &[u8]) -> serde_json::Value {
+    use serde_json::Value;
     let text = String::from_utf8_lossy(text);
-    if INT_TYPES.contains(&type_oid) {
-        if let Ok(n) = text.parse::<i64>() {
-            return serde_json::Value::from(n);
+    let typed = match type_oid {
+        t if NUMBER_TYPES.contains(&t) => serde_json::from_str::<serde_json::Number>(&text)
+            .ok()
+            .map(Value::Number),
+        BOOL => match &*text {
+            "t" => Some(Value::Bool(true)),
+            "f" => Some(Value::Bool(false)),
+            _ => None,
+        },
+        JSON | JSONB => serde_json::from_str::<Value>(&text).ok(),
+        TIMESTAMP => timestamp_json(&text).map(Value::String),
+        TIMESTAMPTZ => timestamptz_json(&text).map(Value::String),
+        _ => None,
+    };
+    typed.unwrap_or_else(|| Value::String(text.into_owned()))
+}
+
+/// `2024-05-01 10:00:00.5` → `2024-05-01T10:00:00.5`; `None` for anything
+/// else (infinity, BC: kept as printed).
+fn timestamp_json(text: &str) -> Option<String> {
+    let naive = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f").ok()?;
+    json_time(naive)
+}
+
+/// `2024-05-01 12:00:00.5+02` → `2024-05-01T10:00:00.5+00:00`.
+fn timestamptz_json(text: &str) -> Option<String> {
+    // The offset: the last sign after the time (`+HH`, `+HH:MM`, `+HH:MM:SS`).
+    let at = text.rfind(['+', '-']).filter(|at| *at > 10)?;
+    let (stamp, offset) = text.split_at(at);
+    let sign = if offset.starts_with('-') { -1 } else { 1 };
+    let mut seconds = 0i64;
+    for (part, scale) in offset[1..].split(':').zip([3600, 60, 1]) {
+        if part.len() != 2 {
+            return None;
         }
+        seconds += part.parse::<i64>().ok()? * scale;
     }
-    serde_json::Value::String(text.into_owned())
+    let naive = chrono::NaiveDateTime::parse_from_str(stamp, "%Y-%m-%d %H:%M:%S%.f").ok()?;
+    let utc = naive.checked_sub_signed(chrono::TimeDelta::seconds(sign * seconds))?;
+    Some(format!("{}+00:00", json_time(utc)?))
+}
+
+/// PostgreSQL's JSON form of a time: `YYYY-MM-DDTHH:MM:SS`, then the
+/// fraction with trailing zeros cut (none when whole). `None` outside years
+/// 1–9999, which PostgreSQL prints differently (callers keep the text).
+fn json_time(t: chrono::NaiveDateTime) -> Option<String> {
+    use chrono::{Datelike, Timelike};
+    if !(1..=9999).contains(&t.year()) {
+        return None;
+    }
+    let mut out = t.format("%Y-%m-%dT%H:%M:%S").to_string();
+    let micros = t.nanosecond() / 1_000;
+    if micros > 0 {
+        let fraction = format!("{micros:06}");
+        out.push('.');
+        out.push_str(fraction.trim_end_matches('0'));
+    }
+    Some(out)
 }
 
 /// Microseconds since 2000-01-01 UTC as a timestamp (`None` if out of range).
@@ -650,6 +819,33 @@ mod tests {
         );
         assert_eq!(json_value(25, b"42"), serde_json::json!("42"));
         assert_eq!(json_value(2950, b"a-uuid"), serde_json::json!("a-uuid"));
+        // As to_jsonb: numerics and floats are numbers, oid is not.
+        assert_eq!(json_value(1700, b"7"), serde_json::json!(7));
+        assert_eq!(json_value(1700, b"1.50"), serde_json::json!(1.5));
+        assert_eq!(json_value(1700, b"NaN"), serde_json::json!("NaN"));
+        assert_eq!(
+            json_value(701, b"-Infinity"),
+            serde_json::json!("-Infinity")
+        );
+        assert_eq!(json_value(26, b"26"), serde_json::json!("26"));
+        assert_eq!(json_value(16, b"t"), serde_json::json!(true));
+        assert_eq!(
+            json_value(3802, br#"{"a": [1]}"#),
+            serde_json::json!({"a": [1]})
+        );
+        assert_eq!(
+            json_value(1114, b"2024-05-01 10:00:00.120"),
+            serde_json::json!("2024-05-01T10:00:00.12")
+        );
+        assert_eq!(
+            json_value(1184, b"2024-05-01 01:30:00+05:30"),
+            serde_json::json!("2024-04-30T20:00:00+00:00")
+        );
+        assert_eq!(
+            json_value(1184, b"2024-05-01 10:00:00.000001-01"),
+            serde_json::json!("2024-05-01T11:00:00.000001+00:00")
+        );
+        assert_eq!(json_value(1184, b"infinity"), serde_json::json!("infinity"));
         assert_eq!(
             pg_timestamp(0).unwrap().to_rfc3339(),
             "2000-01-01T00:00:00+00:00"

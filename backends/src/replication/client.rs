@@ -42,6 +42,17 @@ pub(crate) enum SlotOutcome {
     Created,
     /// It was invalidated (`wal_status = 'lost'`) and was recreated.
     Recreated { detail: String },
+    /// It existed, but its confirmed position is beyond everything this
+    /// source applied: another consumer advanced it
+    /// (`pg_replication_slot_advance`, a second source on the same slot), or it
+    /// was dropped and created anew under the same name. The changes in between
+    /// are gone.
+    Advanced {
+        /// What this source had applied.
+        applied: Lsn,
+        /// Where the slot was.
+        slot: Lsn,
+    },
 }
 
 /// Why a session could not be opened.
@@ -162,6 +173,10 @@ pub(crate) struct Session {
     pub(crate) start: Lsn,
     pub(crate) backend_pid: Option<u32>,
     pub(crate) slot: SlotOutcome,
+    /// The slot's `confirmed_flush_lsn` when the session opened (0/0 for a new slot).
+    pub(crate) slot_confirmed: Lsn,
+    /// The cluster's system identifier (IDENTIFY_SYSTEM), as decimal text.
+    pub(crate) system_id: String,
 }
 
 impl Session {
@@ -225,11 +240,20 @@ fn lsn(l: WireLsn) -> Lsn {
     Lsn(l.as_u64())
 }
 
-/// Opens a session within the connect timeout. `resume`: the position this
-/// source confirmed last (`None` at the first connect: the slot's).
-pub(crate) async fn open(settings: &Settings, resume: Option<Lsn>) -> Result<Session, OpenError> {
+/// What a source knows of its own position when it (re)opens a session.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Known {
+    /// The position it confirmed last (`None` at the first connect: the slot's).
+    pub(crate) confirmed: Option<Lsn>,
+    /// Everything before it was applied (`None` at the first connect: nothing
+    /// is known, so the slot's position cannot be checked).
+    pub(crate) applied: Option<Lsn>,
+}
+
+/// Opens a session within the connect timeout.
+pub(crate) async fn open(settings: &Settings, known: Known) -> Result<Session, OpenError> {
     let timeout = settings.builder.connect_timeout;
-    match tokio::time::timeout(timeout, open_unbounded(settings, resume)).await {
+    match tokio::time::timeout(timeout, open_unbounded(settings, known)).await {
         Ok(result) => result,
         Err(_) => Err(OpenError::Timeout {
             target: settings.describe_target(),
@@ -243,7 +267,8 @@ fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-async fn open_unbounded(settings: &Settings, resume: Option<Lsn>) -> Result<Session, OpenError> {
+async fn open_unbounded(settings: &Settings, known: Known) -> Result<Session, OpenError> {
+    let resume = known.confirmed;
     let b = &settings.builder;
     let target = settings.describe_target();
     let connect_err = |source: PgWireError| {
@@ -283,7 +308,9 @@ async fn open_unbounded(settings: &Settings, resume: Option<Lsn>) -> Result<Sess
     .with_status_interval(b.status_interval)
     .with_wakeup_interval(b.status_interval)
     .with_buffer_size(1024)
-    .with_application_name(settings.application_name.clone());
+    .with_application_name(settings.application_name.clone())
+    // Key values arrive as text: fix the forms `to_jsonb` is matched against.
+    .with_options("-c datestyle=ISO,MDY -c timezone=UTC -c extra_float_digits=1");
     // Start where the slot is (0/0); report `resume` until told more.
     config.start_lsn = WireLsn::ZERO;
     config.ack_lsn = resume.map(|l| WireLsn::from_u64(l.0));
@@ -387,6 +414,24 @@ async fn open_unbounded(settings: &Settings, resume: Option<Lsn>) -> Result<Sess
         .map_err(connect_err)?
         .and_then(|s| s.confirmed_flush.parse::<Lsn>().ok())
         .unwrap_or(Lsn::ZERO);
+    // Only this source knows what it applied: a slot that is further along
+    // than that was consumed (or replaced) by someone else meanwhile.
+    let outcome = match (outcome, known.applied) {
+        (SlotOutcome::Existing, Some(applied)) if confirmed_flush > applied => {
+            tracing::error!(
+                slot = %b.slot,
+                %applied,
+                slot_position = %confirmed_flush,
+                "the replication slot is beyond what this source applied: another consumer \
+                 advanced it, or it was dropped and created anew; emitting a gap"
+            );
+            SlotOutcome::Advanced {
+                applied,
+                slot: confirmed_flush,
+            }
+        }
+        (outcome, _) => outcome,
+    };
     // Never report less than the slot already has.
     let start = confirmed_flush.max(resume.unwrap_or(Lsn::ZERO));
     client.update_applied_lsn(WireLsn::from_u64(start.0));
@@ -400,6 +445,8 @@ async fn open_unbounded(settings: &Settings, resume: Option<Lsn>) -> Result<Sess
         start,
         backend_pid,
         slot: outcome,
+        slot_confirmed: confirmed_flush,
+        system_id: system.system_id,
     })
 }
 

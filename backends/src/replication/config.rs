@@ -56,7 +56,7 @@ enum Target {
 /// ```no_run
 /// use std::time::Duration;
 /// use pgcachewatch_backends::replication::PgReplicationSource;
-/// # async fn run() -> Result<(), pgcachewatch_core::Error> {
+/// # async fn run() -> Result<(), pgcachewatch::Error> {
 /// let source = PgReplicationSource::builder("postgres://app@db.internal/app?sslmode=verify-full")
 ///     .slot("app_cache")
 ///     .publication("app_cache")
@@ -127,12 +127,36 @@ impl PgReplicationBuilder {
 
     /// The replication slot to stream from (lower-case letters, digits and
     /// underscores, at most 63): its position survives restarts.
+    ///
+    /// ```no_run
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // The slot made by `ReplicationSetup::new().slot("orders_service")`.
+    /// let source = PgReplicationSource::builder("postgres://app@db.internal/app")
+    ///     .slot("orders_service")
+    ///     .publication("orders_service")
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn slot(mut self, name: impl Into<String>) -> Self {
         self.slot = name.into();
         self
     }
 
     /// The publication naming the watched tables.
+    ///
+    /// ```no_run
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // Only the tables this service caches: `CREATE PUBLICATION orders_tables FOR TABLE orders, order_lines`.
+    /// let source = PgReplicationSource::builder("postgres://app@db.internal/app")
+    ///     .slot("orders_service")
+    ///     .publication("orders_tables")
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn publication(mut self, name: impl Into<String>) -> Self {
         self.publication = name.into();
         self
@@ -140,6 +164,17 @@ impl PgReplicationBuilder {
 
     /// Creates the slot (pgoutput) when it does not exist, and recreates it when
     /// the server invalidated it (`wal_status = 'lost'`), emitting a `Gap`.
+    ///
+    /// ```no_run
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // A development database: make the slot on first run (in production, the setup does).
+    /// let source = PgReplicationSource::builder("postgres://postgres@localhost/dev")
+    ///     .create_slot_if_missing(true)
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn create_slot_if_missing(mut self, yes: bool) -> Self {
         self.create_slot_if_missing = yes;
         self
@@ -148,6 +183,18 @@ impl PgReplicationBuilder {
     /// Uses a temporary slot (development only): created on each connection and
     /// dropped by the server when it ends, so nothing outlives the process, but
     /// every reconnect loses what was written meanwhile and emits a `Gap`.
+    ///
+    /// ```no_run
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // A test run: the slot dies with the connection, nothing is left on the server.
+    /// let source = PgReplicationSource::builder("postgres://postgres@localhost/test")
+    ///     .slot("test_run_42")
+    ///     .temporary_slot(true)
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn temporary_slot(mut self, yes: bool) -> Self {
         self.temporary_slot = yes;
         self
@@ -155,18 +202,54 @@ impl PgReplicationBuilder {
 
     /// At most `keys` row keys buffered per transaction; past that, the table
     /// receiving more keys gets a table-level event (keys `None`).
+    ///
+    /// ```no_run
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // Nightly imports touch millions of rows: past 1 000 keys, invalidate the table.
+    /// let source = PgReplicationSource::builder("postgres://app@db.internal/app")
+    ///     .key_cap(1_000)
+    ///     .connect()
+    ///     .await?;
+    /// println!("{} tables invalidated whole", source.stats().degraded_tables);
+    /// # Ok(()) }
+    /// ```
     pub fn key_cap(mut self, keys: usize) -> Self {
         self.key_cap = keys;
         self
     }
 
     /// How often, at most, the confirmed position is sent to the server.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// let source = PgReplicationSource::builder("postgres://app@db.internal/app")
+    ///     .status_interval(Duration::from_millis(200)) // the server frees WAL sooner
+    ///     .connect()
+    ///     .await?;
+    /// println!("confirmed up to {:?}", source.stats().confirmed_lsn);
+    /// # Ok(()) }
+    /// ```
     pub fn status_interval(mut self, interval: Duration) -> Self {
         self.status_interval = interval;
         self
     }
 
     /// Reconnect delays: `min`, doubled per failed attempt up to `max`, jittered.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // Retry after 50 ms, then 100 ms, 200 ms, … at most every 5 s (jittered).
+    /// let source = PgReplicationSource::builder("postgres://app@db.internal/app")
+    ///     .reconnect_backoff(Duration::from_millis(50), Duration::from_secs(5))
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.reconnect_min = min;
         self.reconnect_max = max;
@@ -174,12 +257,34 @@ impl PgReplicationBuilder {
     }
 
     /// How long one connection attempt may take.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// let source = PgReplicationSource::builder("postgres://app@db.internal/app")
+    ///     .connect_timeout(Duration::from_secs(3)) // the first connection and every reconnect
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
     /// How many signals a subscriber may fall behind before it gets a `Lagged` gap.
+    ///
+    /// ```no_run
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // Subscribers that read in bursts may fall 8192 signals behind before a `Lagged` gap.
+    /// let source = PgReplicationSource::builder("postgres://app@db.internal/app")
+    ///     .buffer(8192)
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn buffer(mut self, capacity: usize) -> Self {
         self.buffer = capacity;
         self
@@ -187,6 +292,18 @@ impl PgReplicationBuilder {
 
     /// The password, when the target came as ready-made options (sqlx does not
     /// hand them back). Default: the URL's, else `PGPASSWORD`.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::sqlx::postgres::PgConnectOptions;
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let options = PgConnectOptions::new().host("db.internal").username("app").database("app");
+    /// let source = PgReplicationSource::builder_with_options(options)
+    ///     .password(std::env::var("APP_DB_PASSWORD")?)
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn password(mut self, password: impl Into<String>) -> Self {
         self.password = Some(password.into());
         self
@@ -195,6 +312,22 @@ impl PgReplicationBuilder {
     /// The CA certificate(s) for `sslmode=verify-ca|verify-full`, when the target
     /// came as ready-made options. Default: the URL's `sslrootcert`, else
     /// `PGSSLROOTCERT`, else the public web roots.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::sqlx::postgres::{PgConnectOptions, PgSslMode};
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// let options = PgConnectOptions::new()
+    ///     .host("db.internal")
+    ///     .username("app")
+    ///     .database("app")
+    ///     .ssl_mode(PgSslMode::VerifyFull);
+    /// let source = PgReplicationSource::builder_with_options(options)
+    ///     .ssl_root_cert("/etc/ssl/db-ca.pem")
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn ssl_root_cert(mut self, path: impl Into<PathBuf>) -> Self {
         self.ssl_root_cert = Some(path.into());
         self
@@ -204,6 +337,19 @@ impl PgReplicationBuilder {
     /// the publication, and starts streaming. Returns once the server accepted
     /// `START_REPLICATION`. The source is `Unhealthy` until it has caught up with
     /// the server's WAL position at connect, then `Healthy`.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::Error;
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// let source = match PgReplicationSource::builder("postgres://app@db.internal/app").connect().await {
+    ///     Ok(source) => source, // Unhealthy until it has caught up with the server, then Healthy
+    ///     // No slot or publication yet, `wal_level` not `logical`, …: the message says what to do.
+    ///     Err(Error::Config(what_to_do)) => panic!("{what_to_do}"),
+    ///     Err(e) => return Err(e), // unreachable (e.is_temporary()), or refused
+    /// };
+    /// # drop(source); Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///
@@ -223,9 +369,9 @@ impl PgReplicationBuilder {
     /// read, and says whether the slot resumed where it was confirmed.
     ///
     /// ```no_run
+    /// use pgcachewatch::Signal;
     /// use pgcachewatch_backends::replication::PgReplicationSource;
-    /// use pgcachewatch_core::Signal;
-    /// # async fn run() -> Result<(), pgcachewatch_core::Error> {
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
     /// let start = PgReplicationSource::builder("postgres://postgres@127.0.0.1/test")
     ///     .connect_durable()
     ///     .await?;
@@ -321,7 +467,16 @@ impl PgReplicationBuilder {
             .clone()
             .or(url_parts.ssl_root_cert)
             .or_else(|| std::env::var_os("PGSSLROOTCERT").map(PathBuf::from));
-        let tls = tls_config(options.get_ssl_mode(), root_cert);
+        let tls = tls_config(options.get_ssl_mode(), root_cert.clone());
+        let mut side = options
+            .clone()
+            .application_name("pgcachewatch-replication-side");
+        if let Some(explicit) = &self.password {
+            side = side.password(explicit);
+        }
+        if let Some(path) = &root_cert {
+            side = side.ssl_root_cert(path);
+        }
         let host = match options.get_socket() {
             Some(dir) => dir.to_string_lossy().into_owned(),
             None => options.get_host().to_owned(),
@@ -340,6 +495,7 @@ impl PgReplicationBuilder {
                 .get_application_name()
                 .unwrap_or("pgcachewatch-replication")
                 .to_owned(),
+            side,
             builder: self,
         })
     }
@@ -428,6 +584,9 @@ pub(crate) struct Settings {
     pub(crate) database: String,
     pub(crate) tls: TlsConfig,
     pub(crate) application_name: String,
+    /// For the source's side connection (a plain session: visibility checks
+    /// and catalog lookups), with the same target, password and TLS.
+    pub(crate) side: PgConnectOptions,
     pub(crate) builder: PgReplicationBuilder,
 }
 

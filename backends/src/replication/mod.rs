@@ -13,12 +13,38 @@
 //! keys of the changed rows, `lsn` = the commit's end, `txid` = the 32-bit xid,
 //! `channel` = the slot name.
 //!
+//! **Announced only when visible.** PostgreSQL flushes a commit record (and
+//! a walsender may stream it) *before* the committing backend leaves the proc
+//! array; until then other sessions still read the old rows. Had the event
+//! been applied on receipt, a load starting right after it would store the
+//! old row for good. So the source holds each transaction until a snapshot
+//! taken on a side connection after its receipt shows it finished
+//! (`pg_current_snapshot()`, one query per batch of commits), and publishes in
+//! commit order. Nothing later is announced meanwhile: a commit held by a
+//! synchronous standby holds the events behind it, as `LISTEN` does.
+//! [`ReplicationStats::visibility_checks`] and
+//! [`visibility_waits`](ReplicationStats::visibility_waits) count it.
+//!
+//! **Keys.** A row's key is its primary key (read from `pg_index`, whatever the
+//! replica identity), with the values `to_jsonb` gives pgcachewatch's
+//! row-level triggers (`numeric` a number, `bool` a boolean, `timestamptz` in
+//! UTC), so a [`Keyed`](https://docs.rs/pgcachewatch-strategies/latest/pgcachewatch_strategies/struct.Keyed.html)
+//! mapper works on either source. Where the key cannot be known the event is
+//! table-level: a table without a primary key, a key column left out of the
+//! published columns, an `UPDATE` of a table whose replica identity does not
+//! hold the key (`USING INDEX` on other columns: the key may have changed
+//! unseen), or a transaction past the key cap. **Partitions** are named by
+//! their root: a write to `orders_eu` is an event of `orders`.
+//!
 //! **Confirmation.** After publishing a transaction, every inline-attached
 //! dispatcher has applied it (the hub runs inline handlers synchronously), so the
 //! task confirms the commit's end to the server. Subscribers reading from their own
 //! task are not waited for: if one falls behind its buffer it gets
 //! `Gap(Lagged)`, as with any source. An external consumer that needs its own
-//! durability (a relay) holds confirmation back with a [`ConfirmGate`]. On an
+//! durability (a relay) holds confirmation back with a [`ConfirmGate`]; its
+//! subscription from [`connect_durable`](PgReplicationBuilder::connect_durable)
+//! never lags: while it is half its buffer behind (a relay that cannot reach
+//! NATS), the source stops reading the slot, which keeps the rest. On an
 //! idle stream, a server keepalive outside a transaction becomes
 //! [`Signal::Progress`](pgcachewatch_core::Signal::Progress) (at most one per
 //! 10 ms), confirmed too.
@@ -29,8 +55,16 @@
 //! skipped. It reports `Healthy` once caught up with the server's WAL position
 //! at reconnect. No `Gap` on this path: caches keep their entries. A `Gap`
 //! ([`GapReason::SlotLost`](pgcachewatch_core::GapReason::SlotLost)) only when
-//! events really are gone: the slot was dropped or invalidated, or a temporary
-//! slot died with its connection.
+//! events really are gone: the slot was dropped or invalidated, a temporary
+//! slot died with its connection, or the slot is further along than what this
+//! source applied — another consumer advanced it (`pg_replication_slot_advance`,
+//! a second source on the same slot name) or it was dropped and created anew
+//! under the same name while the source was away. Only the source knows what
+//! it applied, so it compares at every reconnect.
+//!
+//! **Publication membership.** The source re-reads the publication's tables
+//! every 10 s and logs a warning naming any table that left it: its changes
+//! no longer arrive.
 //!
 //! **Lifetime.** Clones share one task. Subscriptions and inline attachments
 //! (a [`Dispatcher`](pgcachewatch_core::Dispatcher)) keep it running: it stops
@@ -61,18 +95,22 @@
 pub(crate) mod assembler;
 mod client;
 mod config;
+mod flow;
 mod gate;
+mod held;
 pub(crate) mod pgoutput;
 mod setup;
+mod side;
 mod stats;
 mod task;
+mod visibility;
 
 use std::fmt;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use pgcachewatch_core::{
-    ClosableHub, Error, EventSource, Health, InlineAttachment, InlineHandler, SignalHub,
+    ClosableHub, Error, EventSource, Health, InlineAttachment, InlineHandler, Lsn, SignalHub,
     Subscription,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool};
@@ -101,10 +139,10 @@ use crate::keep_alive;
 /// # Example
 ///
 /// ```no_run
+/// use pgcachewatch::strategies::Greedy;
+/// use pgcachewatch::{Cache, Dispatcher};
 /// use pgcachewatch_backends::replication::PgReplicationSource;
-/// use pgcachewatch_core::{Cache, Dispatcher};
-/// use pgcachewatch_strategies::Greedy;
-/// # async fn run() -> Result<(), pgcachewatch_core::Error> {
+/// # async fn run() -> Result<(), pgcachewatch::Error> {
 /// // Once: `pgcachewatch replication setup public.users --commit`.
 /// let source = PgReplicationSource::builder("postgres://postgres@127.0.0.1/test")
 ///     .slot("pgcachewatch")
@@ -129,6 +167,8 @@ struct Inner {
     counters: Arc<Counters>,
     progress: Arc<Progress>,
     settings: Arc<Settings>,
+    /// The cluster's system identifier, from the first session.
+    system_id: String,
     /// Sending (or dropping, with the last handle) stops the task.
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -155,6 +195,22 @@ impl fmt::Debug for PgReplicationSource {
 impl PgReplicationSource {
     /// A builder for a source that connects to `database_url`
     /// (`postgres://user[:password]@host[:port]/database[?sslmode=…&sslrootcert=…]`).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcachewatch::sqlx::{self, PgPool};
+    /// use pgcachewatch::strategies::Greedy;
+    /// use pgcachewatch::{Cache, Dispatcher};
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run(pool: PgPool, users: Cache<i64, String>) -> Result<(), Box<dyn std::error::Error>> {
+    /// let source = PgReplicationSource::builder("postgres://app@db.internal/app").connect().await?;
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// // Read-your-writes: write, take the commit position, wait until the caches applied it.
+    /// sqlx::query("UPDATE users SET name = 'Ann' WHERE id = 1").execute(&pool).await?;
+    /// let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&pool).await?;
+    /// dispatcher.wait_for_lsn(lsn.parse()?, Duration::from_secs(5)).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn builder(database_url: impl Into<String>) -> PgReplicationBuilder {
         PgReplicationBuilder::from_url(database_url.into())
     }
@@ -164,12 +220,35 @@ impl PgReplicationSource {
     /// [`password`](PgReplicationBuilder::password) and
     /// [`ssl_root_cert`](PgReplicationBuilder::ssl_root_cert) (or `PGPASSWORD`,
     /// `PGSSLROOTCERT`).
+    ///
+    /// ```no_run
+    /// use pgcachewatch::sqlx::postgres::PgConnectOptions;
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let options = PgConnectOptions::new().host("db.internal").username("app").database("app");
+    /// let source = PgReplicationSource::builder_with_options(options)
+    ///     .password(std::env::var("APP_DB_PASSWORD")?) // options do not hand theirs back
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn builder_with_options(options: PgConnectOptions) -> PgReplicationBuilder {
         PgReplicationBuilder::from_options(options)
     }
 
     /// A builder with the connect options of `pool` (see
     /// [`builder_with_options`](Self::builder_with_options) for the password).
+    ///
+    /// ```no_run
+    /// use pgcachewatch::sqlx::PgPool;
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let password = std::env::var("APP_DB_PASSWORD")?;
+    /// let pool = PgPool::connect(&format!("postgres://app:{password}@db.internal/app")).await?;
+    /// // Where the pool connects, as the pool does (its password is not handed back).
+    /// let source = PgReplicationSource::from_pool(&pool).password(password).connect().await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn from_pool(pool: &PgPool) -> PgReplicationBuilder {
         PgReplicationBuilder::from_options((*pool.connect_options()).clone())
     }
@@ -184,7 +263,7 @@ impl PgReplicationSource {
         settings: Settings,
         durable: bool,
     ) -> Result<DurableStart, Error> {
-        let first = client::open(&settings, None).await?;
+        let first = client::open(&settings, client::Known::default()).await?;
         let resumed =
             first.slot == client::SlotOutcome::Existing && !settings.builder.temporary_slot;
         tracing::info!(
@@ -195,6 +274,8 @@ impl PgReplicationSource {
             resumed,
             "replication started"
         );
+        let slot_confirmed = first.slot_confirmed;
+        let system_id = first.system_id.clone();
         let settings = Arc::new(settings);
         let label = label_of(&settings.builder.slot);
         let counters = Arc::new(Counters::for_source(&label));
@@ -202,7 +283,22 @@ impl PgReplicationSource {
         let progress = Arc::new(Progress::default());
         let hub =
             SignalHub::with_health(settings.builder.buffer, Health::Unhealthy).with_label(label);
-        let early = durable.then(|| (hub.subscribe(), ConfirmGate::new_sticky(progress.clone())));
+        // A durable consumer's subscription holds the slot back while it is
+        // half its buffer behind (see `flow`): it never lags, so it never
+        // loses what the slot still holds.
+        let flow = durable.then(|| flow::Flow::new(settings.builder.buffer));
+        let early = flow.as_ref().map(|flow| {
+            let sub = flow.counted(hub.subscribe());
+            let counter = flow.clone();
+            let counting = hub.attach_inline(Box::new(move |_: &pgcachewatch_core::Signal| {
+                counter.emitted();
+            }));
+            (sub, ConfirmGate::new_sticky(progress.clone()), counting)
+        });
+        let (early, counting) = match early {
+            Some((sub, gate, counting)) => (Some((sub, gate)), Some(counting)),
+            None => (None, None),
+        };
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = Task {
             settings: settings.clone(),
@@ -213,6 +309,15 @@ impl PgReplicationSource {
             assembler: Assembler::new(settings.builder.slot.clone(), settings.builder.key_cap),
             progress_sent: None,
             progress_pending: None,
+            side: side::SideConnection::new(
+                settings.side.clone(),
+                settings.builder.connect_timeout,
+            ),
+            held: held::Held::default(),
+            published: None,
+            membership_due: tokio::time::Instant::now(),
+            flow,
+            _counting: counting,
         };
         let handle = tokio::spawn(task.run(first));
         let source = PgReplicationSource {
@@ -221,6 +326,7 @@ impl PgReplicationSource {
                 counters,
                 progress,
                 settings,
+                system_id,
                 stop: stop_tx,
                 task: Mutex::new(Some(handle)),
             }),
@@ -231,28 +337,92 @@ impl PgReplicationSource {
             source,
             early,
             resumed,
+            slot_confirmed,
         })
     }
 
     /// The counters, now.
+    ///
+    /// ```no_run
+    /// # async fn run(source: pgcachewatch_backends::replication::PgReplicationSource) {
+    /// let stats = source.stats();
+    /// println!("{} events; confirmed {:?}", stats.events, stats.confirmed_lsn);
+    /// if stats.lag_bytes.unwrap_or(0) > 1 << 30 {
+    ///     eprintln!("slot {} retains over 1 GiB of WAL", source.slot());
+    /// }
+    /// # }
+    /// ```
     pub fn stats(&self) -> ReplicationStats {
         self.inner.counters.snapshot()
     }
 
     /// The slot streamed from.
+    ///
+    /// ```no_run
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// let source = PgReplicationSource::builder("postgres://app@db.internal/app")
+    ///     .slot("orders_service")
+    ///     .connect()
+    ///     .await?;
+    /// assert_eq!(source.slot(), "orders_service");
+    /// # Ok(()) }
+    /// ```
     pub fn slot(&self) -> &str {
         &self.inner.settings.builder.slot
+    }
+
+    /// The PostgreSQL cluster's system identifier (`IDENTIFY_SYSTEM`, decimal
+    /// text): with [`slot`](Self::slot), it names this source's upstream
+    /// uniquely, across clusters that reuse a slot name.
+    ///
+    /// ```no_run
+    /// # async fn run(source: pgcachewatch_backends::replication::PgReplicationSource) {
+    /// let origin = format!("pg:{}/slot:{}", source.system_identifier(), source.slot());
+    /// # }
+    /// ```
+    pub fn system_identifier(&self) -> &str {
+        &self.inner.system_id
     }
 
     /// A gate through which an external consumer reports what it has durably
     /// applied; while any gate lives, the source confirms no further than the
     /// slowest gate. See [`ConfirmGate`].
+    ///
+    /// ```no_run
+    /// use pgcachewatch::{EventSource, Signal};
+    /// # async fn run(source: pgcachewatch_backends::replication::PgReplicationSource) {
+    /// let gate = source.confirm_gate(); // the slot keeps what this has not reported
+    /// let mut events = source.subscribe();
+    /// while let Some(signal) = events.recv().await {
+    ///     if let Signal::Event(e) = signal {
+    ///         // … write `e` to an outbox, commit, then:
+    ///         if let Some(lsn) = e.lsn {
+    ///             gate.applied(lsn);
+    ///         }
+    ///     }
+    /// }
+    /// # }
+    /// ```
     pub fn confirm_gate(&self) -> ConfirmGate {
         ConfirmGate::new(self.inner.progress.clone())
     }
 
     /// Stops streaming: subscriptions end, the task and its connection are gone
     /// when this returns. Later calls (on any clone) return at once.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::strategies::Greedy;
+    /// use pgcachewatch::{Cache, Dispatcher};
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// # async fn run(users: Cache<u32, String>) -> Result<(), pgcachewatch::Error> {
+    /// let source = PgReplicationSource::builder("postgres://app@db.internal/app").connect().await?;
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// // … serve; then, at exit:
+    /// dispatcher.shutdown().await;
+    /// source.shutdown().await; // the slot is released: the next run resumes from it
+    /// # Ok(()) }
+    /// ```
     pub async fn shutdown(&self) {
         self.inner.hub.close();
         self.inner.stop.send_replace(true);
@@ -278,6 +448,7 @@ pub struct DurableStart {
     source: PgReplicationSource,
     early: Option<(Subscription, ConfirmGate)>,
     resumed: bool,
+    slot_confirmed: Lsn,
 }
 
 impl DurableStart {
@@ -291,6 +462,27 @@ impl DurableStart {
     /// temporary: what happened before it is unknown).
     pub fn resumed(&self) -> bool {
         self.resumed
+    }
+
+    /// The slot's confirmed position (`confirmed_flush_lsn`) when the source
+    /// opened it: streaming starts right after it. A durable consumer compares
+    /// it with the last position it stored: a slot that is further along was
+    /// consumed (or replaced) by someone else, and the changes in between are
+    /// gone for this consumer.
+    ///
+    /// ```no_run
+    /// # async fn run(last_stored: pgcachewatch::Lsn) -> Result<(), pgcachewatch::Error> {
+    /// use pgcachewatch_backends::replication::PgReplicationSource;
+    /// let start = PgReplicationSource::builder("postgres://postgres@127.0.0.1/test")
+    ///     .connect_durable()
+    ///     .await?;
+    /// if !start.resumed() || start.slot_confirmed() > last_stored {
+    ///     // … tell every consumer that events were lost (a gap) …
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn slot_confirmed(&self) -> Lsn {
+        self.slot_confirmed
     }
 
     /// The source, the subscription made before streaming, and the gate.

@@ -46,6 +46,13 @@ pub struct ReplicationStats {
     pub backend_pid: Option<u32>,
     /// When the last event was published.
     pub last_event_at: Option<DateTime<Utc>>,
+    /// Snapshots taken on the side connection to see whether streamed commits
+    /// are visible to other sessions yet (one per batch of commits).
+    pub visibility_checks: u64,
+    /// Times a streamed commit was not visible yet and was held back (the
+    /// committing backend had not left the proc array, e.g. a synchronous
+    /// standby had not answered). Nothing later is announced meanwhile.
+    pub visibility_waits: u64,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +67,8 @@ pub(crate) struct Counters {
     pub(crate) emitted: AtomicU64,
     pub(crate) confirmed: AtomicU64,
     pub(crate) server: AtomicU64,
+    pub(crate) visibility_checks: AtomicU64,
+    pub(crate) visibility_waits: AtomicU64,
     backend_pid: AtomicU32,
     last_error: Mutex<Option<String>>,
     last_event_at: Mutex<Option<DateTime<Utc>>>,
@@ -145,6 +154,8 @@ impl Counters {
             last_error: self.last_error.lock().clone(),
             backend_pid: (pid > 0).then_some(pid),
             last_event_at: *self.last_event_at.lock(),
+            visibility_checks: get(&self.visibility_checks),
+            visibility_waits: get(&self.visibility_waits),
         }
     }
 }

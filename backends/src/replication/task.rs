@@ -7,8 +7,18 @@
 //! path has no `Gap`: caches keep their entries. It reports `Healthy` once it has
 //! caught up with the server's WAL position at reconnect. A `Gap` comes only when
 //! events really are gone: the slot was dropped or invalidated (or, for a
-//! temporary slot, died with its connection), or a transaction could not be read.
+//! temporary slot, died with its connection), another consumer advanced it, or
+//! a transaction could not be read.
+//!
+//! **Announced when visible.** A transaction is published no earlier than a
+//! snapshot taken on the side connection after its receipt shows it finished
+//! ([`held`](super::held)): one `pg_current_snapshot()` per batch of commits.
+//! Relation messages are looked up in the catalog on the same connection (the
+//! partition root to name, the primary key to read), and the publication's
+//! tables are re-read every [`MEMBERSHIP_INTERVAL`] so a table that leaves it
+//! is reported.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,11 +27,14 @@ use pgcachewatch_core::{GapReason, Health, Lsn, Signal, SignalHub};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::assembler::{Assembler, Committed};
+use super::assembler::{Assembler, Committed, KeySpec};
 use super::client::{self, Session, SlotOutcome, Wire};
 use super::config::Settings;
+use super::flow::Flow;
 use super::gate::Progress;
-use super::pgoutput::{self, Message};
+use super::held::Held;
+use super::pgoutput::{self, Message, Relation};
+use super::side::SideConnection;
 use super::stats::{bump, raise, Counters};
 use crate::postgres::listener::backoff::Backoff;
 
@@ -35,6 +48,13 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Coalesced, a read-your-writes wait after a write that produced no event
 /// ends at most this much later.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How often the publication's tables are re-read.
+pub(crate) const MEMBERSHIP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Held transactions past which the visibility check goes before reading
+/// more of the stream (a backlog is still checked in batches this large).
+const HELD_BATCH: usize = 512;
 
 /// Why a session ended.
 enum Ended {
@@ -54,6 +74,18 @@ pub(crate) struct Task {
     /// When the last `Progress` was sent, and a newer position not sent yet.
     pub(crate) progress_sent: Option<Instant>,
     pub(crate) progress_pending: Option<Lsn>,
+    /// Visibility checks and catalog lookups.
+    pub(crate) side: SideConnection,
+    /// Assembled transactions not yet visible to other sessions.
+    pub(crate) held: Held,
+    /// The publication's tables when last read, and when to read them again.
+    pub(crate) published: Option<BTreeSet<String>>,
+    pub(crate) membership_due: Instant,
+    /// A durable consumer's backpressure: while it is a window behind, the
+    /// task neither reads the slot nor publishes what it holds.
+    pub(crate) flow: Option<Arc<Flow>>,
+    /// Counts emitted signals into `flow` while it lives.
+    pub(crate) _counting: Option<pgcachewatch_core::InlineAttachment>,
 }
 
 impl Task {
@@ -76,6 +108,8 @@ impl Task {
             );
             self.hub.set_health(Health::Unhealthy);
             self.assembler.reset();
+            // Not published, so not confirmed: the slot sends them again.
+            self.held.clear();
             match self.reconnect().await {
                 Some((new, slot_gone)) => {
                     self.counters.reconnected();
@@ -129,8 +163,10 @@ impl Task {
             self.gap(reason);
         }
         let mut caught_up = false;
+        let mut target = target;
+        let mut held_back = false;
         loop {
-            if !caught_up && self.progress.emitted() >= target {
+            if !caught_up && !held_back && self.progress.emitted() >= target {
                 caught_up = true;
                 tracing::info!(position = %self.progress.emitted(), "caught up with the server");
                 self.hub.set_health(Health::Healthy);
@@ -138,29 +174,74 @@ impl Task {
             let progress_due = self
                 .progress_sent
                 .map_or_else(Instant::now, |t| t + PROGRESS_INTERVAL);
-            tokio::select! {
+            let release_due = self.held.due();
+            let release_at = release_due.unwrap_or(self.membership_due);
+            let backlog = self.held.len() >= HELD_BATCH;
+            // Backpressure: a durable consumer a window behind stops reading
+            // and publishing until it has read enough (confirming goes on).
+            let room = self.flow.as_ref().is_none_or(|f| f.has_room());
+            // Held back, the source falls behind the server: not healthy
+            // until it has read what was committed before it could read
+            // again (as after a reconnect).
+            if !room && !held_back {
+                held_back = true;
+                if caught_up {
+                    caught_up = false;
+                    tracing::info!(
+                        "the durable consumer is behind; not reading the slot until it catches up"
+                    );
+                    self.hub.set_health(Health::Unhealthy);
+                }
+            } else if room && held_back {
+                held_back = false;
+                match self.side.wal_flush_position().await {
+                    Ok(at) => target = target.max(at),
+                    Err(e) => return Ended::Lost(Arc::from(e.to_string())),
+                }
+            }
+            let result = tokio::select! {
                 biased;
                 _ = self.stop.changed() => return Ended::Stop,
-                () = self.progress.changed.notified() => self.confirm(session),
+                () = self.progress.changed.notified() => {
+                    self.confirm(session);
+                    Ok(())
+                }
                 () = tokio::time::sleep_until(progress_due), if self.progress_pending.is_some() => {
                     self.send_progress();
+                    Ok(())
                 }
-                item = session.recv() => match item {
-                    Ok(Some(wire)) => self.wire(session, wire),
+                () = wait_room(self.flow.as_deref()), if !room => Ok(()),
+                // A long backlog is checked before more is read…
+                () = at_or_now(release_at), if room && backlog && release_due.is_some() => {
+                    self.release(session).await
+                }
+                item = session.recv(), if room => match item {
+                    Ok(Some(wire)) => self.wire(session, wire).await,
                     Ok(None) => return Ended::Lost("the server ended the replication stream".into()),
                     Err(detail) => return Ended::Lost(detail),
                 },
+                // …otherwise once nothing more is ready: one check per batch.
+                () = at_or_now(release_at), if room && release_due.is_some() => {
+                    self.release(session).await
+                }
+                () = tokio::time::sleep_until(self.membership_due) => {
+                    self.check_membership().await
+                }
+            };
+            if let Err(detail) = result {
+                return Ended::Lost(detail);
             }
         }
     }
 
     /// Handles one item of the stream.
-    fn wire(&mut self, session: &Session, wire: Wire) {
+    async fn wire(&mut self, session: &Session, wire: Wire) -> Result<(), Arc<str>> {
         match wire {
-            Wire::Begin(begin) => self.message(session, Message::Begin(begin)),
-            Wire::Commit(commit) => self.message(session, Message::Commit(commit)),
+            Wire::Begin(begin) => self.message(Message::Begin(begin)),
+            Wire::Commit(commit) => self.message(Message::Commit(commit)),
             Wire::Data(bytes) => match pgoutput::decode(&bytes) {
-                Ok(msg) => self.message(session, msg),
+                Ok(Message::Relation(rel)) => self.relation(rel).await?,
+                Ok(msg) => self.message(msg),
                 Err(e) => {
                     tracing::error!(error = %e, "undecodable pgoutput message");
                     if !self.assembler.unreadable(e.to_string()) {
@@ -172,19 +253,116 @@ impl Task {
                 raise(&self.counters.server, wal_end);
                 self.counters.positions_moved();
                 // With no transaction open, everything before wal_end was sent.
-                if !self.assembler.in_transaction() && wal_end > self.progress.emitted() {
-                    self.emitted(wal_end);
-                    self.progress_pending = Some(wal_end);
-                    if self
-                        .progress_sent
-                        .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL)
-                    {
-                        self.send_progress();
+                if !self.assembler.in_transaction() {
+                    if self.held.is_empty() {
+                        self.keepalive(session, wal_end);
+                    } else {
+                        self.held.defer_keepalive(wal_end);
                     }
-                    self.confirm(session);
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Everything before `wal_end` was sent and published.
+    fn keepalive(&mut self, session: &Session, wal_end: Lsn) {
+        if wal_end > self.progress.emitted() {
+            self.emitted(wal_end);
+            self.progress_pending = Some(wal_end);
+            if self
+                .progress_sent
+                .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL)
+            {
+                self.send_progress();
+            }
+            self.confirm(session);
+        }
+    }
+
+    /// A relation message: its key and name come from the catalog.
+    async fn relation(&mut self, rel: Relation) -> Result<(), Arc<str>> {
+        let info = self
+            .side
+            .describe(rel.id)
+            .await
+            .map_err(|e| Arc::<str>::from(e.to_string()))?;
+        let spec = match info {
+            Some(info) => {
+                if (info.schema.as_str(), info.name.as_str())
+                    != (rel.namespace.as_str(), rel.name.as_str())
+                {
+                    tracing::debug!(
+                        partition = %format!("{}.{}", rel.namespace, rel.name),
+                        root = %format!("{}.{}", info.schema, info.name),
+                        "events of a partition name its root"
+                    );
+                }
+                KeySpec {
+                    table: Some((info.schema, info.name)),
+                    columns: info.primary_key,
+                }
+            }
+            // Dropped since: its changes are table-level, under the stream's name.
+            None => KeySpec::default(),
+        };
+        self.assembler.describe(rel, &spec);
+        Ok(())
+    }
+
+    /// Publishes, in commit order, the held transactions other sessions can see.
+    async fn release(&mut self, session: &Session) -> Result<(), Arc<str>> {
+        if self.held.needs_snapshot() {
+            let snapshot = self
+                .side
+                .snapshot()
+                .await
+                .map_err(|e| Arc::<str>::from(e.to_string()))?;
+            bump(&self.counters.visibility_checks);
+            self.held.saw(snapshot, Instant::now());
+        }
+        while let Some(committed) = self.held.pop_visible() {
+            self.publish(session, committed);
+            if self.flow.as_ref().is_some_and(|f| !f.has_room()) {
+                // The rest waits for the durable consumer (still held, in order).
+                return Ok(());
+            }
+        }
+        if let Some(wal_end) = self.held.take_keepalive() {
+            self.keepalive(session, wal_end);
+        }
+        if self.held.schedule(Instant::now()) {
+            bump(&self.counters.visibility_waits);
+            tracing::debug!(
+                held = self.held.len(),
+                "a streamed commit is not visible to other sessions yet; holding it"
+            );
+        }
+        Ok(())
+    }
+
+    /// Re-reads the publication's tables; warns about each one that left it.
+    async fn check_membership(&mut self) -> Result<(), Arc<str>> {
+        self.membership_due = Instant::now() + MEMBERSHIP_INTERVAL;
+        let publication = self.settings.builder.publication.clone();
+        let now = self
+            .side
+            .published_tables(&publication)
+            .await
+            .map_err(|e| Arc::<str>::from(e.to_string()))?;
+        if let Some(before) = &self.published {
+            for gone in before.difference(&now) {
+                tracing::warn!(
+                    table = %gone,
+                    %publication,
+                    "a table left the publication: its changes no longer reach this source, \
+                     so caches that depend on it are stale from now on; add it back \
+                     (`pgcachewatch replication setup {gone} --commit`) or stop caching it"
+                );
+            }
+        }
+        self.published = Some(now);
+        Ok(())
     }
 
     /// Sends the pending `Progress`, if any.
@@ -195,10 +373,10 @@ impl Task {
         }
     }
 
-    fn message(&mut self, session: &Session, msg: Message) {
+    fn message(&mut self, msg: Message) {
         match self.assembler.apply(msg) {
             Ok(None) => {}
-            Ok(Some(committed)) => self.committed(session, committed),
+            Ok(Some(committed)) => self.committed(committed),
             Err(e) => {
                 tracing::error!(error = %e, "pgoutput stream out of order; emitting a gap");
                 self.gap(GapReason::MalformedPayload);
@@ -206,15 +384,26 @@ impl Task {
         }
     }
 
-    /// Publishes a transaction's events, then confirms its end: every inline
-    /// handler (dispatcher) has applied them when `send` returns.
-    fn committed(&mut self, session: &Session, committed: Committed) {
+    /// Holds an assembled transaction until other sessions can see it.
+    fn committed(&mut self, committed: Committed) {
         let end = committed.end_lsn();
-        if end <= self.progress.emitted() {
+        if end
+            <= self
+                .progress
+                .emitted()
+                .max(self.held.last_end().unwrap_or(Lsn::ZERO))
+        {
             // Replayed after a reconnect: already published.
             bump(&self.counters.skipped_transactions);
             return;
         }
+        self.held.push(committed);
+    }
+
+    /// Publishes a visible transaction's events, then confirms its end: every
+    /// inline handler (dispatcher) has applied them when `send` returns.
+    fn publish(&mut self, session: &Session, committed: Committed) {
+        let end = committed.end_lsn();
         match committed {
             Committed::Events {
                 events, degraded, ..
@@ -269,11 +458,14 @@ impl Task {
                 _ = self.stop.changed() => return None,
                 () = tokio::time::sleep(delay) => {}
             }
-            let resume = self.progress.confirmed();
+            let known = client::Known {
+                confirmed: self.progress.confirmed(),
+                applied: Some(self.progress.emitted()),
+            };
             let result = tokio::select! {
                 biased;
                 _ = self.stop.changed() => return None,
-                result = client::open(&settings, resume) => result,
+                result = client::open(&settings, known) => result,
             };
             match result {
                 Ok(session) => return Some((session, slot_gone)),
@@ -293,6 +485,21 @@ impl Task {
     }
 }
 
+/// Waits until the durable consumer has room again.
+async fn wait_room(flow: Option<&Flow>) {
+    if let Some(flow) = flow {
+        flow.wait_room().await;
+    }
+}
+
+/// Waits until `at`; returns at once when it has passed (a timer would add
+/// up to a tick to every announcement).
+async fn at_or_now(at: Instant) {
+    if at > Instant::now() {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 /// The gap a new session owes its subscribers, if its slot lost events.
 fn slot_gap(outcome: &SlotOutcome, slot_gone: bool, temporary: bool) -> Option<GapReason> {
     let detail = match outcome {
@@ -301,6 +508,10 @@ fn slot_gap(outcome: &SlotOutcome, slot_gone: bool, temporary: bool) -> Option<G
             "the temporary slot died with its connection and was created anew".to_owned()
         }
         SlotOutcome::Created => "the slot was dropped and has been created anew".to_owned(),
+        SlotOutcome::Advanced { applied, slot } => format!(
+            "slot is at {slot}, beyond the {applied} this source applied: another consumer \
+             advanced it, or it was dropped and created anew"
+        ),
         SlotOutcome::Existing if slot_gone => {
             "the slot was dropped while disconnected and has been created anew".to_owned()
         }

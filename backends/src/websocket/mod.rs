@@ -11,22 +11,46 @@
 //!
 //! # Better than the original where it matters
 //!
-//! * **Bounded memory.** Each client has a buffer of
-//!   [`client_buffer`](WsServerBuilder::client_buffer) messages. A client that
-//!   falls that far behind is disconnected with close code
-//!   [`CLOSE_LAGGED`] and a reason, never left to grow a queue without bound (the
-//!   original queues without limit) and never silently skipped.
+//! * **A burst closes nobody who reads.** The server does not read its source
+//!   as one more subscriber (whose buffer, 4,096 signals by default, a large
+//!   transaction overflows): it attaches *inline*, and the source's own task
+//!   hands each signal to the server's queue as it emits it, without waiting.
+//!   One pump task serializes each event once into its channel's ring, shared
+//!   by the channel's clients; each client's task writes from the ring at the
+//!   pace of its socket. With the defaults, a 45,000-event transaction reaches
+//!   every client that reads, and none is closed.
+//! * **Only a slow client is disconnected.** A client more than
+//!   [`client_buffer`](WsServerBuilder::client_buffer) messages behind the
+//!   newest (it stopped reading, or reads slower than events come) is
+//!   disconnected with close code [`CLOSE_LAGGED`] and a reason: never left to
+//!   grow a queue without bound (the original queues without limit), never
+//!   silently skipped, and never the cause of anybody else's disconnection.
 //! * **No silent loss.** The protocol has no way to say "events were lost", so
 //!   a [`Gap`](pgcachewatch_core::Signal::Gap) from the source closes every
 //!   client ([`CLOSE_GAP`]), and so does the source turning unhealthy
 //!   ([`CLOSE_UNHEALTHY`]); while it is unhealthy, new connections are refused
-//!   with HTTP 503. `WSEventQueue` does not reconnect: once its connection is
-//!   closed, `connection_healthy()` is false and PGCacheWatch's cache decorator
-//!   bypasses the cache (every call goes to the database) until the service
-//!   builds a new `WSEventQueue`. Stale data is never served; a service that
-//!   wants caching back reconnects. (PGCacheWatch logs the closed connection as
+//!   with HTTP 503. A gap is what the source reports when events were really
+//!   lost (its connection dropped, or — for a source without inline attachment,
+//!   read through a subscription — that subscription fell behind). The server
+//!   closes every client of its own accord only if it lost events itself: if
+//!   its pump did not run while [`feed_buffer`](WsServerBuilder::feed_buffer)
+//!   events piled up ([`WsStats::feed_lost`]). `WSEventQueue` does not
+//!   reconnect: once its connection is closed, `connection_healthy()` is false
+//!   and PGCacheWatch's cache decorator bypasses the cache (every call goes to
+//!   the database) until the service builds a new `WSEventQueue`. Stale data
+//!   is never served; a service that wants caching back reconnects. (PGCacheWatch logs the closed connection as
 //!   critical; for a code other than 1000/1001 asyncio also logs the queue's
 //!   task's `ConnectionClosedError` as "Task exception was never retrieved".)
+//! * **Bounded connections.** At most
+//!   [`max_connections`](WsServerBuilder::max_connections) sockets are open at
+//!   once (WebSocket clients and requests being read); more are refused at once
+//!   with HTTP 503 and counted ([`WsStats::over_limit`]). Each connection has
+//!   [`handshake_timeout`](WsServerBuilder::handshake_timeout) to send its
+//!   request and be upgraded: one that sends half a request and waits is closed
+//!   then, and counted ([`WsStats::handshake_timeouts`]). Connected clients are
+//!   served all the while. The memory a connection can hold before it is a
+//!   client is bounded (a 16 KiB request head), so the server's memory is
+//!   bounded whatever connects.
 //! * **Access control.** It listens on `127.0.0.1:8000` by default. On any other
 //!   than a loopback address it refuses to start without a bearer
 //!   [`token`](WsServerBuilder::token); with a token, a client must send
@@ -36,6 +60,15 @@
 //!
 //! `GET /up` answers 200 while the source is healthy (503 otherwise), like the
 //! original's `/up`.
+//!
+//! # Memory
+//!
+//! A channel with clients has a ring of `client_buffer` messages, allocated
+//! with its first client (about 64 bytes a place: 4 MiB with the default) and
+//! freed with its last; each message in it is held once, whatever the number
+//! of clients. A connection still sending its request holds at most a 16 KiB
+//! buffer, for at most the handshake timeout. The queue between the source and
+//! the pump holds at most `feed_buffer` events, and is nearly always empty.
 //!
 //! # The Python side
 //!
@@ -72,9 +105,11 @@
 //! # }).unwrap();
 //! ```
 
+mod accept;
 mod auth;
 mod client;
 mod error;
+mod feed;
 mod hub;
 mod wire;
 
@@ -87,12 +122,12 @@ use std::time::Duration;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use pgcachewatch_core::{EventSource, Health};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 pub use self::error::WsError;
@@ -104,13 +139,28 @@ use self::hub::{Hub, Refused};
 /// default, where PGCacheWatch's distributor usually runs).
 pub const DEFAULT_WS_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8000));
-/// The default number of messages buffered per client before it is disconnected.
-pub const DEFAULT_CLIENT_BUFFER: usize = 1024;
+/// The default number of messages a client may fall behind the newest before
+/// it is disconnected: a 45,000-event transaction passes a client that reads.
+pub const DEFAULT_CLIENT_BUFFER: usize = 65_536;
+/// The largest [`client_buffer`](WsServerBuilder::client_buffer) accepted (its
+/// ring is allocated with a channel's first client: 64 MiB at this size).
+pub const MAX_CLIENT_BUFFER: usize = 1 << 20;
+/// The default number of the source's events the server may hold before its
+/// pump takes them.
+pub const DEFAULT_FEED_BUFFER: usize = 1 << 17;
+/// The largest [`feed_buffer`](WsServerBuilder::feed_buffer) accepted.
+pub const MAX_FEED_BUFFER: usize = 1 << 24;
+/// The default number of connections open at once (clients, and requests
+/// being read); more are refused with HTTP 503.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// The default time a connection has to send its request and be upgraded.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default time a closing handshake may take before the connection is dropped.
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Close code for a client that fell `client_buffer` messages behind (policy violation).
 pub const CLOSE_LAGGED: u16 = 1008;
-/// Close code for a gap in the source: events may have been lost (internal error).
+/// Close code for a gap in the source, or events the server itself dropped:
+/// events may have been lost (internal error).
 pub const CLOSE_GAP: u16 = 1011;
 /// Close code for the source turning unhealthy (internal error).
 pub const CLOSE_UNHEALTHY: u16 = 1011;
@@ -199,7 +249,10 @@ pub struct WsServerBuilder {
     token: Option<String>,
     channels: BTreeSet<String>,
     client_buffer: usize,
+    feed_buffer: usize,
     close_timeout: Duration,
+    max_connections: usize,
+    handshake_timeout: Duration,
 }
 
 impl Default for WsServerBuilder {
@@ -209,7 +262,10 @@ impl Default for WsServerBuilder {
             token: None,
             channels: BTreeSet::new(),
             client_buffer: DEFAULT_CLIENT_BUFFER,
+            feed_buffer: DEFAULT_FEED_BUFFER,
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -221,7 +277,10 @@ impl fmt::Debug for WsServerBuilder {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("channels", &self.channels)
             .field("client_buffer", &self.client_buffer)
+            .field("feed_buffer", &self.feed_buffer)
             .field("close_timeout", &self.close_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("handshake_timeout", &self.handshake_timeout)
             .finish()
     }
 }
@@ -260,11 +319,85 @@ impl WsServerBuilder {
         self
     }
 
-    /// How many messages a client may have unsent before it is disconnected
-    /// ([`DEFAULT_CLIENT_BUFFER`]; at least 1). The socket's own buffers come on
-    /// top of this.
+    /// How many messages a client may fall behind the newest before it is
+    /// disconnected ([`DEFAULT_CLIENT_BUFFER`]; 1 to [`MAX_CLIENT_BUFFER`]). The
+    /// socket's own buffers come on top of this.
+    ///
+    /// It is the largest burst that passes a client that reads more slowly
+    /// than events come (every client, during a burst): a client that keeps
+    /// up stays connected through any burst up to this size. The buffer is a
+    /// ring per channel, shared by the channel's clients: its memory does not
+    /// grow with their number (see the [module documentation](self#memory)).
+    ///
+    /// ```
+    /// use pgcachewatch::websocket::WsServer;
+    /// // Transactions of up to 200,000 changes pass the clients that read.
+    /// let builder = WsServer::builder().channel("ch_pgcachewatch_table_change").client_buffer(200_000);
+    /// # drop(builder);
+    /// ```
     pub fn client_buffer(mut self, messages: usize) -> Self {
         self.client_buffer = messages;
+        self
+    }
+
+    /// How many of the source's events the server may hold before its pump
+    /// takes them ([`DEFAULT_FEED_BUFFER`]; 1 to [`MAX_FEED_BUFFER`]).
+    ///
+    /// The source's task hands each event to the server as it emits it and
+    /// the pump takes them all at once, so this holds only what arrives while
+    /// the pump does not run. If it fills, the server drops events — it then
+    /// closes every client with [`CLOSE_GAP`], since they missed events — and
+    /// counts them ([`WsStats::feed_lost`]). Each event held costs about
+    /// 200 bytes.
+    ///
+    /// ```
+    /// use pgcachewatch::websocket::WsServer;
+    /// let builder = WsServer::builder().channel("ch_pgcachewatch_table_change").feed_buffer(1 << 20);
+    /// # drop(builder);
+    /// ```
+    pub fn feed_buffer(mut self, events: usize) -> Self {
+        self.feed_buffer = events;
+        self
+    }
+
+    /// How many connections may be open at once ([`DEFAULT_MAX_CONNECTIONS`];
+    /// at least 1): WebSocket clients, and connections whose request is still
+    /// being read or answered. A connection beyond that is refused at once
+    /// with HTTP 503 (or just closed, when many are refused at the same time),
+    /// counted in [`WsStats::over_limit`] and logged (at most once a second).
+    /// The clients already connected are not affected.
+    ///
+    /// Each connection uses a file descriptor: keep the limit below the
+    /// process's (`ulimit -n`).
+    ///
+    /// ```
+    /// use pgcachewatch::websocket::WsServer;
+    /// let builder = WsServer::builder().channel("ch_pgcachewatch_table_change").max_connections(4096);
+    /// # drop(builder);
+    /// ```
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections;
+        self
+    }
+
+    /// How long a connection has to send its whole request and be upgraded to
+    /// a WebSocket ([`DEFAULT_HANDSHAKE_TIMEOUT`]; more than zero). A
+    /// connection that takes longer — it sent half a request and waits, or
+    /// trickles its headers — is closed and counted in
+    /// [`WsStats::handshake_timeouts`]; until then it holds one of the
+    /// [`max_connections`](Self::max_connections). A deadline, not an idle
+    /// timeout: sending a byte now and then does not extend it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgcachewatch::websocket::WsServer;
+    /// let builder = WsServer::builder()
+    ///     .channel("ch_pgcachewatch_table_change")
+    ///     .handshake_timeout(Duration::from_secs(3));
+    /// # drop(builder);
+    /// ```
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
         self
     }
 
@@ -285,9 +418,27 @@ impl WsServerBuilder {
         if let Some(c) = self.channels.iter().find(|c| c.is_empty()) {
             return Err(WsError::Config(format!("invalid channel name {c:?}")));
         }
-        if self.client_buffer == 0 {
+        if !(1..=MAX_CLIENT_BUFFER).contains(&self.client_buffer) {
+            return Err(WsError::Config(format!(
+                "client_buffer is {}: it must be between 1 and {MAX_CLIENT_BUFFER}",
+                self.client_buffer
+            )));
+        }
+        if !(1..=MAX_FEED_BUFFER).contains(&self.feed_buffer) {
+            return Err(WsError::Config(format!(
+                "feed_buffer is {}: it must be between 1 and {MAX_FEED_BUFFER}",
+                self.feed_buffer
+            )));
+        }
+        if !(1..=Semaphore::MAX_PERMITS).contains(&self.max_connections) {
+            return Err(WsError::Config(format!(
+                "max_connections is {}: it must be at least 1",
+                self.max_connections
+            )));
+        }
+        if self.handshake_timeout.is_zero() {
             return Err(WsError::Config(
-                "client_buffer must be at least 1".to_owned(),
+                "handshake_timeout must be more than zero".to_owned(),
             ));
         }
         match &self.token {
@@ -330,10 +481,14 @@ impl WsServerBuilder {
             addr: self.listen,
             source,
         })?;
-        let sub = source.subscribe();
-        let hub = Hub::new(self.client_buffer, source.health() == Health::Healthy);
+        let hub = Hub::new(
+            self.client_buffer,
+            source.health() == Health::Healthy,
+            self.max_connections,
+        );
+        let (feed, input) = feed::attach(source, self.feed_buffer);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let pump = tokio::spawn(hub::pump(hub.clone(), sub, stop_rx.clone()));
+        let pump = tokio::spawn(hub::pump(hub.clone(), feed, input, stop_rx.clone()));
         let app = Arc::new(App {
             hub: hub.clone(),
             token: self.token.map(String::into_bytes),
@@ -343,22 +498,22 @@ impl WsServerBuilder {
         let router = Router::new()
             .route("/pgpubsub/{channel}", get(pubsub))
             .route("/up", get(up))
+            .layer(axum::middleware::map_response(one_request_per_connection))
             .with_state(app);
-        let mut stop = stop_rx;
-        let server = tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "the WebSocket server failed");
-            }
-        });
+        let server = tokio::spawn(accept::serve(
+            listener,
+            router,
+            hub.clone(),
+            self.handshake_timeout,
+            stop_rx,
+        ));
         tracing::info!(
             addr = %local_addr,
             channels = ?self.channels,
             token = has_token,
+            max_connections = self.max_connections,
+            handshake_timeout = ?self.handshake_timeout,
+            client_buffer = self.client_buffer,
             "WebSocket server listening"
         );
         Ok(WsServerHandle {
@@ -378,6 +533,17 @@ struct App {
     token: Option<Vec<u8>>,
     channels: BTreeSet<String>,
     close_timeout: Duration,
+}
+
+/// Every answer but the upgrade closes its connection: a connection serves one
+/// request, and holds its place under the limit no longer.
+async fn one_request_per_connection(mut response: Response) -> Response {
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 fn refuse(hub: &Hub, status: StatusCode, why: &'static str) -> Response {
@@ -401,10 +567,9 @@ async fn pubsub(
                 StatusCode::UNAUTHORIZED,
                 "a bearer token is required\n",
             );
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return response;
         }
     }
@@ -471,12 +636,25 @@ pub struct WsStats {
     pub accepted: u64,
     /// Requests refused (token, channel, not a WebSocket, source unhealthy).
     pub refused: u64,
-    /// Messages handed to clients' buffers.
+    /// Messages handed to clients' sockets.
     pub sent: u64,
     /// Clients disconnected because they fell behind.
     pub lagged: u64,
-    /// Clients disconnected because of a gap or the source turning unhealthy.
+    /// Clients disconnected because of a gap, the source turning unhealthy,
+    /// or events the server dropped.
     pub closed_by_source: u64,
+    /// Connections open now: clients, and requests being read or answered (at
+    /// most [`max_connections`](WsServerBuilder::max_connections)).
+    pub connections: usize,
+    /// Connections refused because `max_connections` were open.
+    pub over_limit: u64,
+    /// Connections closed because they did not finish their request within
+    /// the [`handshake_timeout`](WsServerBuilder::handshake_timeout).
+    pub handshake_timeouts: u64,
+    /// Events the server dropped because its pump fell
+    /// [`feed_buffer`](WsServerBuilder::feed_buffer) events behind the source
+    /// (every client was then closed with [`CLOSE_GAP`]).
+    pub feed_lost: u64,
 }
 
 /// A running [`WsServer`]. Dropping it stops the server (as
@@ -514,8 +692,9 @@ impl WsServerHandle {
         self.pump.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
-    /// Closes every client (code [`CLOSE_SHUTDOWN`]), waits up to the close
-    /// timeout for them to go, and stops listening.
+    /// Closes every client (code [`CLOSE_SHUTDOWN`]) and stops listening (a
+    /// request still being read is dropped); waits up to the close timeout for
+    /// the clients to go.
     pub async fn shutdown(mut self) {
         self.stop.send_replace(true);
         crate::keep_alive::join_task(self.pump.take(), "WebSocket pump").await;

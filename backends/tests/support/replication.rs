@@ -164,6 +164,15 @@ pub async fn sweep_dead_fixtures(db: &PgPool) {
     }
 }
 
+/// The server's WAL insert position now.
+pub async fn wal_position(db: &PgPool) -> pgcachewatch_core::Lsn {
+    let text: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(db)
+        .await
+        .expect("pg_current_wal_lsn");
+    text.parse().expect("an LSN")
+}
+
 /// Drops `slot`, killing its walsender if one is still attached.
 pub async fn drop_slot(db: &PgPool, slot: &str) {
     for _ in 0..100 {

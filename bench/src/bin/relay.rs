@@ -82,7 +82,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     writers: usize,
     /// The relay's max_in_flight, and the raw publisher's window.
-    #[arg(long, default_value_t = pgcachewatch::nats::relay::DEFAULT_MAX_IN_FLIGHT)]
+    #[arg(long, default_value_t = pgcachewatch::nats::DEFAULT_MAX_IN_FLIGHT)]
     max_in_flight: usize,
     /// Keep the JetStream streams in memory (default: file storage, the relay's default).
     #[arg(long)]
@@ -151,6 +151,11 @@ impl Names {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The library's logs, where RUST_LOG asks for them (off by default).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let args = Args::parse();
     let names = Names::new(args.memory);
     let pool = PgPoolOptions::new()
@@ -327,7 +332,10 @@ async fn event_after(sub: &mut Subscription, after: Lsn) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match tokio::time::timeout_at(deadline, sub.recv()).await {
-            Ok(Some(Signal::Event(e))) if e.lsn.is_some_and(|l| l > after) => return Ok(()),
+            // A NatsSource passes events on without their position (one may
+            // come late); it passes positions on as progress.
+            Ok(Some(Signal::Event(e))) if e.lsn.is_none_or(|l| l > after) => return Ok(()),
+            Ok(Some(Signal::Progress(l))) if l > after => return Ok(()),
             Ok(Some(Signal::Gap(g))) => anyhow::bail!("a gap: {g}"),
             Ok(Some(_)) => continue,
             Ok(None) => anyhow::bail!("the source ended"),
@@ -786,6 +794,16 @@ async fn run(args: &Args, pool: &PgPool, n: &Names) -> anyhow::Result<()> {
         .await
         .context("creating the solo drain slot")?;
     let t_backlog_written = burst(&args.database_url, &items, writes, writers).await?;
+    // The writers commit without waiting for the WAL flush, and a walsender
+    // sends only flushed WAL: one synchronous commit flushes everything before
+    // it, so that the backlog is there to drain (not still being flushed by
+    // the WAL writer while the relay waits) for the relay and the solo source
+    // alike.
+    exec(
+        pool,
+        &format!("INSERT INTO \"{}\".nudge DEFAULT VALUES", n.schema),
+    )
+    .await?;
     let t0 = Instant::now();
     let (relay, relay_source) = start_relay(args, n).await?;
     let t_started = t0.elapsed();

@@ -327,6 +327,14 @@ async fn stop(watcher: Watcher, conn: &mut PgConnection) -> anyhow::Result<()> {
         }
         Watcher::Replication(source, dispatcher) => {
             dispatcher.shutdown().await;
+            let s = source.stats();
+            eprintln!(
+                "  (c) replication: {} transactions, {} visibility snapshots ({:.2} per transaction), {} waits",
+                s.transactions,
+                s.visibility_checks,
+                s.visibility_checks as f64 / s.transactions.max(1) as f64,
+                s.visibility_waits
+            );
             source.shutdown().await;
             teardown(conn).await?;
         }

@@ -1,9 +1,9 @@
 //! `install` and `uninstall`: print the plan; apply it only with `--commit`.
 
 use anyhow::{anyhow, Context as _, Result};
-use pgcachewatch::postgres::install::{InstallError, Installer, TableName};
+use pgcachewatch::postgres::{InstallError, InstallWarning, Installer, TableName};
 
-use crate::connect::Target;
+use crate::connect::Database;
 use crate::TriggerArgs;
 
 fn parse_tables(tables: &[String]) -> Result<Vec<TableName>> {
@@ -59,7 +59,7 @@ fn explain(error: InstallError, mode: Mode) -> anyhow::Error {
 }
 
 pub(crate) async fn install(
-    url: Option<&str>,
+    db: Database<'_>,
     tables: &[String],
     channel: &str,
     mode: Mode,
@@ -73,18 +73,18 @@ pub(crate) async fn install(
         .allow_mode_change(mode.change_mode);
     let plan = installer.plan_install(&tables)?;
     if !args.commit {
-        return dry_run(url, &installer, &tables, &plan.to_string(), mode).await;
+        return dry_run(db, &installer, &tables, &plan.to_string(), mode).await;
     }
-    let target = Target::resolve(url)?;
+    let target = db.target()?;
     let mut conn = target.connect().await?;
     let context = || format!("installing on {}", target.describe());
     // The checks first (nothing is printed before an error), then the install.
-    let changes = installer
-        .preflight(&mut conn, &tables)
+    let found = installer
+        .check(&mut conn, &tables)
         .await
         .map_err(|e| explain(e, mode))
         .with_context(context)?;
-    installer
+    let applied = installer
         .install(&mut conn, &tables)
         .await
         .map_err(|e| explain(e, mode))
@@ -93,15 +93,21 @@ pub(crate) async fn install(
     if args.verbose {
         crate::output::print(&plan.to_string())?;
     }
-    for change in &changes {
+    for change in &found.mode_changes {
         eprintln!("-- changed {change}");
     }
+    warn(applied.warnings());
     eprintln!(
         "-- installed on {}: triggers for insert, update, delete, truncate on {} \
-         (channel {:?}, {} events)",
+         (channel {:?}{}, {} events)",
         target.describe(),
         list(&tables),
         channel,
+        if channel == super::PGCACHEWATCH_CHANNEL {
+            ": PGCacheWatch's default, its PGEventQueue receives them"
+        } else {
+            ""
+        },
         mode_name(mode.row_keys)
     );
     Ok(())
@@ -110,13 +116,13 @@ pub(crate) async fn install(
 /// Checks what `--commit` would check, if the database can be reached, then
 /// prints the SQL. A failed check is an error, as it would be with `--commit`.
 async fn dry_run(
-    url: Option<&str>,
+    db: Database<'_>,
     installer: &Installer,
     tables: &[TableName],
     sql: &str,
     mode: Mode,
 ) -> Result<()> {
-    let connected = match Target::resolve(url) {
+    let connected = match db.target() {
         Ok(target) => match target.connect().await {
             Ok(conn) => Ok((target, conn)),
             Err(e) => Err(e),
@@ -125,17 +131,18 @@ async fn dry_run(
     };
     let note = match connected {
         Ok((target, mut conn)) => {
-            let changes = installer
-                .preflight(&mut conn, tables)
+            let found = installer
+                .check(&mut conn, tables)
                 .await
                 .map_err(|e| explain(e, mode))
                 .with_context(|| format!("checking the install on {}", target.describe()))?;
             sqlx::Connection::close(conn).await.ok();
+            warn(&found.warnings);
             let mut note = format!(
                 "-- dry run: checked against {}; nothing was applied; re-run with --commit to apply this SQL",
                 target.describe()
             );
-            for change in &changes {
+            for change in &found.mode_changes {
                 note.push_str(&format!(
                     "\n-- --commit would change {change} (--change-mode)"
                 ));
@@ -153,18 +160,32 @@ async fn dry_run(
     Ok(())
 }
 
+/// The installer's warnings, on stderr, in the command line's words.
+fn warn(warnings: &[InstallWarning]) {
+    for warning in warnings {
+        match warning {
+            InstallWarning::NoPrimaryKey(table) => eprintln!(
+                "warning: {table} has no primary key: with --row-keys its events are still \
+                 table-level (every write to it invalidates everything cached from it); add a \
+                 primary key to get row keys"
+            ),
+            other => eprintln!("warning: {other}"),
+        }
+    }
+}
+
 fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or_default()
 }
 
 pub(crate) async fn uninstall(
-    url: Option<&str>,
+    db: Database<'_>,
     tables: &[String],
     args: &TriggerArgs,
 ) -> Result<()> {
     let tables = parse_tables(tables)?;
     let installer = args.installer();
-    let target = Target::resolve(url)?;
+    let target = db.target()?;
     let mut conn = target.connect().await?;
     let plan = if args.commit {
         installer.uninstall(&mut conn, &tables).await
@@ -193,6 +214,11 @@ pub(crate) async fn uninstall(
     }
     if args.commit {
         eprintln!("-- uninstalled from {}", target.describe());
+    } else if tables.is_empty() {
+        eprintln!(
+            "-- dry run: nothing was removed; this removes the triggers from every table: \
+             re-run with --all --commit to apply this SQL, or name the TABLEs"
+        );
     } else {
         eprintln!("-- dry run: nothing was removed; re-run with --commit to apply this SQL");
     }

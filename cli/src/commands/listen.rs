@@ -12,6 +12,7 @@ use anyhow::Result;
 use pgcachewatch::{Event, Signal};
 
 use super::watch::{self, Latencies, RateLimit, Sink};
+use crate::connect::Database;
 use crate::StopArgs;
 
 /// Large enough that a burst costs one `write` per few hundred lines.
@@ -65,12 +66,12 @@ impl Sink for Printer {
 }
 
 pub(crate) async fn listen(
-    url: Option<&str>,
+    db: Database<'_>,
     channels: Vec<String>,
     as_json: bool,
     stop: StopArgs,
 ) -> Result<()> {
-    let (source, target) = watch::connect(url, channels.clone()).await?;
+    let (source, target) = watch::connect(db, channels.clone()).await?;
     eprintln!(
         "listening on {channels:?} at {}; Ctrl-C to stop",
         target.describe()

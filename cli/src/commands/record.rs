@@ -16,6 +16,7 @@ use pgcachewatch::testkit::eventlog::{EventLogWriter, LogHeader};
 use pgcachewatch::Signal;
 
 use super::watch::{self, Sink};
+use crate::connect::Database;
 use crate::StopArgs;
 
 /// Large enough that a burst costs one `write` per ~200 records.
@@ -42,14 +43,33 @@ impl Sink for Recorder {
 }
 
 pub(crate) async fn record(
-    url: Option<&str>,
+    db: Database<'_>,
     file: &Path,
+    force: bool,
     channels: Vec<String>,
     stop: StopArgs,
     as_json: bool,
 ) -> Result<()> {
-    let (source, target) = watch::connect(url, channels.clone()).await?;
-    let out = File::create(file).with_context(|| format!("creating {}", file.display()))?;
+    // Refused before connecting: a capture is not replaced by accident.
+    let replacing = file.exists();
+    if replacing && !force {
+        anyhow::bail!(
+            "{} already exists: record would replace it (and the capture in it); \
+             choose another FILE, or add --force to replace it",
+            file.display()
+        );
+    }
+    let (source, target) = watch::connect(db, channels.clone()).await?;
+    let out = if force {
+        File::create(file)
+    } else {
+        // Not there a moment ago: fail rather than replace one created since.
+        File::options().write(true).create_new(true).open(file)
+    }
+    .with_context(|| format!("creating {}", file.display()))?;
+    if replacing {
+        eprintln!("-- replacing {} (--force)", file.display());
+    }
     let header = LogHeader::new().source(format!(
         "postgres {} channel(s) {}",
         target.describe(),

@@ -12,9 +12,12 @@ use pgcachewatch::nats::wire::WireKind;
 use pgcachewatch::nats::{NatsAuth, NatsConnect, Relay, StreamSettings};
 use pgcachewatch::postgres::DEFAULT_CHANNEL;
 use pgcachewatch::replication::{PgReplicationSource, DEFAULT_PUBLICATION, DEFAULT_SLOT};
-use pgcachewatch::websocket::{WsServer, WsServerHandle, DEFAULT_CLIENT_BUFFER};
+use pgcachewatch::websocket::{
+    WsServer, WsServerHandle, DEFAULT_CLIENT_BUFFER, DEFAULT_MAX_CONNECTIONS,
+};
 
 use super::watch;
+use crate::connect::Database;
 
 /// `pgcachewatch relay [OPTIONS]` or `pgcachewatch relay status [OPTIONS]`.
 #[derive(Debug, Args)]
@@ -79,6 +82,17 @@ pub(crate) struct RunArgs {
     /// Keep at most this many messages (-1: no limit).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     max_messages: i64,
+    /// Servers of a NATS cluster that keep a copy of the stream (1 to 5): 3 in
+    /// a cluster of three, so the stream survives the loss of one server. Set
+    /// when the relay creates the stream (1 if not given); an existing stream
+    /// is updated to it if given, and keeps its own count if not.
+    #[arg(long, value_name = "N")]
+    stream_replicas: Option<usize>,
+    /// Time to wait for JetStream's acknowledgement of a publish before
+    /// publishing it (and what follows) again; bounds the stall when a
+    /// cluster node dies with publishes in flight.
+    #[arg(long, default_value = "2s", value_parser = crate::duration::parse)]
+    ack_timeout: Duration,
     /// Heartbeat interval.
     #[arg(long, default_value = "1s", value_parser = crate::duration::parse)]
     heartbeat: Duration,
@@ -112,10 +126,24 @@ pub(crate) struct WsArgs {
     /// --channel. Each must be one of the --channel values.
     #[arg(long = "ws-channel", value_name = "CHANNEL", value_parser = crate::channel_name)]
     ws_channels: Vec<String>,
-    /// Messages buffered per WebSocket client; a client that falls further
-    /// behind is disconnected (close code 1008, with the reason).
+    /// Messages a WebSocket client may fall behind the newest; a client further
+    /// behind is disconnected (close code 1008, with the reason). A transaction
+    /// of up to N changes passes every client that reads. One ring of N per
+    /// channel with clients, shared by them (about 64 bytes a place).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CLIENT_BUFFER)]
     ws_client_buffer: usize,
+    /// Most WebSocket connections open at once: clients, and connections whose
+    /// request is still being read. More are refused at once with HTTP 503,
+    /// counted in the report and logged; connected clients are not affected.
+    /// Keep it below `ulimit -n`.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    ws_max_connections: usize,
+    /// Time a WebSocket connection has to send its whole request and be
+    /// upgraded (a deadline, not an idle timeout); a connection that takes
+    /// longer (half a request, then silence) is closed and counted. Until then
+    /// it holds one of --ws-max-connections.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::duration::parse)]
+    ws_handshake_timeout: Duration,
     /// Serve WebSocket only: no NATS (needs --ws-listen).
     #[arg(long, requires = "ws_listen")]
     no_nats: bool,
@@ -136,7 +164,7 @@ impl WsArgs {
     async fn start(
         &self,
         channels: &[String],
-        source: &pgcachewatch::postgres::listener::PgListenerSource,
+        source: &pgcachewatch::postgres::PgListenerSource,
     ) -> Result<Option<(WsServerHandle, Vec<String>)>> {
         let Some(addr) = self.ws_listen else {
             return Ok(None);
@@ -152,7 +180,9 @@ impl WsArgs {
         let mut b = WsServer::builder()
             .listen(addr)
             .channels(served.iter().cloned())
-            .client_buffer(self.ws_client_buffer);
+            .client_buffer(self.ws_client_buffer)
+            .max_connections(self.ws_max_connections)
+            .handshake_timeout(self.ws_handshake_timeout);
         if let Some(token) = self.token()? {
             b = b.token(token);
         }
@@ -167,7 +197,8 @@ impl WsArgs {
 /// Where NATS is, which stream, and the credentials.
 #[derive(Debug, Args)]
 pub(crate) struct NatsArgs {
-    /// NATS server URL(s), comma-separated.
+    /// NATS server URL(s): several servers of one cluster comma-separated
+    /// (nats://a:4222,nats://b:4222); the client moves to another when one goes.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
     /// JetStream stream name.
@@ -238,14 +269,14 @@ impl NatsArgs {
     }
 }
 
-pub(crate) async fn relay(url: Option<&str>, args: RelayArgs) -> Result<()> {
+pub(crate) async fn relay(db: Database<'_>, args: RelayArgs) -> Result<()> {
     match args.action {
         Some(RelayAction::Status { nats, json }) => status(&nats, json).await,
-        None => run(url, args.run).await,
+        None => run(db, args.run).await,
     }
 }
 
-async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
+async fn run(db: Database<'_>, args: RunArgs) -> Result<()> {
     // WSEventQueue clients read NOTIFY channels: --ws-listen means the LISTEN source.
     let source_kind = match (args.source, args.ws.ws_listen.is_some()) {
         (None, false) => SourceKind::Replication,
@@ -256,19 +287,26 @@ async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
         ),
         (Some(SourceKind::Replication), false) => SourceKind::Replication,
     };
-    let stream = args
+    let mut stream = args
         .nats
         .stream()
         .max_age(args.max_age)
         .max_bytes(args.max_bytes)
         .max_messages(args.max_messages);
+    if let Some(n) = args.stream_replicas {
+        stream = stream.replicas(n);
+    }
     let builder = Relay::builder(args.nats.connect()?)
         .stream(stream)
+        .ack_timeout(args.ack_timeout)
         .heartbeat_interval(args.heartbeat);
     let (relay, ws, upstream) = match source_kind {
         SourceKind::Replication => {
-            let target = crate::connect::Target::resolve(url)?;
-            let source = match url {
+            let target = db.target()?;
+            // A plain connection first: its errors speak the command line's words.
+            let probe = target.connect().await?;
+            sqlx::Connection::close(probe).await.ok();
+            let source = match db.url {
                 Some(url) => PgReplicationSource::builder(url),
                 None => PgReplicationSource::builder_with_options(target.options.clone()),
             };
@@ -293,7 +331,7 @@ async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
             (Some(relay), None, Upstream::Replication(source))
         }
         SourceKind::Listen => {
-            let (source, target) = watch::connect(url, args.channels.clone()).await?;
+            let (source, target) = watch::connect(db, args.channels.clone()).await?;
             // The WebSocket server first: a bad token or address fails before NATS is touched.
             let ws = args.ws.start(&args.channels, &source).await?;
             if let Some((server, served)) = &ws {
@@ -327,19 +365,16 @@ async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
     };
     let mut every = tokio::time::interval(args.report_every);
     every.tick().await;
+    // One Ctrl-C future for the whole loop: a fresh one per turn would miss
+    // a Ctrl-C that came while the turn before printed its report.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     let result = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = &mut ctrl_c => break Ok(()),
             _ = every.tick() => {
                 if let Some(relay) = &relay {
-                    let s = relay.status();
-                    eprintln!(
-                        "-- source {}, epoch {}, {} events acknowledged, {} in flight, stream seq {}, confirmed {}, lag {}, {} retries",
-                        if s.upstream.is_healthy() { "healthy" } else { "UNHEALTHY" },
-                        s.epoch, s.events, s.in_flight, s.last_stream_seq,
-                        s.confirmed.map_or("-".to_owned(), |l| l.to_string()),
-                        crate::output::duration(s.last_event_lag), s.retries
-                    );
+                    eprintln!("{}", report_line(&relay.status(), &args.nats));
                     if relay.is_finished() {
                         break Err(anyhow::anyhow!("the relay stopped: its source ended"));
                     }
@@ -347,8 +382,10 @@ async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
                 if let Some((server, _)) = &ws {
                     let s = server.stats();
                     eprintln!(
-                        "-- websocket: {} clients, {} accepted, {} refused, {} messages, {} disconnected for lag, {} closed on a gap or outage",
-                        s.clients, s.accepted, s.refused, s.sent, s.lagged, s.closed_by_source
+                        "-- websocket: {} clients, {} accepted, {} refused, {} messages, {} disconnected for lag, {} closed on a gap or outage; \
+                         {} connections open, {} refused over the limit, {} handshake timeouts",
+                        s.clients, s.accepted, s.refused, s.sent, s.lagged, s.closed_by_source,
+                        s.connections, s.over_limit, s.handshake_timeouts
                     );
                     if server.is_finished() {
                         break Err(anyhow::anyhow!("the WebSocket server stopped: its source ended"));
@@ -366,6 +403,42 @@ async fn run(url: Option<&str>, args: RunArgs) -> Result<()> {
     upstream.shutdown().await;
     eprintln!("-- stopped");
     result
+}
+
+/// The relay's periodic report: what it relays, or, while NATS does not take
+/// its messages, that (the source's health alone would read as all is well
+/// while nothing reaches the stream).
+fn report_line(s: &pgcachewatch::nats::RelayStatus, nats: &NatsArgs) -> String {
+    let source = if s.upstream.is_healthy() {
+        "healthy"
+    } else {
+        "UNHEALTHY"
+    };
+    let confirmed = s.confirmed.map_or("-".to_owned(), |l| l.to_string());
+    let quiet = crate::output::duration(s.last_ack_at.map(|at| at.elapsed()));
+    if !s.nats_connected {
+        format!(
+            "-- NATS UNREACHABLE at {}: nothing stored for {quiet}, {} messages waiting, {} retries \
+             (source {source}, confirmed {confirmed})",
+            nats.nats_url, s.in_flight, s.retries
+        )
+    } else if !s.publishing {
+        format!(
+            "-- JetStream NOT STORING into stream {} at {}: nothing stored for {quiet}, {} messages waiting, \
+             {} retries (source {source}, confirmed {confirmed})",
+            nats.stream, nats.nats_url, s.in_flight, s.retries
+        )
+    } else {
+        format!(
+            "-- source {source}, epoch {}, {} events acknowledged, {} in flight, stream seq {}, confirmed {confirmed}, lag {}, {} retries",
+            s.epoch,
+            s.events,
+            s.in_flight,
+            s.last_stream_seq,
+            crate::output::duration(s.last_event_lag),
+            s.retries
+        )
+    }
 }
 
 /// The relay's source, to shut down after the relay.
@@ -386,16 +459,12 @@ impl Upstream {
 async fn status(nats: &NatsArgs, json: bool) -> Result<()> {
     let report = RelayReport::read(&nats.connect()?, &nats.stream()).await?;
     let healthy = report.is_healthy(Duration::from_secs(5));
-    let (epoch, source_health, last_n) = match &report.heartbeat {
+    let (epoch, source_health) = match &report.heartbeat {
         Some(h) => match &h.kind {
-            WireKind::Heartbeat { health, last_n } => (
-                Some(h.epoch.clone()),
-                Some(format!("{health:?}")),
-                Some(*last_n),
-            ),
-            _ => (None, None, None),
+            WireKind::Health(health) => (Some(h.epoch.clone()), Some(format!("{health:?}"))),
+            _ => (None, None),
         },
-        None => (None, None, None),
+        None => (None, None),
     };
     if json {
         let v = serde_json::json!({
@@ -408,18 +477,16 @@ async fn status(nats: &NatsArgs, json: bool) -> Result<()> {
             "consumers": report.consumers,
             "epoch": epoch,
             "source_health": source_health,
-            "last_n": last_n,
             "heartbeat_age_ms": report.heartbeat_age.map(|a| a.as_millis() as u64),
         });
         crate::output::print(&format!("{v}\n"))?;
     } else {
         crate::output::print(&format!(
-            "relay: {}\n  last heartbeat: {} (epoch {}, source {}, message {})\n  stream {}: {} messages, {} bytes, sequences {}..={}, {} consumers\n",
+            "relay: {}\n  last heartbeat: {} (epoch {}, source {})\n  stream {}: {} messages, {} bytes, sequences {}..={}, {} consumers\n",
             if healthy { "healthy" } else { "NOT healthy" },
             report.heartbeat_age.map_or("never".to_owned(), |a| format!("{a:.1?} ago")),
             epoch.as_deref().unwrap_or("-"),
             source_health.as_deref().unwrap_or("-"),
-            last_n.map_or("-".to_owned(), |n| n.to_string()),
             report.stream, report.messages, report.bytes, report.first_seq, report.last_seq, report.consumers,
         ))?;
     }

@@ -1,34 +1,36 @@
 //! `replication setup | teardown | status`: the publication and slot of the
 //! logical-replication source. `setup` and `teardown` print the SQL and apply it
-//! only with `--commit`.
+//! only with `--commit`; `setup`'s dry run makes every check `--commit` makes.
 
-use anyhow::{Context as _, Result};
-use pgcachewatch::postgres::install::TableName;
-use pgcachewatch::replication::{ReplicationSetup, SlotStatus};
+use anyhow::{anyhow, Context as _, Result};
+use pgcachewatch::postgres::TableName;
+use pgcachewatch::replication::{ReplicationSetup, SetupError, SlotStatus};
 use serde_json::json;
 
-use crate::connect::Target;
+use crate::connect::Database;
 use crate::ReplicationCommand;
 
-pub(crate) async fn run(url: Option<&str>, command: ReplicationCommand) -> Result<()> {
-    let target = Target::resolve(url)?;
+pub(crate) async fn run(db: Database<'_>, command: ReplicationCommand) -> Result<()> {
+    let target = db.target()?;
     let mut conn = target.connect().await?;
     let db = target.describe();
     match command {
         ReplicationCommand::Setup {
             tables,
             names,
+            replica_identity_full,
             commit,
         } => {
             let tables = tables
                 .iter()
                 .map(|t| TableName::parse(t).map_err(anyhow::Error::from))
                 .collect::<Result<Vec<_>>>()?;
-            let setup = names.setup();
+            let setup = names.setup().replica_identity_full(replica_identity_full);
             if commit {
                 let sql = setup
                     .setup(&mut conn, &tables)
                     .await
+                    .map_err(explain)
                     .with_context(|| format!("setting up replication on {db}"))?;
                 crate::output::print(&format!("{sql}\n"))?;
                 eprintln!(
@@ -41,6 +43,7 @@ pub(crate) async fn run(url: Option<&str>, command: ReplicationCommand) -> Resul
                 let sql = setup
                     .plan_setup(&mut conn, &tables)
                     .await
+                    .map_err(explain)
                     .with_context(|| format!("checking {db} for replication"))?;
                 crate::output::print(&format!("{sql}\n"))?;
                 eprintln!(
@@ -85,6 +88,23 @@ pub(crate) async fn run(url: Option<&str>, command: ReplicationCommand) -> Resul
     }
     sqlx::Connection::close(conn).await.ok();
     Ok(())
+}
+
+/// A setup error in the command line's words.
+fn explain(error: SetupError) -> anyhow::Error {
+    match error {
+        SetupError::NoReplicaIdentity { relations } => anyhow!(
+            "{} cannot be published safely: once published, every UPDATE and DELETE on it \
+             would fail (\"cannot update table … because it does not have a replica identity \
+             and publishes updates\"); nothing was changed. Add a primary key (ALTER TABLE … \
+             ADD PRIMARY KEY (…)), or re-run with --replica-identity-full, which runs ALTER \
+             TABLE … REPLICA IDENTITY FULL: every UPDATE and DELETE then writes the whole old \
+             row to the WAL, and a table without a primary key gets table-level events (no \
+             row keys)",
+            relations.join(", ")
+        ),
+        other => other.into(),
+    }
 }
 
 fn to_json(database: &str, slots: &[SlotStatus]) -> serde_json::Value {

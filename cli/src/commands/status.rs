@@ -3,15 +3,15 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
-use pgcachewatch::postgres::install::{self, InstalledTrigger, Status};
+use pgcachewatch::postgres::{self, InstalledTrigger, Status};
 use serde_json::json;
 
-use crate::connect::Target;
+use crate::connect::Database;
 
-pub(crate) async fn status(url: Option<&str>, as_json: bool) -> Result<()> {
-    let target = Target::resolve(url)?;
+pub(crate) async fn status(db: Database<'_>, as_json: bool) -> Result<()> {
+    let target = db.target()?;
     let mut conn = target.connect().await?;
-    let status = install::status(&mut conn)
+    let status = postgres::status(&mut conn)
         .await
         .with_context(|| format!("reading the catalog of {}", target.describe()))?;
     sqlx::Connection::close(conn).await.ok();

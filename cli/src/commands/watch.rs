@@ -14,12 +14,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use pgcachewatch::postgres::listener::PgListenerSource;
+use pgcachewatch::postgres::PgListenerSource;
 use pgcachewatch::{Error, EventSource, Signal};
 use tokio::sync::Notify;
 
 pub(crate) use self::rate_limit::RateLimit;
-use crate::connect::Target;
+use crate::connect::{Database, Target};
 use crate::StopArgs;
 
 mod rate_limit;
@@ -28,16 +28,28 @@ mod rate_limit;
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 /// Connects and LISTENs on `channels`.
+///
+/// One plain connection first, through [`Target::connect`]: its errors name the
+/// command line's flags and where each setting came from (the listener's own
+/// errors speak the library's language).
 pub(crate) async fn connect(
-    url: Option<&str>,
+    db: Database<'_>,
     channels: Vec<String>,
 ) -> Result<(PgListenerSource, Target)> {
-    let target = Target::resolve(url)?;
+    let target = db.target()?;
+    let probe = target.connect().await?;
+    sqlx::Connection::close(probe).await.ok();
+    let started = std::time::Instant::now();
     let source = PgListenerSource::builder_with_options(target.options.clone())
         .channels(channels)
+        .connect_timeout(target.connect_timeout)
         .connect()
         .await
         .map_err(|e| match e {
+            // Took the whole --connect-timeout: the library's timeout.
+            Error::Connection { .. } if started.elapsed() >= target.connect_timeout => {
+                target.timed_out()
+            }
             // Where the settings came from matters for connection trouble only.
             Error::Connection { .. } => {
                 anyhow!("{e} (settings from {})\n{}", target.origin, Target::hint())

@@ -39,6 +39,18 @@ enum State<V> {
     Abandoned,
 }
 
+/// The value a key had when it was invalidated, which a refresh of it may serve
+/// for a bounded time ([`CacheBuilder::serve_stale_within`]).
+///
+/// [`CacheBuilder::serve_stale_within`]: super::CacheBuilder::serve_stale_within
+#[derive(Debug, Clone)]
+pub(crate) struct Stale<V> {
+    pub(crate) value: V,
+    /// When the invalidation that made it stale was applied (by the cache's
+    /// stale clock).
+    pub(crate) invalidated_at: Instant,
+}
+
 /// One in-flight load.
 #[derive(Debug)]
 pub(crate) struct Flight<V> {
@@ -50,6 +62,10 @@ pub(crate) struct Flight<V> {
     /// Set when the key was invalidated while loading: the result is handed to the
     /// callers already waiting but never stored, and no new caller joins.
     detached: AtomicBool,
+    /// A background refresh (rather than a reader's load).
+    pub(crate) refresh: bool,
+    /// For a refresh: the previous value, served meanwhile within the bound.
+    pub(crate) stale: Option<Stale<V>>,
     state: watch::Sender<State<V>>,
 }
 
@@ -59,6 +75,20 @@ impl<V: Clone> Flight<V> {
             stamp,
             started_at: Instant::now(),
             detached: AtomicBool::new(false),
+            refresh: false,
+            stale: None,
+            state: watch::Sender::new(State::Pending),
+        })
+    }
+
+    /// A background refresh, which may serve `stale` meanwhile.
+    pub(crate) fn refresh(stamp: Stamp, stale: Option<Stale<V>>) -> Arc<Self> {
+        Arc::new(Flight {
+            stamp,
+            started_at: Instant::now(),
+            detached: AtomicBool::new(false),
+            refresh: true,
+            stale,
             state: watch::Sender::new(State::Pending),
         })
     }

@@ -169,7 +169,7 @@ impl Generations {
         self.untagged.fetch_add(STEP, Ordering::AcqRel);
         let map = self.tables.read();
         for t in tables {
-            if let Some(c) = map.get(&t.table) {
+            if let Some(c) = map.get(&*t.table) {
                 c.fetch_add(1, Ordering::AcqRel);
             }
         }

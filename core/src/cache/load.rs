@@ -54,7 +54,7 @@ where
     {
         let inner = &*self.inner;
         if let Some(v) = self.lookup(&key) {
-            inner.counters.hit();
+            self.count_hit(&key);
             return Ok(v);
         }
         if self.bypassing() {
@@ -143,12 +143,24 @@ where
         // A flight may have finished between the first lookup and this lock.
         if let Some(v) = self.lookup(key) {
             if count_miss {
-                inner.counters.hit();
+                self.count_hit(key);
             }
             return Role::Hit(v);
         }
+        if let Some(flight) = flights.get(key) {
+            // A refresh of the key runs and may serve its previous value.
+            if inner.serves_stale {
+                if let Some(v) = self.stale_of(flight) {
+                    inner.counters.stale_served();
+                    return Role::Hit(v);
+                }
+            }
+        }
         if count_miss {
             inner.counters.miss();
+            if inner.sampling {
+                self.record_read(key);
+            }
         }
         if let Some(flight) = flights.get(key) {
             if may_join
@@ -208,6 +220,11 @@ where
                         let entry =
                             self.new_entry(value.clone(), flight.stamp.clone(), flight.started_at);
                         replaced = self.store_entry(key.clone(), entry);
+                        if flight.refresh {
+                            inner.counters.refresh_served();
+                        }
+                    } else if flight.refresh {
+                        inner.counters.refresh_discarded();
                     } else {
                         inner.counters.discarded_load();
                     }

@@ -21,12 +21,15 @@ mod builder;
 mod flight;
 mod generations;
 mod load;
+mod refresh;
 mod stats;
 mod store;
 mod target;
 
 #[cfg(all(test, pgcachewatch_loom))]
 mod loom_tests;
+#[cfg(all(test, not(pgcachewatch_loom)))]
+mod refresh_tests;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -42,6 +45,8 @@ pub use self::builder::CacheBuilder;
 use self::flight::{Failure, Flight};
 use self::generations::{Generations, Stamp};
 use self::load::resolve_tags;
+use self::refresh::Keeper;
+pub use self::refresh::{Refresh, RefreshTask};
 pub use self::stats::CacheStats;
 use self::stats::{Counters, Dropped};
 pub use self::store::RemovalCause;
@@ -135,6 +140,12 @@ struct Inner<K, V> {
     serial: AtomicU64,
     while_unhealthy: WhileUnhealthy,
     counters: Counters,
+    /// Refreshing, warming and stale serving, with a refresher.
+    keeper: Option<Keeper<K, V>>,
+    /// Hits mark their keys read recently, sampled (for the keeper).
+    sampling: bool,
+    /// Loading reads may get a refreshing key's previous value.
+    serves_stale: bool,
 }
 
 /// The error of [`Cache::optionally_get_with`]'s loads: there was nothing to cache.
@@ -148,31 +159,88 @@ where
     V: Clone + Send + Sync + 'static,
 {
     /// A cache of at most `capacity` entries with default settings.
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// let users: Cache<u32, String> = Cache::new(10_000);
+    /// users.insert(1, "ann".to_string());
+    /// assert_eq!(users.get(&1).as_deref(), Some("ann"));
+    /// ```
     pub fn new(capacity: usize) -> Self {
         CacheBuilder::default().capacity(capacity).build()
     }
 
     /// A builder for the other settings.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgcachewatch::Cache;
+    /// let users: Cache<u32, String> = Cache::builder()
+    ///     .name("users")
+    ///     .time_to_live(Duration::from_secs(300))
+    ///     .build();
+    /// assert_eq!(users.name(), Some("users"));
+    /// ```
     pub fn builder() -> CacheBuilder<K, V> {
         CacheBuilder::default()
     }
 
     /// The name given to the builder.
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// let users: Cache<u32, String> = Cache::builder().name("users").build();
+    /// assert_eq!(users.name(), Some("users"));
+    /// assert_eq!(Cache::<u32, String>::new(10).name(), None);
+    /// ```
     pub fn name(&self) -> Option<&str> {
         self.inner.name.as_deref()
     }
 
     /// The fresh cached value for `key`, without loading. Counts a hit or a miss.
+    ///
+    /// It never answers a stale value, even with
+    /// [`serve_stale_within`](CacheBuilder::serve_stale_within): that is for
+    /// the reads that would otherwise wait for a refresh
+    /// ([`get_or_load`](Self::get_or_load) and the like).
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// let users: Cache<u32, &str> = Cache::new(10);
+    /// assert_eq!(users.get(&1), None); // a miss: `get` never loads
+    /// users.insert(1, "ann");
+    /// assert_eq!(users.get(&1), Some("ann")); // a hit
+    /// let stats = users.stats();
+    /// assert_eq!((stats.hits, stats.misses), (1, 1));
+    /// ```
     #[inline]
     pub fn get(&self, key: &K) -> Option<V> {
         let found = self.lookup(key);
-        let c = &self.inner.counters;
         if found.is_some() {
-            c.hit();
+            self.count_hit(key);
         } else {
-            c.miss();
+            self.inner.counters.miss();
         }
         found
+    }
+
+    /// Counts a hit on `key`. In line, exactly as many instructions as a
+    /// plain striped bump; a cache that refreshes counts every hit out of line
+    /// instead, where it samples the key as read recently.
+    #[inline]
+    fn count_hit(&self, key: &K) {
+        if !self.inner.counters.try_hit() {
+            self.count_hit_out_of_line(key);
+        }
+    }
+
+    /// The rest of [`count_hit`](Self::count_hit).
+    #[inline(never)]
+    fn count_hit_out_of_line(&self, key: &K) {
+        let n = self.inner.counters.hit();
+        if self.inner.sampling {
+            self.sample_hit(n, key);
+        }
     }
 
     /// The fresh cached value for `key`, counting a hit if there is one and
@@ -183,7 +251,7 @@ where
     pub fn hit_only(&self, key: &K) -> Option<V> {
         let found = self.lookup(key);
         if found.is_some() {
-            self.inner.counters.hit();
+            self.count_hit(key);
         }
         found
     }
@@ -193,6 +261,21 @@ where
     ///
     /// The entry depends on every table: any table invalidation drops it. Use
     /// [`get_or_load_tagged`](Self::get_or_load_tagged) to narrow that.
+    ///
+    /// ```
+    /// use pgcachewatch::{Cache, Error};
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let users: Cache<u32, String> = Cache::new(100);
+    /// let name = users.get_or_load(1, || async { Ok::<_, std::io::Error>("ann".to_string()) }).await?;
+    /// assert_eq!(name, "ann");
+    /// assert_eq!(users.get(&1).as_deref(), Some("ann")); // stored
+    /// // A failed load reaches its callers and is never cached.
+    /// let failed = users.get_or_load(2, || async { Err(std::io::Error::other("db down")) }).await;
+    /// assert!(matches!(failed, Err(Error::Load { .. })));
+    /// assert_eq!(users.get(&2), None);
+    /// # Ok::<_, pgcachewatch::Error>(())
+    /// # }).unwrap();
+    /// ```
     ///
     /// # Errors
     ///
@@ -306,6 +389,20 @@ where
     /// [`try_get_with`](Self::try_get_with) for a value that depends only on
     /// `tables` (see [`get_or_load_tagged`](Self::get_or_load_tagged)).
     ///
+    /// ```
+    /// use pgcachewatch::{Cache, TableRef};
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let counts: Cache<&str, u64> = Cache::new(10);
+    /// let load = || async { Ok::<_, std::io::Error>(42) };
+    /// assert_eq!(counts.try_get_with_tagged("orders", &["public.orders"], load).await?, 42);
+    /// counts.invalidate_tables(&[TableRef::new("public", "users")]);
+    /// assert_eq!(counts.get(&"orders"), Some(42)); // users do not matter
+    /// counts.invalidate_tables(&[TableRef::new("public", "orders")]);
+    /// assert_eq!(counts.get(&"orders"), None);
+    /// # Ok::<_, std::sync::Arc<std::io::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    ///
     /// # Errors
     ///
     /// The loader's error, shared.
@@ -395,6 +492,14 @@ where
 
     /// Removes `key` (and detaches a load of it in flight); returns its value if
     /// it was fresh. The eviction listener hears [`RemovalCause::Explicit`].
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// let users: Cache<u32, &str> = Cache::new(10);
+    /// users.insert(1, "ann");
+    /// assert_eq!(users.remove(&1), Some("ann"));
+    /// assert_eq!(users.remove(&1), None);
+    /// ```
     pub fn remove(&self, key: &K) -> Option<V> {
         let removed = {
             let mut flights = self.flight_shard(key).lock();
@@ -422,6 +527,16 @@ where
 
     /// Whether a fresh entry for `key` is held (counts nothing, refreshes no idle
     /// timer).
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// let users: Cache<u32, &str> = Cache::new(10);
+    /// users.insert(1, "ann");
+    /// assert!(users.contains_key(&1));
+    /// users.invalidate(&1);
+    /// assert!(!users.contains_key(&1));
+    /// assert_eq!(users.stats().hits, 0); // not counted as reads
+    /// ```
     pub fn contains_key(&self, key: &K) -> bool {
         if !self.is_healthy() {
             return self.lookup_unhealthy(key).is_some();
@@ -434,25 +549,81 @@ where
 
     /// Entries held, fresh or not yet dropped (table invalidations and flushes are
     /// O(1): the entries they make stale leave on their next lookup or eviction).
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// let users: Cache<u32, &str> = Cache::new(10);
+    /// users.insert(1, "ann");
+    /// users.insert(2, "bob");
+    /// assert_eq!(users.entry_count(), 2);
+    /// users.invalidate_all(); // O(1): drops nothing now
+    /// assert_eq!(users.get(&1), None);
+    /// assert_eq!(users.entry_count(), 2); // still held: stale entries leave lazily
+    /// ```
     pub fn entry_count(&self) -> u64 {
         self.inner.store.len() as u64
     }
 
     /// The total weight of the entries held (their count without a weigher).
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// let pages: Cache<String, String> = Cache::builder()
+    ///     .weigher(1 << 20, |key: &String, html: &String| (key.len() + html.len()) as u64)
+    ///     .build();
+    /// pages.insert("/".into(), "<h1>hi</h1>".into());
+    /// assert_eq!(pages.weighted_size(), 12); // 1 + 11 bytes
+    /// ```
     pub fn weighted_size(&self) -> u64 {
         self.inner.store.weight()
     }
 
     /// Drops `key`, and detaches a load of it in flight so its result is not stored.
+    ///
+    /// With [`refresh_on_invalidation`](CacheBuilder::refresh_on_invalidation),
+    /// a key read since its last invalidation is then reloaded in the
+    /// background (a load that starts now: a later write's invalidation
+    /// discards it in turn).
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let users: Cache<u32, &str> = Cache::new(10);
+    /// users.insert(2, "bob");
+    /// users.invalidate(&2); // what a dispatcher does when row 2 is written
+    /// assert_eq!(users.get(&2), None);
+    /// // Row 1 is written while its load runs: the caller gets the value, unstored.
+    /// let v = users.get_or_load(1, || async {
+    ///     users.invalidate(&1);
+    ///     Ok::<_, std::io::Error>("ann, before the write")
+    /// }).await?;
+    /// assert_eq!((v, users.get(&1)), ("ann, before the write", None));
+    /// # Ok::<_, pgcachewatch::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub fn invalidate(&self, key: &K) {
         let inner = &*self.inner;
+        let mut refresh = None;
         let removed = {
             let mut flights = self.flight_shard(key).lock();
-            if let Some(flight) = flights.remove(key) {
+            let detached = flights.remove(key);
+            if let Some(flight) = &detached {
                 flight.detach();
             }
-            inner.store.remove(key)
+            let removed = inner.store.remove(key);
+            if inner.keeper.is_some() {
+                refresh = self.refresh_invalidated(
+                    key,
+                    &mut flights,
+                    removed.as_ref().map(|(_, e)| e),
+                    detached.as_deref(),
+                );
+            }
+            removed
         };
+        if let Some(task) = refresh {
+            self.spawn_refresh(task);
+        }
         inner.counters.dropped(Dropped::Key);
         if let Some((key, entry)) = removed {
             inner.counters.entries(|| inner.store.len() as u64);
@@ -464,13 +635,44 @@ where
     }
 
     /// Drops every entry and invalidates every load in flight, in O(1).
+    ///
+    /// With [`warm_after_flush`](CacheBuilder::warm_after_flush), the hottest
+    /// keys are then reloaded in the background, paced, once the cache is
+    /// healthy.
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// let users: Cache<u32, &str> = Cache::new(10);
+    /// users.insert(1, "ann");
+    /// users.insert(2, "bob");
+    /// users.invalidate_all();
+    /// assert_eq!((users.get(&1), users.get(&2)), (None, None));
+    /// assert_eq!(users.stats().flushes, 1);
+    /// ```
     pub fn invalidate_all(&self) {
         self.inner.gens.bump_all();
         self.inner.counters.dropped(Dropped::All);
         tracing::debug!(cache = self.name(), "flushed");
+        if self.inner.keeper.is_some() {
+            self.schedule_warm();
+        }
     }
 
     /// Drops the entries depending on any of `tables` (untagged entries depend on all).
+    ///
+    /// ```
+    /// use pgcachewatch::{Cache, TableRef};
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let counts: Cache<&str, u64> = Cache::new(10);
+    /// let load = || async { Ok::<_, std::io::Error>(7) };
+    /// counts.get_or_load_tagged("n_orders", &["orders"], load).await?;
+    /// counts.get_or_load_tagged("n_users", &["users"], load).await?;
+    /// counts.invalidate_tables(&[TableRef::new("public", "orders")]);
+    /// assert_eq!(counts.get(&"n_orders"), None);
+    /// assert_eq!(counts.get(&"n_users"), Some(7));
+    /// # Ok::<_, pgcachewatch::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub fn invalidate_tables(&self, tables: &[TableRef]) {
         if tables.is_empty() {
             return;
@@ -480,16 +682,61 @@ where
     }
 
     /// Whether the cache currently trusts its entries (see [`HealthBoard`]).
+    ///
+    /// ```
+    /// use pgcachewatch::{Cache, Dispatcher};
+    /// use pgcachewatch::memory::InMemorySource;
+    /// use pgcachewatch::strategies::Greedy;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let (source, control) = InMemorySource::pair();
+    /// let users: Cache<u32, String> = Cache::new(100);
+    /// let _dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// assert!(users.is_healthy());
+    /// control.disconnect("connection reset"); // the source lost its connection
+    /// assert!(!users.is_healthy()); // reads bypass the cache
+    /// control.reconnect();
+    /// assert!(users.is_healthy());
+    /// # });
+    /// ```
     pub fn is_healthy(&self) -> bool {
         self.inner.health.is_healthy()
     }
 
     /// Who feeds this cache, and whether it trusts its entries (see [`HealthBoard`]).
+    ///
+    /// ```
+    /// use pgcachewatch::{Cache, Dispatcher};
+    /// use pgcachewatch::memory::InMemorySource;
+    /// use pgcachewatch::strategies::Greedy;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let (source, control) = InMemorySource::pair();
+    /// let users: Cache<u32, String> = Cache::new(100);
+    /// let _dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// control.disconnect("connection reset");
+    /// let health = users.health();
+    /// assert!(!health.healthy);
+    /// assert_eq!((health.attached, health.unhealthy), (1, 1)); // one source, and it is down
+    /// # });
+    /// ```
     pub fn health(&self) -> crate::health::HealthSummary {
         self.inner.health.summary()
     }
 
-    /// The counters, now.
+    /// The counters, now (refreshes, warming and stale serving included).
+    ///
+    /// ```
+    /// use pgcachewatch::Cache;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let users: Cache<u32, String> = Cache::new(100);
+    /// for _ in 0..3 {
+    ///     users.get_or_load(1, || async { Ok::<_, std::io::Error>("ann".to_string()) }).await?;
+    /// }
+    /// let stats = users.stats();
+    /// assert_eq!((stats.misses, stats.loads, stats.hits), (1, 1, 2));
+    /// assert_eq!(stats.entries, 1);
+    /// # Ok::<_, pgcachewatch::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub fn stats(&self) -> CacheStats {
         self.inner
             .counters
@@ -664,6 +911,11 @@ where
 
     fn health_changed(&self, healthy: bool) {
         self.gens.set_healthy(healthy);
+        if healthy {
+            if let Some(keeper) = &self.keeper {
+                keeper.wake();
+            }
+        }
     }
 }
 
@@ -675,6 +927,7 @@ impl<K, V> fmt::Debug for Cache<K, V> {
             .field("ttl", &self.inner.ttl)
             .field("tti", &self.inner.tti)
             .field("while_unhealthy", &self.inner.while_unhealthy)
+            .field("keeper", &self.inner.keeper)
             .finish_non_exhaustive()
     }
 }

@@ -25,7 +25,7 @@ use crate::strategy::Decision;
 ///
 /// ```
 /// use std::sync::Arc;
-/// use pgcachewatch::{Decision, HealthBoard, HealthVote, InvalidationTarget};
+/// use pgcachewatch_core::{Decision, HealthBoard, HealthVote, InvalidationTarget};
 ///
 /// #[derive(Default)]
 /// struct Counter { flushes: std::sync::atomic::AtomicU64, board: Arc<HealthBoard> }

@@ -52,7 +52,7 @@ use crate::strategy::InvalidationStrategy;
 /// # Example
 ///
 /// ```
-/// use pgcachewatch::{Cache, Decision, Dispatcher, Event, InvalidationStrategy, Operation, SignalHub, EventSource, Health, Subscription};
+/// use pgcachewatch_core::{Cache, Decision, Dispatcher, Event, InvalidationStrategy, Operation, SignalHub, EventSource, Health, Subscription};
 /// # #[derive(Debug)] struct Source(SignalHub);
 /// # impl EventSource for Source { fn subscribe(&self) -> Subscription { self.0.subscribe() } fn health(&self) -> Health { self.0.health() } }
 /// #[derive(Debug)]
@@ -89,6 +89,19 @@ impl fmt::Debug for Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher with nothing attached.
+    ///
+    /// ```
+    /// use pgcachewatch::{Cache, Dispatcher};
+    /// use pgcachewatch::memory::InMemorySource;
+    /// use pgcachewatch::strategies::Greedy;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let (source, _control) = InMemorySource::pair();
+    /// let users: Cache<u32, String> = Cache::new(100);
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// assert_eq!(users.stats().dispatchers, 1);
+    /// # drop(dispatcher);
+    /// # });
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
@@ -103,7 +116,7 @@ impl Dispatcher {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use pgcachewatch::{Cache, Dispatcher, Event, EventSource, Health, Operation, SignalHub, Subscription};
+    /// use pgcachewatch_core::{Cache, Dispatcher, Event, EventSource, Health, Operation, SignalHub, Subscription};
     /// use pgcachewatch::strategies::Greedy;
     /// # #[derive(Debug)] struct Source(SignalHub);
     /// # impl EventSource for Source { fn subscribe(&self) -> Subscription { self.0.subscribe() } fn health(&self) -> Health { self.0.health() } }
@@ -127,6 +140,25 @@ impl Dispatcher {
     }
 
     /// Applies `strategy`'s decisions to `target` (usually a [`Cache`](crate::Cache)).
+    ///
+    /// ```
+    /// use pgcachewatch::{Cache, Dispatcher, Event, Operation};
+    /// use pgcachewatch::strategies::Greedy;
+    /// # use pgcachewatch::memory::InMemorySource;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let (source, control) = InMemorySource::pair();
+    /// let users: Cache<u32, &str> = Cache::new(100);
+    /// let orders: Cache<u32, &str> = Cache::new(100);
+    /// let _dispatcher = Dispatcher::new()
+    ///     .attach(Greedy::with_predicate(|e: &Event| e.table == "users"), users.clone())
+    ///     .attach(Greedy::with_predicate(|e: &Event| e.table == "orders"), orders.clone())
+    ///     .spawn(&source);
+    /// users.insert(1, "ann");
+    /// orders.insert(1, "book");
+    /// control.publish(Event::new("pgcachewatch", Operation::Update, "public", "users"));
+    /// assert_eq!((users.get(&1), orders.get(&1)), (None, Some("book")));
+    /// # });
+    /// ```
     pub fn attach<K, S, T>(mut self, strategy: S, target: T) -> Self
     where
         K: 'static,
@@ -145,6 +177,21 @@ impl Dispatcher {
     /// task as each signal is emitted: no hop to another task, no buffer, no lag.
     /// Otherwise (or with [`spawn_subscribed`](Self::spawn_subscribed)) a task reads
     /// a subscription. Either way a small task fires strategies' deadlines.
+    ///
+    /// ```
+    /// use pgcachewatch::{Cache, Dispatcher, Event, Operation};
+    /// use pgcachewatch::memory::InMemorySource;
+    /// use pgcachewatch::strategies::Greedy;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let (source, control) = InMemorySource::pair();
+    /// let users: Cache<u32, &str> = Cache::new(100);
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// assert!(dispatcher.is_inline());
+    /// users.insert(1, "ann");
+    /// control.publish(Event::new("pgcachewatch", Operation::Update, "public", "users"));
+    /// assert_eq!(users.get(&1), None); // applied as the source emitted it
+    /// # });
+    /// ```
     ///
     /// # Panics
     ///
@@ -175,6 +222,22 @@ impl Dispatcher {
     /// [`Subscription`] of the source: the dispatcher then sees what any
     /// subscriber sees, including [`GapReason::Lagged`](crate::GapReason::Lagged)
     /// gaps if it falls behind.
+    ///
+    /// ```
+    /// use pgcachewatch::{Cache, Dispatcher, Event, Operation};
+    /// use pgcachewatch::memory::InMemorySource;
+    /// use pgcachewatch::strategies::Greedy;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let (source, control) = InMemorySource::pair();
+    /// let users: Cache<u32, &str> = Cache::new(100);
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn_subscribed(&source);
+    /// assert!(!dispatcher.is_inline());
+    /// users.insert(1, "ann");
+    /// control.publish(Event::new("pgcachewatch", Operation::Update, "public", "users"));
+    /// dispatcher.sync().await; // its task has applied the event
+    /// assert_eq!(users.get(&1), None);
+    /// # });
+    /// ```
     ///
     /// # Panics
     ///
@@ -214,6 +277,21 @@ impl Dispatcher {
     /// the dispatcher themselves (benchmarks, custom executors). The caches are
     /// attached (flushed, health taken from the subscription's first signal) and
     /// left bypassing when it returns.
+    ///
+    /// ```
+    /// use pgcachewatch::{Cache, Dispatcher, EventSource, Event, Operation};
+    /// use pgcachewatch::memory::InMemorySource;
+    /// use pgcachewatch::strategies::Greedy;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let (source, control) = InMemorySource::pair();
+    /// let users: Cache<u32, &str> = Cache::new(100);
+    /// let run = Dispatcher::new().attach(Greedy::new(), users.clone()).run(source.subscribe());
+    /// control.publish(Event::new("pgcachewatch", Operation::Update, "public", "users"));
+    /// control.close(); // the subscription ends after that event
+    /// run.await; // dispatches on this task until then
+    /// assert!(!users.is_healthy()); // left bypassing: nothing invalidates it now
+    /// # });
+    /// ```
     pub async fn run(self, subscription: Subscription) {
         let (_stop_tx, stop_rx) = oneshot::channel();
         let (_sync_tx, sync_rx) = mpsc::unbounded_channel();
@@ -238,7 +316,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 ///
 /// ```compile_fail
 /// #![deny(unused_must_use)]
-/// # use pgcachewatch::{Cache, Dispatcher, SignalHub, EventSource, Health, Subscription};
+/// # use pgcachewatch_core::{Cache, Dispatcher, SignalHub, EventSource, Health, Subscription};
 /// # #[derive(Debug)] struct Source(SignalHub);
 /// # impl EventSource for Source { fn subscribe(&self) -> Subscription { self.0.subscribe() } fn health(&self) -> Health { self.0.health() } }
 /// # #[derive(Debug)] struct All;
@@ -254,7 +332,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 ///
 /// ```
 /// #![deny(unused_must_use)]
-/// # use pgcachewatch::{Cache, Dispatcher, SignalHub, EventSource, Health, Subscription};
+/// # use pgcachewatch_core::{Cache, Dispatcher, SignalHub, EventSource, Health, Subscription};
 /// # #[derive(Debug)] struct Source(SignalHub);
 /// # impl EventSource for Source { fn subscribe(&self) -> Subscription { self.0.subscribe() } fn health(&self) -> Health { self.0.health() } }
 /// # #[derive(Debug)] struct All;
@@ -325,6 +403,20 @@ pub enum WaitError {
 impl DispatcherHandle {
     /// Stops dispatching and waits for the task; its caches are left unhealthy
     /// (bypassing).
+    ///
+    /// ```
+    /// use pgcachewatch::{Cache, Dispatcher};
+    /// use pgcachewatch::strategies::Greedy;
+    /// # use pgcachewatch::memory::InMemorySource;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let (source, _control) = InMemorySource::pair();
+    /// let users: Cache<u32, String> = Cache::new(100);
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// assert!(users.is_healthy());
+    /// dispatcher.shutdown().await;
+    /// assert!(!users.is_healthy()); // nothing invalidates it now: reads bypass
+    /// # });
+    /// ```
     pub async fn shutdown(mut self) {
         self.shared.close_as(true);
         self.detach();
@@ -341,17 +433,63 @@ impl DispatcherHandle {
     }
 
     /// Whether dispatching has stopped (shut down, or its source ended).
+    ///
+    /// ```
+    /// use pgcachewatch::Dispatcher;
+    /// use pgcachewatch::memory::InMemorySource;
+    /// use pgcachewatch::strategies::Greedy;
+    /// # use pgcachewatch::Cache;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let (source, control) = InMemorySource::pair();
+    /// # let users: Cache<u32, String> = Cache::new(100);
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// assert!(!dispatcher.is_finished());
+    /// control.close(); // the source ends
+    /// assert!(dispatcher.is_finished());
+    /// # });
+    /// ```
     pub fn is_finished(&self) -> bool {
         self.shared.is_closed()
     }
 
     /// Whether decisions are applied inline, in the source's task (see
     /// [`Dispatcher::spawn`]).
+    ///
+    /// ```
+    /// use pgcachewatch::Dispatcher;
+    /// use pgcachewatch::strategies::Greedy;
+    /// # use pgcachewatch::Cache;
+    /// # use pgcachewatch::memory::InMemorySource;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let (source, _control) = InMemorySource::pair();
+    /// # let users: Cache<u32, String> = Cache::new(100);
+    /// let inline = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// assert!(inline.is_inline()); // every built-in source runs it in its own task
+    /// let task = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn_subscribed(&source);
+    /// assert!(!task.is_inline());
+    /// # });
+    /// ```
     pub fn is_inline(&self) -> bool {
         matches!(self.mode, Mode::Inline { .. })
     }
 
     /// The counters, now.
+    ///
+    /// ```
+    /// use pgcachewatch::{Dispatcher, Event, Operation};
+    /// use pgcachewatch::strategies::Greedy;
+    /// # use pgcachewatch::Cache;
+    /// # use pgcachewatch::memory::InMemorySource;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let (source, control) = InMemorySource::pair();
+    /// # let users: Cache<u32, String> = Cache::new(100);
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// control.publish(Event::new("pgcachewatch", Operation::Update, "public", "users"));
+    /// control.disconnect("connection reset");
+    /// let stats = dispatcher.stats();
+    /// assert_eq!((stats.events, stats.gaps), (1, 1));
+    /// # });
+    /// ```
     pub fn stats(&self) -> DispatcherStats {
         self.shared.counters.snapshot()
     }
@@ -360,6 +498,22 @@ impl DispatcherHandle {
     /// before this call (returns at once if the dispatcher has stopped).
     ///
     /// "The notification has been processed" as a point in time, for tests and demos.
+    ///
+    /// ```
+    /// use pgcachewatch::{Dispatcher, Event, Operation};
+    /// use pgcachewatch::strategies::Greedy;
+    /// # use pgcachewatch::Cache;
+    /// # use pgcachewatch::memory::InMemorySource;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let (source, control) = InMemorySource::pair();
+    /// # let users: Cache<u32, &str> = Cache::new(100);
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn_subscribed(&source);
+    /// users.insert(1, "ann");
+    /// control.publish(Event::new("pgcachewatch", Operation::Update, "public", "users"));
+    /// dispatcher.sync().await; // the event above has been applied
+    /// assert_eq!(users.get(&1), None);
+    /// # });
+    /// ```
     pub async fn sync(&self) {
         match &self.mode {
             // Applied as emitted; the lock waits out an emission in progress.
@@ -375,6 +529,24 @@ impl DispatcherHandle {
 
     /// The highest commit position this dispatcher has applied (from events of a
     /// lossless source, or its progress marks); `None` before the first.
+    ///
+    /// ```
+    /// use pgcachewatch::{Dispatcher, Event, Lsn, Operation};
+    /// use pgcachewatch::strategies::Greedy;
+    /// # use pgcachewatch::Cache;
+    /// # use pgcachewatch::memory::InMemorySource;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let (source, control) = InMemorySource::pair();
+    /// # let users: Cache<u32, String> = Cache::new(100);
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// assert_eq!(dispatcher.applied_lsn(), None);
+    /// // What the replication source sends for a transaction committed at 0/16B3748:
+    /// let lsn: Lsn = "0/16B3748".parse()?;
+    /// control.publish(Event::new("pgcachewatch", Operation::Update, "public", "users").with_lsn(lsn));
+    /// assert_eq!(dispatcher.applied_lsn(), Some(lsn));
+    /// # Ok::<_, pgcachewatch::ParseLsnError>(())
+    /// # }).unwrap();
+    /// ```
     pub fn applied_lsn(&self) -> Option<Lsn> {
         self.shared.applied.lsn()
     }
@@ -387,6 +559,28 @@ impl DispatcherHandle {
     ///
     /// Take `lsn` from `SELECT pg_current_wal_lsn()` after your `COMMIT` (or
     /// `pg_current_wal_insert_lsn()` inside the transaction).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgcachewatch::{Dispatcher, Lsn, WaitError};
+    /// use pgcachewatch::strategies::Greedy;
+    /// # use pgcachewatch::{Cache, Event, Operation};
+    /// # use pgcachewatch::memory::InMemorySource;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let (source, control) = InMemorySource::pair();
+    /// # let users: Cache<u32, String> = Cache::new(100);
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// // After `UPDATE users …; COMMIT;`, `SELECT pg_current_wal_lsn()` gave:
+    /// let lsn: Lsn = "0/16B3748".parse()?;
+    /// # control.publish(Event::new("pgcachewatch", Operation::Update, "public", "users").with_lsn(lsn));
+    /// dispatcher.wait_for_lsn(lsn, Duration::from_secs(1)).await?;
+    /// // `users` has applied the write: a read from now on sees it.
+    /// let later: Lsn = "0/16C0000".parse()?;
+    /// let waited = dispatcher.wait_for_lsn(later, Duration::from_millis(10)).await;
+    /// assert!(matches!(waited, Err(WaitError::Timeout { .. }))); // not applied (yet)
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     ///
     /// # Errors
     ///
@@ -411,6 +605,26 @@ impl DispatcherHandle {
     /// transaction that changed no watched table never produces one (the wait
     /// times out). The last 4096 transactions applied are remembered, so a wait
     /// that starts after its event was applied returns at once.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use pgcachewatch::{Dispatcher, Event, Operation};
+    /// use pgcachewatch::strategies::Greedy;
+    /// # use pgcachewatch::Cache;
+    /// # use pgcachewatch::memory::InMemorySource;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let (source, control) = InMemorySource::pair();
+    /// # let users: Cache<u32, String> = Cache::new(100);
+    /// let dispatcher = Dispatcher::new().attach(Greedy::new(), users.clone()).spawn(&source);
+    /// // In the writing transaction: `SELECT txid_current()` gave 7412.
+    /// let txid = 7412;
+    /// // Its trigger's notification, as the LISTEN source delivers it:
+    /// control.publish(Event::new("pgcachewatch", Operation::Update, "public", "users").with_txid(txid));
+    /// dispatcher.wait_for_txid(txid, Duration::from_secs(1)).await?;
+    /// // `users` has applied the write: a read from now on sees it.
+    /// # Ok::<_, pgcachewatch::WaitError>(())
+    /// # }).unwrap();
+    /// ```
     ///
     /// # Errors
     ///

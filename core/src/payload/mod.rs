@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 mod scan;
-mod timestamp;
+pub(crate) mod timestamp;
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -101,7 +101,7 @@ impl<'a> From<Wire<'a>> for Fields<'a> {
 /// Parses one NOTIFY payload received on `channel` at `received_at`.
 ///
 /// ```
-/// use pgcachewatch::{parse_payload, Operation};
+/// use pgcachewatch_core::{parse_payload, Operation};
 /// let now = chrono::Utc::now();
 /// // PGCacheWatch's payload, unchanged:
 /// let e = parse_payload("ch", r#"{"operation":"update","table":"users","sent_at":"2024-05-01T10:00:00.5+00:00"}"#, now).unwrap();
@@ -145,14 +145,14 @@ fn event_alone(
 /// names at most.
 ///
 /// ```
-/// use pgcachewatch::PayloadParser;
+/// use pgcachewatch_core::PayloadParser;
 /// let mut parser = PayloadParser::new();
 /// let now = chrono::Utc::now();
 /// let payload = r#"{"operation":"update","schema":"public","table":"users"}"#;
 /// let (a, b) = (parser.parse("ch", payload, now)?, parser.parse("ch", payload, now)?);
 /// assert_eq!((a.table.as_str(), a.schema.as_deref()), ("users", Some("public")));
 /// assert_eq!(a, b);
-/// # Ok::<(), pgcachewatch::PayloadError>(())
+/// # Ok::<(), pgcachewatch_core::PayloadError>(())
 /// ```
 #[derive(Debug, Default)]
 pub struct PayloadParser {
@@ -244,7 +244,7 @@ impl PayloadParser {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use pgcachewatch::PayloadParser;
+    /// use pgcachewatch_core::PayloadParser;
     /// let mut parser = PayloadParser::new();
     /// let now = chrono::Utc::now();
     /// let first = parser.parse_shared("ch", r#"{"operation":"insert","table":"a"}"#, now)?;
@@ -253,7 +253,7 @@ impl PayloadParser {
     /// let second = parser.parse_shared("ch", r#"{"operation":"delete","table":"b"}"#, now)?;
     /// assert_eq!(Arc::as_ptr(&second), at, "written into the first one's allocation");
     /// assert_eq!(second.table, "b");
-    /// # Ok::<(), pgcachewatch::PayloadError>(())
+    /// # Ok::<(), pgcachewatch_core::PayloadError>(())
     /// ```
     pub fn recycle(&mut self, mut event: Arc<Event>) {
         if self.spares.0.len() < MAX_SPARES && Arc::get_mut(&mut event).is_some() {

@@ -1,9 +1,14 @@
-//! The web app: one table, one cache, three routes.
+//! The web app: one table, two caches, five routes.
 //!
 //! The Rust counterpart of PGCacheWatch's FastAPI example: a handler that returns a
 //! query result through a cache which the database's NOTIFY events keep fresh.
+//! `GET /users/{id}` reads through a `#[cached]` function with a hand-written
+//! strategy (any change of the table drops everything); `GET /users/{id}/card`
+//! reads through a cached query, whose dependencies come from its SQL
+//! (row-level: a write drops only the rows it wrote).
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode};
@@ -12,14 +17,36 @@ use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use pgcachewatch::cached::AttachedCaches;
-use pgcachewatch::postgres::listener::PgListenerSource;
+use pgcachewatch::postgres::PgListenerSource;
+use pgcachewatch::query::{AttachedQuery, CachedQuery, CachedQueryError, QueryKey, Read};
 use pgcachewatch::strategies::Greedy;
 use pgcachewatch::{cached, Event};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-/// The demo table (in schema `public`).
-pub const TABLE: &str = "pgcachewatch_demo_users";
+/// This run's suffix: the process id and clock bits, so that two runs on one
+/// database (two people, or one person twice) never share a table or a channel.
+pub fn run_suffix() -> &'static str {
+    static SUFFIX: LazyLock<String> = LazyLock::new(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        format!("{}_{:06x}", std::process::id(), nanos & 0xff_ffff)
+    });
+    &SUFFIX
+}
+
+/// This run's demo table (in schema `public`): `pgcachewatch_demo_users_<pid>_<hex>`.
+pub fn table() -> &'static str {
+    static TABLE: LazyLock<String> =
+        LazyLock::new(|| format!("pgcachewatch_demo_users_{}", run_suffix()));
+    &TABLE
+}
+
+/// This run's NOTIFY channel unless `--channel` names one: `pgcachewatch_demo_<pid>_<hex>`.
+pub fn default_channel() -> String {
+    format!("pgcachewatch_demo_{}", run_suffix())
+}
 
 /// One row of the demo table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
@@ -54,12 +81,28 @@ pub enum Outcome {
     name = "users",
     capacity = 10_000,
     key = id,
-    strategy = Greedy::with_predicate(|e: &Event| e.table == TABLE),
+    strategy = Greedy::with_predicate(|e: &Event| e.table == table()),
 )]
 pub async fn user_by_id(db: &PgPool, id: i32) -> Result<Option<Arc<User>>, Arc<sqlx::Error>> {
-    let sql = format!("SELECT id, name, version FROM {TABLE} WHERE id = $1");
+    let sql = format!("SELECT id, name, version FROM {} WHERE id = $1", table());
     let row: Option<User> = sqlx::query_as(&sql).bind(id).fetch_optional(db).await?;
     Ok(row.map(Arc::new))
+}
+
+/// The user `id` as `GET /users/{id}/card` serves it: a cached query. The SQL
+/// is the whole declaration: the key is its parameter, the dependencies
+/// (row-level on this run's table, by `id`) and the strategy come from the
+/// statement, resolved on the server when it is attached. The table is named
+/// for this run, so the SQL is built at run time (the runtime form; SQL written
+/// in the source can be `#[cached(query = "…")]`).
+pub fn user_card_query() -> CachedQuery<(i32,), User> {
+    CachedQuery::builder(format!(
+        "SELECT id, name, version FROM {} WHERE id = $1",
+        table()
+    ))
+    .name("user_cards")
+    .capacity(10_000)
+    .build()
 }
 
 /// What every handler shares.
@@ -69,6 +112,10 @@ pub struct AppState {
     pub source: Arc<PgListenerSource>,
     /// The dispatchers feeding the `#[cached]` functions' caches from `source`.
     pub caches: Arc<AttachedCaches>,
+    /// The cached query behind `GET /users/{id}/card` ([`user_card_query`]).
+    pub cards: CachedQuery<(i32,), User>,
+    /// Its dispatcher on `source` (dropping it stops its invalidation).
+    pub cards_attached: Arc<AttachedQuery>,
     /// Renders the `pgcachewatch_*` series (and any others) for `GET /metrics`.
     pub metrics: PrometheusHandle,
 }
@@ -100,8 +147,9 @@ impl AppState {
         name: &str,
     ) -> Result<Option<(User, ReadYourWrites)>, sqlx::Error> {
         let sql = format!(
-            "UPDATE {TABLE} SET name = $2, version = version + 1 WHERE id = $1 \
-             RETURNING id, name, version, txid_current() AS txid"
+            "UPDATE {} SET name = $2, version = version + 1 WHERE id = $1 \
+             RETURNING id, name, version, txid_current() AS txid",
+            table()
         );
         let row: Option<(i32, String, i64, i64)> = sqlx::query_as(&sql)
             .bind(id)
@@ -111,19 +159,33 @@ impl AppState {
         let Some((id, name, version, txid)) = row else {
             return Ok(None);
         };
-        let applied = match self
-            .caches
-            .wait_for_txid(txid, std::time::Duration::from_secs(2))
-            .await
-        {
+        let patience = std::time::Duration::from_secs(2);
+        let applied = match self.caches.wait_for_txid(txid, patience).await.and(
+            self.cards_attached
+                .dispatcher()
+                .wait_for_txid(txid, patience)
+                .await,
+        ) {
             Ok(()) => ReadYourWrites::Applied,
             Err(e) => {
-                tracing::warn!(error = %e, id, "the write's event is late: dropping its entry by hand");
+                tracing::warn!(error = %e, id, "the write's event is late: dropping its entries by hand");
                 user_by_id_cache().invalidate(&id);
+                self.cards.cache().invalidate_all();
                 ReadYourWrites::InvalidatedByHand
             }
         };
         Ok(Some((User { id, name, version }, applied)))
+    }
+
+    /// The user through the cached query, and whether its cache answered.
+    pub async fn read_card(&self, id: i32) -> Result<(Option<User>, Outcome), CachedQueryError> {
+        let key = QueryKey::new((id,), Read::First);
+        let outcome = if self.cards.cache().contains_key(&key) {
+            Outcome::Hit
+        } else {
+            Outcome::Miss
+        };
+        Ok((self.cards.fetch_optional((id,)).await?, outcome))
     }
 }
 
@@ -131,6 +193,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/users/{id}", get(get_user).put(put_user))
+        .route("/users/{id}/card", get(get_card))
         .route("/stats", get(stats))
         .route("/metrics", get(prometheus))
         .with_state(state)
@@ -151,6 +214,33 @@ async fn get_user(State(state): State<AppState>, Path(id): Path<i32>) -> Respons
             response
                 .headers_mut()
                 .insert("x-cache", HeaderValue::from_static(tag));
+            response
+        }
+        Err(e) => {
+            tracing::error!(error = %e, id, "read failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
+        }
+    }
+}
+
+/// The read through the cached query; `x-cache` as for `GET /users/{id}`,
+/// `x-dependencies` says what was derived from the SQL.
+async fn get_card(State(state): State<AppState>, Path(id): Path<i32>) -> Response {
+    match state.read_card(id).await {
+        Ok((user, outcome)) => {
+            let mut response = match user {
+                Some(user) => Json(user).into_response(),
+                None => (StatusCode::NOT_FOUND, format!("no user {id}\n")).into_response(),
+            };
+            let tag = match outcome {
+                Outcome::Hit => "hit",
+                Outcome::Miss => "miss",
+            };
+            let headers = response.headers_mut();
+            headers.insert("x-cache", HeaderValue::from_static(tag));
+            if let Some(Ok(explained)) = state.cards.explain().map(HeaderValue::try_from) {
+                headers.insert("x-dependencies", explained);
+            }
             response
         }
         Err(e) => {

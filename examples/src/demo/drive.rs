@@ -85,6 +85,20 @@ impl HttpClient {
         Ok((user, reply.cache.unwrap_or_default()))
     }
 
+    /// `GET /users/{id}/card`: the user and the `x-cache` tag.
+    pub async fn get_card(&mut self, id: i32) -> Result<(User, String)> {
+        let reply = self
+            .send(Method::GET, &format!("/users/{id}/card"), None)
+            .await?;
+        if reply.status != StatusCode::OK {
+            return Err(anyhow!("GET /users/{id}/card: {}", reply.status));
+        }
+        Ok((
+            serde_json::from_slice(&reply.body)?,
+            reply.cache.unwrap_or_default(),
+        ))
+    }
+
     /// `GET path` as text, failing unless it answers 200.
     pub async fn get_text(&mut self, path: &str) -> Result<String> {
         let reply = self.send(Method::GET, path, None).await?;
@@ -233,6 +247,34 @@ pub async fn drive(state: &AppState, addr: SocketAddr, rounds: usize) -> Result<
         return Err(anyhow!("a read after its own write was stale"));
     }
 
+    // 5. The cached query (GET /users/{id}/card): row-level, so a write drops
+    //    only the row it wrote; the next read of that row is fresh.
+    for id in 1..=2 {
+        http.get_card(id).await?;
+    }
+    let (_, one) = http.get_card(1).await?;
+    let (_, two) = http.get_card(2).await?;
+    let written = http.put_user(1, "card-reader").await?;
+    let (after, tag_one) = http.get_card(1).await?;
+    let (_, tag_two) = http.get_card(2).await?;
+    println!(
+        "5. GET /users/{{id}}/card: {}",
+        state.cards.explain().unwrap_or_default()
+    );
+    println!(
+        "     warm: user 1 {one}, user 2 {two}; after PUT /users/1: user 1 {tag_one} \
+         (version {}), user 2 {tag_two}",
+        after.version
+    );
+    if after.version < written.version || after.name != "card-reader" {
+        return Err(anyhow!("GET /users/1/card after its PUT was stale"));
+    }
+    if tag_two != "hit" {
+        return Err(anyhow!(
+            "a write to user 1 dropped user 2's card (not row-level)"
+        ));
+    }
+
     let c = user_by_id_cache().stats();
     let l = state.source.stats();
     println!(
@@ -244,7 +286,7 @@ pub async fn drive(state: &AppState, addr: SocketAddr, rounds: usize) -> Result<
         l.events, l.reconnects, l.gaps
     );
 
-    // 5. The Prometheus endpoint answers with the cache's and the source's series.
+    // 6. The Prometheus endpoint answers with the cache's and the source's series.
     let text = http.get_text("/metrics").await?;
     let expected = [
         r#"pgcachewatch_cache_hits_total{cache="users"}"#,
@@ -270,7 +312,7 @@ pub async fn drive(state: &AppState, addr: SocketAddr, rounds: usize) -> Result<
             .to_owned()
     };
     println!(
-        "5. GET /metrics: {} series lines; hits {}, events {}",
+        "6. GET /metrics: {} series lines; hits {}, events {}",
         text.lines().filter(|l| !l.starts_with('#')).count(),
         series(r#"pgcachewatch_cache_hits_total{cache="users"}"#),
         series(r#"pgcachewatch_source_events_total{source="listen"}"#),

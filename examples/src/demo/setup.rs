@@ -1,13 +1,14 @@
 //! Preparing the database: the demo table, its rows, its triggers.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _, Result};
-use pgcachewatch::postgres::install::{Installer, TableName};
+use pgcachewatch::postgres::{Installer, TableName};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::Connection as _;
 
-use super::app::TABLE;
+use super::app::table;
 
 /// Rows the demo table starts with.
 pub const USERS: i32 = 100;
@@ -56,35 +57,75 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Creates and fills the table if missing, and installs (commits) its triggers.
-pub async fn prepare(db: &PgPool, channel: &str) -> Result<TableName> {
-    sqlx::raw_sql(&format!(
-        "CREATE TABLE IF NOT EXISTS {TABLE} (
+/// What this run may have created, so that clean-up drops only its own objects.
+#[derive(Debug, Default)]
+pub struct Created {
+    table: AtomicBool,
+}
+
+impl Created {
+    /// Whether the demo table may exist (its CREATE was sent, and did not fail
+    /// because a table of that name was there before).
+    pub fn table(&self) -> bool {
+        self.table.load(Ordering::SeqCst)
+    }
+}
+
+/// Creates and fills this run's table and installs (commits) its triggers.
+///
+/// The table's name is this run's own ([`super::app::table`]): a table of
+/// that name that already exists is an error, and is never dropped.
+pub async fn prepare(db: &PgPool, channel: &str, created: &Created) -> Result<TableName> {
+    let name = table();
+    // From here on it may exist, even if this future is dropped mid-statement.
+    created.table.store(true, Ordering::SeqCst);
+    let create = sqlx::raw_sql(&format!(
+        "CREATE TABLE {name} (
              id int PRIMARY KEY,
              name text NOT NULL,
              version bigint NOT NULL DEFAULT 0
-         );
-         INSERT INTO {TABLE} (id, name)
-         SELECT g, 'user-' || g FROM generate_series(1, {USERS}) g
-         ON CONFLICT (id) DO NOTHING;"
+         )"
+    ))
+    .execute(db)
+    .await;
+    if let Err(e) = create {
+        if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P07") {
+            created.table.store(false, Ordering::SeqCst);
+            return Err(anyhow!(
+                "a table {name} already exists; it is not this run's, so the demo leaves it \
+                 alone: run the demo again (every run picks a new name)"
+            ));
+        }
+        return Err(e).with_context(|| format!("creating the demo table {name}"));
+    }
+    sqlx::raw_sql(&format!(
+        "INSERT INTO {name} (id, name) SELECT g, 'user-' || g FROM generate_series(1, {USERS}) g"
     ))
     .execute(db)
     .await
-    .with_context(|| format!("creating the demo table {TABLE}"))?;
-    let table = TableName::new("public", TABLE)?;
+    .with_context(|| format!("filling the demo table {name}"))?;
+    let table = TableName::new("public", name)?;
+    // Row keys: the cached query of `GET /users/{id}/card` drops only the rows
+    // written (the `Greedy` strategy of `GET /users/{id}` drops everything anyway).
     Installer::new()
         .channel(channel)
+        .row_keys(true)
         .install(db, std::slice::from_ref(&table))
         .await
         .context("installing the demo table's triggers")?;
     Ok(table)
 }
 
-/// Removes the triggers and the table (on exit, unless `--keep`).
-pub async fn cleanup(db: &PgPool, channel: &str, table: &TableName) -> Result<()> {
+/// Removes this run's triggers and table (on exit, unless `--keep`), if
+/// [`prepare`] may have created them.
+pub async fn cleanup(db: &PgPool, channel: &str, created: &Created) -> Result<()> {
+    if !created.table() {
+        return Ok(());
+    }
+    let table = TableName::new("public", table())?;
     Installer::new()
         .channel(channel)
-        .uninstall(db, std::slice::from_ref(table))
+        .uninstall(db, std::slice::from_ref(&table))
         .await
         .context("removing the demo triggers")?;
     sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {}", table.quoted()))

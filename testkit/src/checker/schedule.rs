@@ -2,6 +2,9 @@
 
 use std::fmt;
 
+#[cfg(doc)]
+use super::SourceDelivery;
+
 /// A row of the simulated table (`0..ROWS`).
 pub type Row = u32;
 
@@ -25,11 +28,37 @@ pub type Source = usize;
 /// schedule and proptest can shrink freely.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
-    /// Commit a write to `row` (its version goes up by one) and queue its
-    /// notification, unless the source is disconnected (then it is lost, as with
-    /// PostgreSQL).
+    /// Commit a write to `row` (its version goes up by one) that is visible to new
+    /// snapshots at once, and queue its notification, unless the source is
+    /// disconnected (then it is lost, as with PostgreSQL). The same in every
+    /// [`SourceDelivery`] mode: commit record and visibility in one step.
+    ///
+    /// If a write to `row` is in flight ([`Op::Commit`]), it becomes visible
+    /// first: the second writer waited on the row lock, which its holder releases
+    /// only once it has left the proc array.
     Write {
         /// The row written.
+        row: Row,
+    },
+    /// Write the commit record of a write to `row` (its committed version goes up
+    /// by one), which is **not yet visible**: loads (new snapshots) still read the
+    /// previous version until [`Op::BecomeVisible`]. With
+    /// [`SourceDelivery::AnnounceOnReceipt`] its notification is queued now (lost
+    /// if the source is disconnected); with
+    /// [`SourceDelivery::AnnounceWhenVisible`] it waits for the write to become
+    /// visible.
+    ///
+    /// A write to `row` already in flight becomes visible first (see [`Op::Write`]).
+    Commit {
+        /// The row written.
+        row: Row,
+    },
+    /// The write to `row` in flight ([`Op::Commit`]) becomes visible to new
+    /// snapshots (its backend leaves the proc array); with
+    /// [`SourceDelivery::AnnounceWhenVisible`] its notification is queued now.
+    /// Nothing happens if no write to `row` is in flight.
+    BecomeVisible {
+        /// The row whose write becomes visible.
         row: Row,
     },
     /// Deliver every queued signal of every source, oldest first (shrinks better
@@ -97,12 +126,24 @@ pub enum Op {
         /// The reader.
         slot: usize,
     },
+    /// Background work runs (with [`ModelChecker::refresh_on_invalidation`]):
+    /// every refresh (and warming) the cache started and that has not read yet
+    /// reads its row now, then waits for [`Op::FinishRefresh`]. Nothing happens
+    /// without refreshes.
+    ///
+    /// [`ModelChecker::refresh_on_invalidation`]: super::ModelChecker::refresh_on_invalidation
+    RunRefreshes,
+    /// The oldest refresh that read its row returns what it read (and the
+    /// background work runs, as [`Op::RunRefreshes`]).
+    FinishRefresh,
 }
 
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Op::Write { row } => write!(f, "write row {row}"),
+            Op::Commit { row } => write!(f, "commit a write to row {row} (not yet visible)"),
+            Op::BecomeVisible { row } => write!(f, "row {row}'s write becomes visible"),
             Op::DeliverAll => f.write_str("deliver every queued signal"),
             Op::Deliver { source } => write!(f, "deliver next signal of source {source}"),
             Op::Duplicate { source } => write!(f, "deliver next event of source {source} twice"),
@@ -120,6 +161,8 @@ impl fmt::Display for Op {
             Op::StartRead { slot, row } => write!(f, "reader {slot} starts reading row {row}"),
             Op::FinishLoad { slot } => write!(f, "reader {slot}'s load returns"),
             Op::CancelRead { slot } => write!(f, "reader {slot} cancels"),
+            Op::RunRefreshes => f.write_str("background refreshes run"),
+            Op::FinishRefresh => f.write_str("the oldest refresh returns"),
         }
     }
 }
@@ -176,8 +219,12 @@ pub(crate) mod generate {
             4 => row.clone().prop_map(|row| Op::Write { row }),
             1 => Just(Op::DeliverAll),
             5 => source.clone().prop_map(|source| Op::Deliver { source }),
-            5 => (slot.clone(), row).prop_map(|(slot, row)| Op::StartRead { slot, row }),
+            5 => (slot.clone(), row.clone()).prop_map(|(slot, row)| Op::StartRead { slot, row }),
             4 => slot.clone().prop_map(|slot| Op::FinishLoad { slot }),
+            // The visibility window: a commit whose visibility lags it by a few
+            // steps, so deliveries and loads fall in between.
+            2 => row.clone().prop_map(|row| Op::Commit { row }),
+            2 => row.prop_map(|row| Op::BecomeVisible { row }),
             1 => source.clone().prop_map(|source| Op::Duplicate { source }),
             1 => source.clone().prop_map(|source| Op::Lose { source }),
             1 => source.clone().prop_map(|source| Op::Disconnect { source }),
@@ -186,6 +233,10 @@ pub(crate) mod generate {
             1 => source.clone().prop_map(|source| Op::StopDispatcher { source }),
             1 => source.clone().prop_map(|source| Op::Attach { source }),
             1 => source.prop_map(|source| Op::PanicOnNext { source }),
+            // Refreshes (no-ops without them): read, then return later, with
+            // writes and deliveries in between.
+            2 => Just(Op::RunRefreshes),
+            2 => Just(Op::FinishRefresh),
         ]
     }
 

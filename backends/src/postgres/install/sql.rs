@@ -40,11 +40,24 @@ pub(crate) fn trigger_name(op: Operation) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     statements: Vec<String>,
+    warnings: Vec<super::InstallWarning>,
 }
 
 impl Plan {
     pub(crate) fn push(&mut self, statement: impl Into<String>) {
         self.statements.push(statement.into());
+    }
+
+    pub(crate) fn set_warnings(&mut self, warnings: Vec<super::InstallWarning>) {
+        self.warnings = warnings;
+    }
+
+    /// What the install that applied this plan warned about (a table without a
+    /// primary key in row mode); empty for a plan that was not applied
+    /// ([`Installer::plan_install`](super::Installer::plan_install): see
+    /// [`Installer::check`](super::Installer::check) for a dry run's warnings).
+    pub fn warnings(&self) -> &[super::InstallWarning] {
+        &self.warnings
     }
 
     /// The statements, without `BEGIN`/`COMMIT`, each ending in `;`.
@@ -100,7 +113,11 @@ pub(crate) fn create_function(schema: &str, name: &str) -> [String; 2] {
     let signature = function_signature(schema, name);
     let create = format!(
         r#"CREATE OR REPLACE FUNCTION {signature} RETURNS trigger
-LANGUAGE plpgsql AS $pgcachewatch$
+LANGUAGE plpgsql
+-- Row keys are to_jsonb values: a timestamptz key is written in UTC whatever
+-- the writer's time zone, as the replication source writes it.
+SET "TimeZone" = 'UTC'
+AS $pgcachewatch$
 DECLARE
   channel text := TG_ARGV[0];
   key_expr text;

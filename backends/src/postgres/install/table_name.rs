@@ -18,7 +18,7 @@ pub const DEFAULT_SCHEMA: &str = "public";
 /// verbatim. Either way it is always quoted when turned into SQL.
 ///
 /// ```
-/// use pgcachewatch::postgres::install::TableName;
+/// use pgcachewatch::postgres::TableName;
 ///
 /// let t: TableName = "Users".parse()?;
 /// assert_eq!((t.schema(), t.table()), ("public", "users"));
@@ -29,7 +29,7 @@ pub const DEFAULT_SCHEMA: &str = "public";
 ///
 /// assert_eq!(TableName::new("app", "Orders")?.to_string(), r#""app"."Orders""#);
 /// assert!("a.b.c".parse::<TableName>().is_err());
-/// # Ok::<_, pgcachewatch::postgres::install::InstallError>(())
+/// # Ok::<_, pgcachewatch::postgres::InstallError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TableName {

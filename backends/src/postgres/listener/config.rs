@@ -12,8 +12,8 @@ use crate::postgres::DEFAULT_CHANNEL;
 
 /// How often the listener sends itself a heartbeat NOTIFY, by default.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
-/// How long a heartbeat may take to come back before the connection is presumed
-/// half-open, by default.
+/// How long a heartbeat may take to come back before the connection is asked for
+/// a round trip (and presumed half-open if that takes as long), by default.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The first reconnect delay, by default (doubled per failed attempt, jittered).
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
@@ -63,7 +63,7 @@ impl fmt::Debug for Target {
 /// | setting | default | why |
 /// |---|---|---|
 /// | channels | [`DEFAULT_CHANNEL`] | what pgcachewatch's triggers send on |
-/// | heartbeat interval | 1 s | a half-open connection is found within interval + timeout |
+/// | heartbeat interval | 1 s | a half-open connection is found within interval + 2 × timeout |
 /// | heartbeat timeout | 2 s | a self-NOTIFY commits and returns in well under a millisecond on a LAN; 2 s tolerates a loaded server without flushing caches for nothing |
 /// | reconnect backoff | 100 ms … 10 s | first retry fast (a killed backend is back at once), then back off with jitter |
 /// | connect timeout | 10 s | a connection attempt into a black hole must not hang the reconnect loop |
@@ -72,7 +72,7 @@ impl fmt::Debug for Target {
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use pgcachewatch::postgres::listener::{MalformedPolicy, PgListenerSource};
+/// use pgcachewatch::postgres::{MalformedPolicy, PgListenerSource};
 /// # async fn run() -> Result<(), pgcachewatch::Error> {
 /// let source = PgListenerSource::builder("postgres://app@db.internal/app")
 ///     .channels(["pgcachewatch", "legacy_cache_channel"])
@@ -123,12 +123,35 @@ impl PgListenerBuilder {
     }
 
     /// Listens on this one channel instead of the channels set so far.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // The triggers were installed with `pgcachewatch install --channel app_cache`.
+    /// let source = PgListenerSource::builder("postgres://app@db.internal/app")
+    ///     .channel("app_cache")
+    ///     .connect()
+    ///     .await?;
+    /// assert_eq!(source.channels(), ["app_cache"]);
+    /// # Ok(()) }
+    /// ```
     pub fn channel(mut self, channel: impl Into<String>) -> Self {
         self.channels = vec![channel.into()];
         self
     }
 
     /// Listens on these channels instead of the channels set so far.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // pgcachewatch's triggers, and those a PGCacheWatch (Python) deployment installed.
+    /// let source = PgListenerSource::builder("postgres://app@db.internal/app")
+    ///     .channels(["pgcachewatch", "ch_pgcachewatch_table_change"])
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn channels<I, S>(mut self, channels: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -139,19 +162,61 @@ impl PgListenerBuilder {
     }
 
     /// How often to send the heartbeat (a NOTIFY to a private channel of this source).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // A half-open connection is noticed within 500 ms + 2 × the timeout.
+    /// let source = PgListenerSource::builder("postgres://app@db.internal/app")
+    ///     .heartbeat_interval(Duration::from_millis(500))
+    ///     .connect()
+    ///     .await?;
+    /// println!("last heartbeat round trip: {:?}", source.stats().last_heartbeat_rtt);
+    /// # Ok(()) }
+    /// ```
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.heartbeat_interval = interval;
         self
     }
 
-    /// How long a heartbeat may take to come back before the connection is dropped
-    /// as half-open (then: `Unhealthy`, `Gap(HeartbeatTimeout)`, reconnect).
+    /// How long a heartbeat may take to come back before the connection is asked
+    /// for a round trip (`SELECT 1`, within the same timeout). A connection that
+    /// does not answer is dropped as half-open (then: `Unhealthy`,
+    /// `Gap(HeartbeatTimeout)`, reconnect); one that answers only waits behind a
+    /// commit in progress, a stall ([`ListenerStats::queue_stalls`](super::ListenerStats::queue_stalls)).
+    /// The heartbeat's commit waits at most half of it for the NOTIFY commit lock.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // A server that is slow under load: give heartbeats 5 s before asking for a round trip.
+    /// let source = PgListenerSource::builder("postgres://app@db.internal/app")
+    ///     .heartbeat_timeout(Duration::from_secs(5))
+    ///     .connect()
+    ///     .await?;
+    /// println!("{} heartbeats timed out", source.stats().heartbeat_timeouts);
+    /// # Ok(()) }
+    /// ```
     pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
         self.heartbeat_timeout = timeout;
         self
     }
 
     /// Reconnect delays: `min`, doubled per failed attempt up to `max`, jittered.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // Retry after 50 ms, then 100 ms, 200 ms, … at most every 5 s (jittered).
+    /// let source = PgListenerSource::builder("postgres://app@db.internal/app")
+    ///     .reconnect_backoff(Duration::from_millis(50), Duration::from_secs(5))
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.reconnect_min = min;
         self.reconnect_max = max;
@@ -159,18 +224,53 @@ impl PgListenerBuilder {
     }
 
     /// How long one connection attempt (TCP, authentication, LISTEN) may take.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// let source = PgListenerSource::builder("postgres://app@db.internal/app")
+    ///     .connect_timeout(Duration::from_secs(3)) // the first connection and every reconnect
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
     /// What to do with payloads that are not events.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::{MalformedPolicy, PgListenerSource};
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // The channel is ours alone: a payload we cannot read may have been a change.
+    /// let source = PgListenerSource::builder("postgres://app@db.internal/app")
+    ///     .channel("app_cache")
+    ///     .on_malformed(MalformedPolicy::Gap) // caches flush instead of missing it
+    ///     .connect()
+    ///     .await?;
+    /// println!("{} malformed payloads", source.stats().malformed);
+    /// # Ok(()) }
+    /// ```
     pub fn on_malformed(mut self, policy: MalformedPolicy) -> Self {
         self.on_malformed = policy;
         self
     }
 
     /// How many signals a subscriber may fall behind before it gets a `Lagged` gap.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// // Subscribers that read in bursts may fall 8192 signals behind before a `Lagged` gap.
+    /// let source = PgListenerSource::builder("postgres://app@db.internal/app")
+    ///     .buffer(8192)
+    ///     .connect()
+    ///     .await?;
+    /// # drop(source); Ok(()) }
+    /// ```
     pub fn buffer(mut self, capacity: usize) -> Self {
         self.buffer = capacity;
         self
@@ -178,6 +278,19 @@ impl PgListenerBuilder {
 
     /// Checks the settings, connects, LISTENs on every channel, and starts the
     /// background task. Returns once listening: the source starts healthy.
+    ///
+    /// ```no_run
+    /// use pgcachewatch::postgres::PgListenerSource;
+    /// use pgcachewatch::Error;
+    /// # async fn run() -> Result<(), pgcachewatch::Error> {
+    /// match PgListenerSource::builder("postgres://app@db.internal/app").connect().await {
+    ///     Ok(source) => println!("listening on {:?}", source.channels()),
+    ///     Err(e @ Error::Config(_)) => panic!("fix the settings: {e}"),
+    ///     Err(e) if e.is_temporary() => eprintln!("database unreachable, retry later: {e}"),
+    ///     Err(e) => return Err(e), // a wrong password, a refused TLS certificate, …
+    /// }
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     ///
@@ -194,20 +307,32 @@ impl PgListenerBuilder {
     fn validate(self) -> Result<Settings, Error> {
         let options = match &self.target {
             Target::Options(o) => (**o).clone(),
-            Target::Url(url) if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) => {
+            Target::Url(url)
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) =>
+            {
                 return Err(Error::Config(
                     "the database URL given to PgListenerSource::builder must start with \
                      postgres:// or postgresql:// (e.g. the value of DATABASE_URL)"
                         .into(),
                 ))
             }
-            Target::Url(url) => PgConnectOptions::from_str(url).map_err(|e| {
-                Error::Config(format!(
-                    "the database URL given to PgListenerSource::builder is not a valid \
-                     PostgreSQL URL ({e}); expected postgres://user[:password]@host[:port]/database, \
-                     e.g. the value of DATABASE_URL"
-                ))
-            })?,
+            Target::Url(url) => {
+                if let Some(mode) = bad_ssl_mode(url) {
+                    return Err(Error::Config(format!(
+                        "the database URL given to PgListenerSource::builder has an invalid \
+                         sslmode {mode:?}: use one of {SSL_MODES}"
+                    )));
+                }
+                PgConnectOptions::from_str(url).map_err(|e| {
+                    Error::Config(format!(
+                        "the database URL given to PgListenerSource::builder is not a valid \
+                         PostgreSQL URL ({}); expected \
+                         postgres://user[:password]@host[:port]/database, e.g. the value of \
+                         DATABASE_URL",
+                        configuration_text(&e)
+                    ))
+                })?
+            }
         };
         if self.channels.is_empty() {
             return Err(Error::Config(
@@ -295,6 +420,34 @@ impl Settings {
     }
 }
 
+/// The `sslmode` values sqlx knows, as a message lists them.
+const SSL_MODES: &str = "disable, allow, prefer, require, verify-ca, verify-full";
+
+/// The URL's `sslmode` (or `ssl-mode`) if sqlx would refuse it.
+fn bad_ssl_mode(url: &str) -> Option<String> {
+    let query = url.split_once('?')?.1.split('#').next().unwrap_or_default();
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(key, _)| matches!(*key, "sslmode" | "ssl-mode"))
+        .map(|(_, value)| value)
+        .next_back()
+        // Encoded values are left to sqlx, which decodes them.
+        .filter(|value| !value.contains(['%', '+']))
+        .filter(|value| sqlx::postgres::PgSslMode::from_str(value).is_err())
+        .map(str::to_owned)
+}
+
+/// sqlx's configuration error without its repeated "error with configuration: ".
+fn configuration_text(e: &sqlx::Error) -> String {
+    let text = e.to_string();
+    let mut rest = text.as_str();
+    while let Some(inner) = rest.strip_prefix("error with configuration: ") {
+        rest = inner;
+    }
+    rest.to_owned()
+}
+
 /// `pgcachewatch_hb_` and 16 random hex digits: private to one source, so two
 /// sources (or processes) never answer each other's heartbeats.
 fn heartbeat_channel_name() -> String {
@@ -333,6 +486,28 @@ mod tests {
         )
         .contains("below min"));
         assert!(config_error(builder().buffer(0)).contains(".buffer"));
+    }
+
+    #[test]
+    fn a_bad_sslmode_is_one_clear_sentence() {
+        let e = config_error(PgListenerBuilder::from_url(
+            "postgres://u@h/db?sslmode=bogus".into(),
+        ));
+        assert_eq!(
+            e,
+            "the database URL given to PgListenerSource::builder has an invalid sslmode \
+             \"bogus\": use one of disable, allow, prefer, require, verify-ca, verify-full"
+        );
+        let e = config_error(PgListenerBuilder::from_url(
+            "postgres://u@h/db?statement-cache-capacity=x".into(),
+        ));
+        assert!(!e.contains("error with configuration"), "{e}");
+        assert!(builder().validate().is_ok());
+        assert!(
+            PgListenerBuilder::from_url("postgres://u@h/db?sslmode=Verify-CA".into())
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -32,6 +32,20 @@ pub(crate) enum ConnectError {
         sslmode: &'static str,
         source: sqlx::Error,
     },
+    /// A certificate or key file named by the settings does not exist.
+    #[error(
+        "could not connect to PostgreSQL at {target}: the {setting} file {path} does not \
+         exist ({source}); fix {setting} in the database URL or the {env} variable (or \
+         PgConnectOptions::ssl_root_cert / ssl_client_cert / ssl_client_key): it must name a \
+         readable PEM file"
+    )]
+    CertificateFile {
+        target: String,
+        setting: &'static str,
+        env: &'static str,
+        path: String,
+        source: sqlx::Error,
+    },
     /// Connected, but `LISTEN` or the first query failed.
     #[error("connected to {target}, but LISTEN {channels:?} failed: {source}")]
     Listen {
@@ -56,7 +70,7 @@ impl ConnectError {
     pub(crate) fn is_temporary(&self) -> bool {
         match self {
             ConnectError::Timeout { .. } => true,
-            ConnectError::Tls { .. } => false,
+            ConnectError::Tls { .. } | ConnectError::CertificateFile { .. } => false,
             ConnectError::Connect { source, .. } | ConnectError::Listen { source, .. } => {
                 is_temporary(source)
             }
@@ -174,6 +188,19 @@ async fn open_unbounded(settings: &Settings, probe: Probe) -> Result<Listening, 
 }
 
 fn connect_error(settings: &Settings, target: &str, source: sqlx::Error) -> ConnectError {
+    let not_found =
+        matches!(&source, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::NotFound);
+    if not_found || crate::postgres::is_tls_error(&source) {
+        if let Some((setting, env, path)) = missing_certificate_file(&settings.options) {
+            return ConnectError::CertificateFile {
+                target: target.to_owned(),
+                setting,
+                env,
+                path,
+                source,
+            };
+        }
+    }
     if crate::postgres::is_tls_error(&source) {
         ConnectError::Tls {
             target: target.to_owned(),
@@ -188,10 +215,68 @@ fn connect_error(settings: &Settings, target: &str, source: sqlx::Error) -> Conn
     }
 }
 
+/// The first certificate or key file the options name that does not exist: its
+/// setting, the variable that can set it, and its path.
+fn missing_certificate_file(
+    options: &sqlx::postgres::PgConnectOptions,
+) -> Option<(&'static str, &'static str, String)> {
+    use sqlx::ConnectOptions as _;
+    let url = options.to_url_lossy();
+    url.query_pairs().find_map(|(key, value)| {
+        let (setting, env) = match &*key {
+            "sslrootcert" => ("sslrootcert", "PGSSLROOTCERT"),
+            "sslcert" => ("sslcert", "PGSSLCERT"),
+            "sslkey" => ("sslkey", "PGSSLKEY"),
+            _ => return None,
+        };
+        // Files are shown as `file: PATH`; inline PEM is not a file.
+        let path = value.strip_prefix("file: ")?;
+        (!std::path::Path::new(path).exists()).then(|| (setting, env, path.to_owned()))
+    })
+}
+
 /// The detail carried by a `ConnectionLost` gap.
 pub(crate) fn loss_detail(e: Option<&sqlx::Error>) -> Arc<str> {
     match e {
         Some(e) => e.to_string().into(),
         None => "the server closed the connection".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_certificate_file_is_named() {
+        let options: sqlx::postgres::PgConnectOptions =
+            "postgres://u@h/db?sslmode=verify-ca&sslrootcert=/nonexistent/pgcw-ca.pem"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            missing_certificate_file(&options),
+            Some((
+                "sslrootcert",
+                "PGSSLROOTCERT",
+                "/nonexistent/pgcw-ca.pem".to_owned()
+            ))
+        );
+        let error = ConnectError::CertificateFile {
+            target: "u@h:5432/db".into(),
+            setting: "sslrootcert",
+            env: "PGSSLROOTCERT",
+            path: "/nonexistent/pgcw-ca.pem".into(),
+            source: sqlx::Error::Io(std::io::ErrorKind::NotFound.into()),
+        };
+        let text = error.to_string();
+        assert!(
+            text.contains("the sslrootcert file /nonexistent/pgcw-ca.pem does not exist")
+                && text.contains("PGSSLROOTCERT"),
+            "{text}"
+        );
+        assert!(!error.is_temporary());
+        // An existing file, or an inline certificate, is not missing.
+        let options = options.ssl_root_cert("/etc/hostname");
+        assert_eq!(missing_certificate_file(&options), None);
     }
 }

@@ -24,6 +24,14 @@ pub struct ListenerStats {
     pub heartbeat_timeouts: u64,
     /// Heartbeats answered.
     pub heartbeats: u64,
+    /// Times the notification path stalled while the connection stayed alive: a
+    /// heartbeat could not commit (it waited for the NOTIFY commit lock) or did
+    /// not come back in time, yet the listening connection answered a round
+    /// trip. A transaction that sent notifications was committing and not yet
+    /// visible (a commit waiting for a synchronous standby, for example); nothing
+    /// is lost, and the source stays healthy. Counted once per stall, however long
+    /// it lasts; the stall ends when a heartbeat comes back.
+    pub queue_stalls: u64,
     /// When the last event was received.
     pub last_event_at: Option<DateTime<Utc>>,
     /// Round-trip time of the last answered heartbeat (NOTIFY sent → received).
@@ -40,6 +48,7 @@ pub(crate) struct Counters {
     pub(crate) gaps: AtomicU64,
     pub(crate) heartbeat_timeouts: AtomicU64,
     pub(crate) heartbeats: AtomicU64,
+    pub(crate) queue_stalls: AtomicU64,
     /// 0 = none.
     backend_pid: AtomicU32,
     /// Nanoseconds + 1; 0 = none.
@@ -121,6 +130,7 @@ impl Counters {
             gaps: get(&self.gaps),
             heartbeat_timeouts: get(&self.heartbeat_timeouts),
             heartbeats: get(&self.heartbeats),
+            queue_stalls: get(&self.queue_stalls),
             last_event_at: match self.last_event_at.load(Ordering::Relaxed) {
                 0 => None,
                 nanos => Some(DateTime::from_timestamp_nanos(nanos)),

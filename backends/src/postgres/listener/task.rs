@@ -6,6 +6,14 @@
 //! (a new connection, LISTEN on every channel again), then reports
 //! `Gap(Reconnected)` and only then `Healthy`: the order the
 //! [`EventSource`](pgcachewatch_core::EventSource) contract asks for.
+//!
+//! A heartbeat that is late does not by itself end a session: a transaction that
+//! sent notifications and is committing but not yet visible (its commit waits
+//! for a synchronous standby, say) holds PostgreSQL's NOTIFY commit lock and
+//! stalls the queue, the heartbeat with it. The task then asks the connection
+//! around the queue (the heartbeat's own `lock_timeout`, or a `SELECT 1`): a
+//! connection that answers is alive and still listening, so nothing is lost; the
+//! stall is logged and counted ([`Stall`]) and the session goes on.
 
 use std::future::Future;
 use std::pin::pin;
@@ -45,6 +53,9 @@ enum Ended {
     Lost(GapReason),
 }
 
+/// PostgreSQL's error code for a lock wait that ran out of `lock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
 /// A heartbeat sent and not yet answered.
 struct Pending {
     payload: String,
@@ -67,6 +78,85 @@ impl Pending {
         self.received_then = received;
         self.deadline = now + timeout;
         false
+    }
+}
+
+/// What one heartbeat NOTIFY came to.
+enum Beat {
+    /// Committed: its notification is on its way back.
+    Sent(Pending),
+    /// The server answered, but the heartbeat's `COMMIT` gave up waiting for
+    /// the NOTIFY commit lock: another notifying transaction is committing.
+    Blocked {
+        /// When the heartbeat was sent.
+        sent: Instant,
+    },
+}
+
+/// The heartbeat state of one session.
+#[derive(Default)]
+struct Beats {
+    pending: Option<Pending>,
+    stall: Stall,
+}
+
+/// Why the notification path is stalled on a connection that answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StallCause {
+    /// The heartbeat's `COMMIT` waited `lock_timeout` for the NOTIFY commit lock.
+    CommitLock(Duration),
+    /// The heartbeat committed and did not come back in time, but a query did.
+    Overdue,
+}
+
+/// A stall of the notification queue on a live connection, from its first sign
+/// until a heartbeat comes back: logged once and counted once
+/// ([`ListenerStats::queue_stalls`](super::ListenerStats::queue_stalls)).
+///
+/// Staying healthy through it is sound. The NOTIFY commit lock is held from
+/// before the committing transaction's commit record until after it became
+/// visible, so every later notifying commit (every watched write) waits behind
+/// it: no watched write becomes visible during the stall. And a session that
+/// answers queries is still listening: PostgreSQL delivers the held
+/// notification and everything queued after it once the commit is visible.
+#[derive(Debug, Default)]
+struct Stall {
+    since: Option<Instant>,
+}
+
+impl Stall {
+    /// Notes a sign of a stall; the first one of a stall is counted and logged.
+    fn begin(&mut self, counters: &Counters, cause: StallCause) {
+        if self.since.is_some() {
+            return;
+        }
+        self.since = Some(Instant::now());
+        bump(&counters.queue_stalls);
+        match cause {
+            StallCause::CommitLock(waited) => tracing::warn!(
+                ?waited,
+                "notification queue stalled: the heartbeat NOTIFY could not commit, as another \
+                 transaction that sent notifications holds the NOTIFY commit lock while it \
+                 commits (e.g. its commit waits for a synchronous standby); the connection \
+                 answered, so nothing is lost: staying healthy and waiting for that commit"
+            ),
+            StallCause::Overdue => tracing::warn!(
+                "notification queue stalled: the heartbeat has not come back, but the \
+                 connection answered a query; notifications wait behind a transaction that \
+                 is committing and not yet visible (e.g. its commit waits for a synchronous \
+                 standby), so nothing is lost: staying healthy and waiting for that commit"
+            ),
+        }
+    }
+
+    /// A heartbeat came back: the queue moves again.
+    fn end(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                stalled_for = ?since.elapsed(),
+                "notification queue moving again: heartbeats come back"
+            );
+        }
     }
 }
 
@@ -146,13 +236,13 @@ impl Task {
         let interval = self.settings.builder.heartbeat_interval;
         let timeout = self.settings.builder.heartbeat_timeout;
         let mut next_beat = Instant::now() + interval;
-        let mut pending: Option<Pending> = None;
+        let mut beats = Beats::default();
         // Everything this connection delivered, heartbeats included.
         let mut received: u64 = 0;
         // Refilled for every read (its buffer is kept).
         let mut batch = Batch::new();
         loop {
-            let wake = pending.as_ref().map_or(next_beat, |p| p.deadline);
+            let wake = beats.pending.as_ref().map_or(next_beat, |p| p.deadline);
             tokio::select! {
                 biased;
                 _ = self.stop.changed() => return Err(Ended::Stop),
@@ -161,7 +251,7 @@ impl Task {
                 }
                 next = conn.listener.try_recv() => {
                     batch.restart();
-                    let mut result = self.received(next, &mut pending, &mut received, &mut batch);
+                    let mut result = self.received(next, &mut beats, &mut received, &mut batch);
                     // A burst: take what is already readable without going
                     // round the select (its futures cost more than a
                     // notification), in batches so that stop, commands and the
@@ -172,7 +262,7 @@ impl Task {
                         }
                         match ready(&mut conn.listener) {
                             Some(next) => {
-                                result = self.received(next, &mut pending, &mut received, &mut batch);
+                                result = self.received(next, &mut beats, &mut received, &mut batch);
                             }
                             None => break,
                         }
@@ -182,21 +272,29 @@ impl Task {
                     result?;
                 }
                 _ = tokio::time::sleep_until(wake) => {
-                    if let Some(p) = pending.as_mut() {
+                    if let Some(p) = beats.pending.as_mut() {
                         if !p.expired(received, Instant::now(), timeout) {
                             continue;
                         }
-                        bump(&self.counters.heartbeat_timeouts);
-                        tracing::warn!(?timeout, "heartbeat unanswered: the connection is presumed half-open");
-                        return Err(Ended::Lost(GapReason::HeartbeatTimeout));
+                        // Overdue, and nothing came meanwhile: a dead connection,
+                        // or a queue stalled behind a commit? Ask the connection
+                        // around the queue; it is asked again every interval
+                        // until the heartbeat comes back.
+                        self.answers(conn, timeout).await?;
+                        beats.stall.begin(&self.counters, StallCause::Overdue);
+                        p.deadline = Instant::now() + interval;
+                        continue;
                     }
                     *heartbeat_seq += 1;
-                    match self.beat(conn, *heartbeat_seq, timeout, received).await {
-                        Ok(p) => {
+                    match self.beat(conn, *heartbeat_seq, timeout, received).await? {
+                        Beat::Sent(p) => {
                             next_beat = p.sent + interval;
-                            pending = Some(p);
+                            beats.pending = Some(p);
                         }
-                        Err(lost) => return Err(lost),
+                        Beat::Blocked { sent } => {
+                            beats.stall.begin(&self.counters, StallCause::CommitLock(lock_timeout(timeout)));
+                            next_beat = sent + interval;
+                        }
                     }
                 }
             }
@@ -208,7 +306,7 @@ impl Task {
     fn received(
         &self,
         next: Result<Option<PgNotification>, sqlx::Error>,
-        pending: &mut Option<Pending>,
+        beats: &mut Beats,
         received: &mut u64,
         batch: &mut Batch,
     ) -> Result<(), Ended> {
@@ -216,9 +314,10 @@ impl Task {
             Ok(Some(n)) => {
                 *received += 1;
                 if n.channel() == self.settings.heartbeat_channel {
-                    if let Some(p) = pending.take_if(|p| p.payload == n.payload()) {
+                    if let Some(p) = beats.pending.take_if(|p| p.payload == n.payload()) {
                         bump(&self.counters.heartbeats);
                         self.counters.set_heartbeat_rtt(p.sent.elapsed());
+                        beats.stall.end();
                     }
                 } else {
                     batch.items.push(n);
@@ -235,31 +334,44 @@ impl Task {
     }
 
     /// Sends one heartbeat: a NOTIFY on this source's private channel, which comes
-    /// back on the same connection if (and only if) it still works both ways.
+    /// back on the same connection if (and only if) it still works both ways and
+    /// the notification queue moves.
     async fn beat(
         &self,
         conn: &mut Listening,
         seq: u64,
         timeout: Duration,
         received: u64,
-    ) -> Result<Pending, Ended> {
+    ) -> Result<Beat, Ended> {
         let payload = seq.to_string();
         // One round trip (simple query protocol). NOTIFY assigns a transaction id, so
-        // its commit would wait for a WAL flush; asynchronous commit skips that:
-        // the notification is delivered at commit either way, and a heartbeat needs
-        // no durability. The channel name is ours (letters, digits, underscores).
+        // its commit would wait for a WAL flush (and a synchronous standby);
+        // asynchronous commit skips that: the notification is delivered at commit
+        // either way, and a heartbeat needs no durability.
+        //
+        // Its COMMIT takes the NOTIFY commit lock, which a notifying transaction
+        // holds until it is visible: behind a held commit the heartbeat would
+        // wait, and the connection with it, for as long as the hold lasts. The
+        // lock timeout (half the heartbeat timeout) makes the server answer
+        // anyway, which tells a stalled queue from a dead connection.
+        //
+        // The channel name is ours (letters, digits, underscores).
         let sql = format!(
-            "BEGIN; SET LOCAL synchronous_commit TO off; NOTIFY \"{}\", '{payload}'; COMMIT;",
+            "BEGIN; SET LOCAL synchronous_commit TO off; SET LOCAL lock_timeout TO {}; \
+             NOTIFY \"{}\", '{payload}'; COMMIT;",
+            lock_timeout(timeout).as_millis(),
             self.settings.heartbeat_channel
         );
         let sent = Instant::now();
         match tokio::time::timeout(timeout, (&mut conn.listener).execute(sql.as_str())).await {
-            Ok(Ok(_)) => Ok(Pending {
+            Ok(Ok(_)) => Ok(Beat::Sent(Pending {
                 payload,
                 sent,
                 deadline: sent + timeout,
                 received_then: received,
-            }),
+            })),
+            // The COMMIT failed and the session is idle again (no transaction).
+            Ok(Err(e)) if is_lock_timeout(&e) => Ok(Beat::Blocked { sent }),
             Ok(Err(e)) => Err(Ended::Lost(GapReason::ConnectionLost {
                 detail: loss_detail(Some(&e)),
             })),
@@ -268,6 +380,26 @@ impl Task {
                 tracing::warn!(
                     ?timeout,
                     "heartbeat NOTIFY did not complete: the connection is presumed half-open"
+                );
+                Err(Ended::Lost(GapReason::HeartbeatTimeout))
+            }
+        }
+    }
+
+    /// Whether the connection answers a query within `timeout`: a round trip that
+    /// does not go through the notification queue. `Err` if it does not.
+    async fn answers(&self, conn: &mut Listening, timeout: Duration) -> Result<(), Ended> {
+        match tokio::time::timeout(timeout, (&mut conn.listener).execute("SELECT 1")).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(Ended::Lost(GapReason::ConnectionLost {
+                detail: loss_detail(Some(&e)),
+            })),
+            Err(_) => {
+                bump(&self.counters.heartbeat_timeouts);
+                tracing::warn!(
+                    ?timeout,
+                    "heartbeat unanswered, and the connection did not answer a query either: \
+                     it is presumed half-open"
                 );
                 Err(Ended::Lost(GapReason::HeartbeatTimeout))
             }
@@ -358,6 +490,20 @@ impl Task {
     }
 }
 
+/// How long the heartbeat's COMMIT waits for the NOTIFY commit lock: half the
+/// heartbeat timeout (at least 1 ms; `lock_timeout` 0 would mean no limit), so
+/// that a live server's answer arrives within the timeout.
+fn lock_timeout(heartbeat_timeout: Duration) -> Duration {
+    (heartbeat_timeout / 2).max(Duration::from_millis(1))
+}
+
+/// Whether a statement failed because a lock wait ran out of `lock_timeout`.
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == LOCK_NOT_AVAILABLE)
+}
+
 /// Answers a request while there is no connection.
 fn disconnected(command: Command) {
     match command {
@@ -402,5 +548,30 @@ mod tests {
         assert_eq!(p.deadline, at + timeout);
         // Nothing since the deadline was moved: half-open.
         assert!(p.expired(500, at + timeout, timeout));
+    }
+
+    #[test]
+    fn a_stall_is_counted_once_however_many_signs_until_a_heartbeat_ends_it() {
+        let counters = Counters::default();
+        let mut stall = Stall::default();
+        stall.begin(&counters, StallCause::CommitLock(Duration::from_millis(5)));
+        stall.begin(&counters, StallCause::Overdue);
+        stall.begin(&counters, StallCause::CommitLock(Duration::from_millis(5)));
+        assert_eq!(counters.snapshot().queue_stalls, 1);
+        stall.end();
+        stall.end();
+        stall.begin(&counters, StallCause::Overdue);
+        assert_eq!(counters.snapshot().queue_stalls, 2, "a new stall");
+    }
+
+    #[test]
+    fn the_heartbeat_waits_for_the_commit_lock_half_its_timeout_and_never_without_limit() {
+        assert_eq!(lock_timeout(Duration::from_secs(2)), Duration::from_secs(1));
+        // lock_timeout 0 would mean "wait for ever".
+        assert_eq!(
+            lock_timeout(Duration::from_micros(300)),
+            Duration::from_millis(1)
+        );
+        assert!(!is_lock_timeout(&sqlx::Error::PoolTimedOut));
     }
 }
