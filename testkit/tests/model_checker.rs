@@ -398,8 +398,11 @@ fn generated_schedules_reach_the_window() {
         }
     }
     println!("{stale_on_receipt} of {cases} schedules are stale when announced on receipt");
+    // The schedules are random (a new seed each run): about 1 in 18 of them is
+    // stale on receipt (97 to 129 of 2,000 over 15 runs). The bar, 1 in 50, sits
+    // far below that spread and far above a generator that misses the window.
     assert!(
-        stale_on_receipt * 20 >= cases,
+        stale_on_receipt * 50 >= cases,
         "only {stale_on_receipt} of {cases} generated schedules catch a source announcing on receipt"
     );
 }
@@ -494,8 +497,9 @@ fn stale_serving_on_one_hot_key_never_passes_its_bound() {
         served += stale;
     }
     // Serving stale needs a stored value, a write delivered, and a read while
-    // its refresh runs: in about one schedule in forty.
-    assert!(served >= 200, "stale values rarely served: {served}");
+    // its refresh runs: 290 to 350 reads over the 20,000 random schedules in
+    // three runs. The bar sits far below that spread.
+    assert!(served >= 100, "stale values rarely served: {served}");
 }
 
 /// A refresh that reads v1, then v2's invalidation, then the refresh returns:
