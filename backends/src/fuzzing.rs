@@ -23,12 +23,15 @@ use crate::replication::{assembler, pgoutput};
 pub fn pgoutput_stream(data: &[u8]) -> usize {
     let mut assembler = assembler::Assembler::new("fuzz", 64);
     let mut committed = 0;
-    let mut rest = data;
+    // One copy of the whole input; each message is a view of it, as each
+    // message the source receives is a view of what the connection read.
+    let data = bytes::Bytes::copy_from_slice(data);
+    let mut rest = &data[..];
     while let [hi, lo, tail @ ..] = rest {
         let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
         let (message, after) = tail.split_at(len);
         rest = after;
-        match pgoutput::decode(message) {
+        match pgoutput::decode(&data.slice_ref(message)) {
             Ok(msg) => {
                 if let Ok(Some(_)) = assembler.apply(msg) {
                     committed += 1;

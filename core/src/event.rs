@@ -562,7 +562,7 @@ struct RecordIn {
     #[serde(default)]
     v: Option<u64>,
     #[serde(default)]
-    epoch: Option<String>,
+    epoch: Option<Name>,
     #[serde(default)]
     event: Option<EventIn>,
     #[serde(default)]
@@ -831,8 +831,9 @@ impl<'de> Deserialize<'de> for SignalRecord {
 pub struct EnvelopedRecord {
     /// The contract version (`v`), if given.
     pub version: Option<u64>,
-    /// The relay epoch (`epoch`), if given.
-    pub epoch: Option<String>,
+    /// The relay epoch (`epoch`), if given: a [`Name`], as every message of an
+    /// epoch names the same one (shared, not copied per message).
+    pub epoch: Option<Name>,
     /// The record.
     pub record: SignalRecord,
 }

@@ -61,6 +61,19 @@ impl Name {
         }
     }
 
+    /// The name with the text `text`, from this thread's recent names (see
+    /// [`Names`]): what deserializing a name gives.
+    pub(crate) fn recent(text: &str) -> Self {
+        thread_local! {
+            static RECENT: std::cell::RefCell<Names> = std::cell::RefCell::new(Names::default());
+        }
+        RECENT
+            .try_with(|recent| recent.try_borrow_mut().map(|mut r| r.get(text)).ok())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Name::new(text))
+    }
+
     #[cfg(test)]
     fn is_interned(&self) -> bool {
         matches!(self.0, Text::Interned(_))
@@ -260,8 +273,10 @@ impl Serialize for Name {
 
 impl<'de> Deserialize<'de> for Name {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        // From the input's text where it can be borrowed: one copy (into the
-        // name), not two (into a `String`, then into the name).
+        // A stream of payloads (a NATS subscription, an event log) names the
+        // same few channels, tables and epochs again and again: each is looked
+        // up among this thread's recent names, with no allocation, and copied
+        // (interned) only the first time.
         struct NameVisitor;
         impl serde::de::Visitor<'_> for NameVisitor {
             type Value = Name;
@@ -269,10 +284,7 @@ impl<'de> Deserialize<'de> for Name {
                 f.write_str("a name (a string)")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Name, E> {
-                Ok(Name::new(v))
-            }
-            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Name, E> {
-                Ok(Name::from(v))
+                Ok(Name::recent(v))
             }
         }
         deserializer.deserialize_str(NameVisitor)
@@ -332,6 +344,8 @@ mod tests {
         assert_eq!(format!("{n} {n:?}"), r#"users "users""#);
         assert_eq!(serde_json::to_string(&n).unwrap(), r#""users""#);
         assert_eq!(serde_json::from_str::<Name>(r#""users""#).unwrap(), n);
+        // Escaped text (not borrowable from the input) reads the same.
+        assert_eq!(serde_json::from_str::<Name>(r#""us\u0065rs""#).unwrap(), n);
         assert_eq!(String::from(n), "users");
     }
 
@@ -349,6 +363,14 @@ mod tests {
         // Pushed out by newer names, then asked again: the same interned text.
         let again = names.get("orders");
         assert!(std::ptr::eq(a.as_str(), again.as_str()));
+    }
+
+    #[test]
+    fn deserialized_names_share_one_text() {
+        let a: Name = serde_json::from_str(r#""deserialized_names_share""#).unwrap();
+        let b: Name = serde_json::from_slice(br#""deserialized_names_share""#).unwrap();
+        assert_eq!(a, "deserialized_names_share");
+        assert!(std::ptr::eq(a.as_str(), b.as_str()));
     }
 
     #[test]

@@ -76,14 +76,39 @@ impl Serialize for Lsn {
 
 impl<'de> Deserialize<'de> for Lsn {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        // Parsed from the input's text, never copied into a `String` first
+        // (`Cow<str>`'s own impl always copies): one per relay message.
+        struct LsnVisitor;
+        impl serde::de::Visitor<'_> for LsnVisitor {
+            type Value = Lsn;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a position such as \"16/B374D848\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Lsn, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(LsnVisitor)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deserializes_from_json_text_and_refuses_other_values() {
+        let lsn: Lsn = serde_json::from_str(r#""16/B374D848""#).unwrap();
+        assert_eq!(lsn, Lsn(0x16_B374_D848));
+        let escaped: Lsn = serde_json::from_str(r#""16\/B374D848""#).unwrap();
+        assert_eq!(escaped, lsn);
+        for bad in [r#""16-B374D848""#, "16", "null", r#"["0/1"]"#] {
+            let err = serde_json::from_str::<Lsn>(bad).unwrap_err().to_string();
+            assert!(!err.is_empty(), "{bad}");
+        }
+        let err = serde_json::from_str::<Lsn>("7").unwrap_err().to_string();
+        assert!(err.contains("a position such as"), "{err}");
+    }
 
     #[test]
     fn round_trips_and_rejects_junk() {

@@ -40,7 +40,7 @@
 //! The JSON Schema is `docs/wire/relay-message.schema.json` in the repository,
 //! with a consumer in Python beside it.
 
-use pgcachewatch_core::{EnvelopedRecord, SignalRecord};
+use pgcachewatch_core::{EnvelopedRecord, Name, SignalRecord};
 use serde::Serialize;
 
 /// What one relay message says: the event log's record kinds, with a
@@ -54,8 +54,9 @@ pub const WIRE_VERSION: u32 = 2;
 #[derive(Debug, Clone, PartialEq)]
 pub struct WireMessage {
     /// Changes whenever the relay loses continuity (a restart that lost
-    /// something, an upstream gap, a lost stream).
-    pub epoch: String,
+    /// something, an upstream gap, a lost stream). A [`Name`]: every message
+    /// of an epoch shares its text.
+    pub epoch: Name,
     /// The content.
     pub kind: WireKind,
 }

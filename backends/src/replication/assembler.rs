@@ -155,8 +155,33 @@ pub(crate) struct Assembler {
     key_cap: usize,
     tables: HashMap<u32, Table>,
     tx: Option<Transaction>,
+    /// The last transaction's change list and index, emptied, for the next
+    /// one: a stream of small transactions allocates neither.
+    spare: Spare,
     /// `schema.table` of keyless tables already warned about.
     warned: HashSet<String>,
+}
+
+/// A transaction's buffers kept between transactions.
+#[derive(Debug, Default)]
+struct Spare {
+    changes: Vec<Change>,
+    index: HashMap<(u32, Operation), usize>,
+}
+
+impl Spare {
+    /// Buffers larger than this many changes are freed, not kept: one large
+    /// transaction does not hold its memory for ever.
+    const MAX_CHANGES: usize = 64;
+
+    /// Keeps the buffers of a finished transaction (emptied) if small.
+    fn keep(&mut self, mut changes: Vec<Change>, mut index: HashMap<(u32, Operation), usize>) {
+        if changes.capacity() <= Self::MAX_CHANGES {
+            changes.clear();
+            index.clear();
+            *self = Spare { changes, index };
+        }
+    }
 }
 
 impl Assembler {
@@ -168,6 +193,7 @@ impl Assembler {
             key_cap,
             tables: HashMap::new(),
             tx: None,
+            spare: Spare::default(),
             warned: HashSet::new(),
         }
     }
@@ -220,10 +246,11 @@ impl Assembler {
                         begin.xid, open.begin.xid
                     )));
                 }
+                let Spare { changes, index } = std::mem::take(&mut self.spare);
                 self.tx = Some(Transaction {
                     begin,
-                    changes: Vec::new(),
-                    index: HashMap::new(),
+                    changes,
+                    index,
                     keys: 0,
                     key_bytes: 0,
                     degraded: 0,
@@ -425,8 +452,9 @@ impl Assembler {
         Ok(None)
     }
 
-    fn commit(&mut self, tx: Transaction, commit: &Commit) -> Committed {
+    fn commit(&mut self, mut tx: Transaction, commit: &Commit) -> Committed {
         if let Some(detail) = tx.unreadable {
+            self.spare.keep(tx.changes, tx.index);
             return Committed::Unreadable {
                 end_lsn: commit.end_lsn,
                 xid: tx.begin.xid,
@@ -437,7 +465,7 @@ impl Assembler {
         let sent_at = pg_timestamp(commit.commit_time);
         let events = tx
             .changes
-            .into_iter()
+            .drain(..)
             .filter_map(|change| {
                 let table = self.tables.get(&change.relation);
                 if table.is_none() {
@@ -460,6 +488,7 @@ impl Assembler {
                 })
             })
             .collect();
+        self.spare.keep(tx.changes, tx.index);
         Committed::Events {
             end_lsn: commit.end_lsn,
             xid: tx.begin.xid,
@@ -629,15 +658,15 @@ mod tests {
 
     fn row(id: &str, name: &str) -> Tuple {
         vec![
-            Datum::Text(id.as_bytes().to_vec()),
-            Datum::Text(name.as_bytes().to_vec()),
+            Datum::Text(id.as_bytes().to_vec().into()),
+            Datum::Text(name.as_bytes().to_vec().into()),
         ]
     }
 
     /// Feeds messages through the encoder and decoder too, as the stream would.
     fn feed(a: &mut Assembler, msgs: Vec<Message>) -> Vec<Committed> {
         msgs.into_iter()
-            .filter_map(|m| a.apply(decode(&encode(&m)).unwrap()).unwrap())
+            .filter_map(|m| a.apply(decode(&encode(&m).into()).unwrap()).unwrap())
             .collect()
     }
 
@@ -666,12 +695,18 @@ mod tests {
                 },
                 Message::Update {
                     relation: USERS,
-                    old: Some((OldKind::Key, vec![Datum::Text(b"3".to_vec()), Datum::Null])),
+                    old: Some((
+                        OldKind::Key,
+                        vec![Datum::Text(bytes::Bytes::from_static(b"3")), Datum::Null],
+                    )),
                     new: row("30", "cy"),
                 },
                 Message::Delete {
                     relation: USERS,
-                    old: (OldKind::Key, vec![Datum::Text(b"1".to_vec()), Datum::Null]),
+                    old: (
+                        OldKind::Key,
+                        vec![Datum::Text(bytes::Bytes::from_static(b"1")), Datum::Null],
+                    ),
                 },
                 commit(500),
             ],
@@ -712,7 +747,7 @@ mod tests {
                 keyless(),
                 Message::Insert {
                     relation: LOG,
-                    new: vec![Datum::Text(b"x".to_vec())],
+                    new: vec![Datum::Text(bytes::Bytes::from_static(b"x"))],
                 },
                 // An update whose new key is an unchanged TOAST value.
                 Message::Update {

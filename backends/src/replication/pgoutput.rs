@@ -7,6 +7,7 @@
 //! versions are reported as [`Message::Other`], like any tag this decoder does not
 //! need.
 
+use bytes::Bytes;
 use pgcachewatch_core::Lsn;
 
 /// Why a pgoutput message could not be decoded.
@@ -112,10 +113,10 @@ pub(crate) enum Datum {
     Null,
     /// `u`: an unchanged TOASTed value, not sent.
     Unchanged,
-    /// `t`: the value in text format.
-    Text(Vec<u8>),
+    /// `t`: the value in text format (a view of the message's bytes: no copy).
+    Text(Bytes),
     /// `b`: the value in binary format (only with the `binary` option).
-    Binary(Vec<u8>),
+    Binary(Bytes),
 }
 
 /// A row's column values, in the relation's column order.
@@ -176,11 +177,13 @@ pub(crate) enum Message {
     Other(u8),
 }
 
-/// Decodes one pgoutput message (the payload of one `XLogData`).
-pub(crate) fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+/// Decodes one pgoutput message (the payload of one `XLogData`). Column values
+/// are views of `bytes`, not copies.
+pub(crate) fn decode(bytes: &Bytes) -> Result<Message, DecodeError> {
     let (&tag, rest) = bytes.split_first().ok_or(DecodeError::Empty)?;
     let mut r = Reader {
         tag: char::from(tag),
+        message: bytes,
         bytes: rest,
     };
     let msg = match tag {
@@ -304,6 +307,9 @@ fn old_kind(r: &Reader<'_>, marker: u8) -> Result<OldKind, DecodeError> {
 /// A cursor over one message; every read is bounds-checked.
 struct Reader<'a> {
     tag: char,
+    /// The whole message, which column values are views of.
+    message: &'a Bytes,
+    /// What is left to read of it.
     bytes: &'a [u8],
 }
 
@@ -393,7 +399,7 @@ impl<'a> Reader<'a> {
                         tag: self.tag,
                         what: "column length",
                     })?;
-                    let value = self.take(len, "column value")?.to_vec();
+                    let value = self.message.slice_ref(self.take(len, "column value")?);
                     if kind == b't' {
                         Datum::Text(value)
                     } else {
@@ -557,6 +563,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// [`decode`] of a copy of `bytes`.
+    fn decode_slice(bytes: &[u8]) -> Result<Message, DecodeError> {
+        decode(&Bytes::copy_from_slice(bytes))
+    }
+
     #[test]
     fn decodes_what_postgresql_sends() {
         // BEGIN of xid 0x2A, final LSN 0/16B3748, commit time 1.
@@ -565,7 +576,7 @@ mod tests {
         begin.extend_from_slice(&1i64.to_be_bytes());
         begin.extend_from_slice(&42u32.to_be_bytes());
         assert_eq!(
-            decode(&begin).unwrap(),
+            decode_slice(&begin).unwrap(),
             Message::Begin(Begin {
                 final_lsn: Lsn(0x16B_3748),
                 commit_time: 1,
@@ -577,55 +588,59 @@ mod tests {
             b'I', 0, 0, 0x40, 0, b'N', 0, 3, b't', 0, 0, 0, 1, b'1', b'n', b'u',
         ];
         assert_eq!(
-            decode(&insert).unwrap(),
+            decode_slice(&insert).unwrap(),
             Message::Insert {
                 relation: 16384,
-                new: vec![Datum::Text(b"1".to_vec()), Datum::Null, Datum::Unchanged]
+                new: vec![
+                    Datum::Text(Bytes::from_static(b"1")),
+                    Datum::Null,
+                    Datum::Unchanged
+                ]
             }
         );
         // An update with no old tuple.
         let update = [b'U', 0, 0, 0, 7, b'N', 0, 1, b'n'];
         assert!(matches!(
-            decode(&update).unwrap(),
+            decode_slice(&update).unwrap(),
             Message::Update {
                 relation: 7,
                 old: None,
                 ..
             }
         ));
-        assert_eq!(decode(b"S\x00\x00").unwrap(), Message::Other(b'S'));
+        assert_eq!(decode_slice(b"S\x00\x00").unwrap(), Message::Other(b'S'));
     }
 
     #[test]
     fn malformed_bytes_are_errors() {
-        assert_eq!(decode(b""), Err(DecodeError::Empty));
+        assert_eq!(decode_slice(b""), Err(DecodeError::Empty));
         assert!(matches!(
-            decode(b"B\x00"),
+            decode_slice(b"B\x00"),
             Err(DecodeError::Truncated { tag: 'B', .. })
         ));
         // A relation name without its NUL.
         assert!(matches!(
-            decode(b"R\x00\x00\x00\x01public\x00users"),
+            decode_slice(b"R\x00\x00\x00\x01public\x00users"),
             Err(DecodeError::BadString { .. })
         ));
         // A negative column count.
         assert!(matches!(
-            decode(b"I\x00\x00\x00\x01N\xff\xff"),
+            decode_slice(b"I\x00\x00\x00\x01N\xff\xff"),
             Err(DecodeError::Negative { .. })
         ));
         // An unknown column kind.
         assert!(matches!(
-            decode(b"I\x00\x00\x00\x01N\x00\x01x"),
+            decode_slice(b"I\x00\x00\x00\x01N\x00\x01x"),
             Err(DecodeError::Unexpected { byte: b'x', .. })
         ));
         // A column claiming 2 GB.
         assert!(matches!(
-            decode(b"I\x00\x00\x00\x01N\x00\x01t\x7f\xff\xff\xff"),
+            decode_slice(b"I\x00\x00\x00\x01N\x00\x01t\x7f\xff\xff\xff"),
             Err(DecodeError::Truncated { .. })
         ));
         // A delete whose old-tuple marker is N.
         assert!(matches!(
-            decode(b"D\x00\x00\x00\x01N\x00\x00"),
+            decode_slice(b"D\x00\x00\x00\x01N\x00\x00"),
             Err(DecodeError::Unexpected { .. })
         ));
     }
@@ -634,8 +649,8 @@ mod tests {
         prop_oneof![
             Just(Datum::Null),
             Just(Datum::Unchanged),
-            proptest::collection::vec(any::<u8>(), 0..12).prop_map(Datum::Text),
-            proptest::collection::vec(any::<u8>(), 0..12).prop_map(Datum::Binary),
+            proptest::collection::vec(any::<u8>(), 0..12).prop_map(|v| Datum::Text(v.into())),
+            proptest::collection::vec(any::<u8>(), 0..12).prop_map(|v| Datum::Binary(v.into())),
         ]
     }
 
@@ -731,7 +746,7 @@ mod tests {
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = decode(&bytes);
+            let _ = decode_slice(&bytes);
         }
 
         #[test]
@@ -742,13 +757,13 @@ mod tests {
         ) {
             let mut bytes = vec![tag];
             bytes.extend(body);
-            let _ = decode(&bytes);
+            let _ = decode_slice(&bytes);
         }
 
         #[test]
         fn encoded_messages_round_trip(msg in message()) {
             let bytes = encode(&msg);
-            prop_assert_eq!(decode(&bytes), Ok(msg));
+            prop_assert_eq!(decode_slice(&bytes), Ok(msg));
         }
 
         #[test]
@@ -756,7 +771,7 @@ mod tests {
             let bytes = encode(&msg);
             let cut = cut.index(bytes.len().max(1));
             if cut < bytes.len() && !matches!(msg, Message::Other(_)) {
-                prop_assert!(decode(&bytes[..cut]).is_err());
+                prop_assert!(decode_slice(&bytes[..cut]).is_err());
             }
         }
     }

@@ -201,7 +201,7 @@ impl RawRelay {
             _ => subject::control_subject(&self.prefix, "heartbeat"),
         };
         let msg = WireMessage {
-            epoch: self.epoch.clone(),
+            epoch: self.epoch.as_str().into(),
             kind,
         };
         self.n += 1;

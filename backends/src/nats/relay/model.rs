@@ -151,7 +151,7 @@ impl Msg {
             Kind::Beat => WireKind::Health(pgcachewatch_core::Health::Healthy),
         };
         WireMessage {
-            epoch: format!("{ORIGIN}/{}", self.epoch),
+            epoch: format!("{ORIGIN}/{}", self.epoch).into(),
             kind,
         }
     }

@@ -118,7 +118,7 @@ pub(crate) fn found_in(msg: &WireMessage, origin: &str) -> Option<Found> {
     match msg.kind {
         WireKind::Progress(lsn) if of_origin(&msg.epoch, origin) => Some(Found {
             resume: Resume {
-                epoch: msg.epoch.clone(),
+                epoch: msg.epoch.to_string(),
             },
             position: Some(lsn),
         }),

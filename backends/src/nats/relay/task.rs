@@ -7,7 +7,7 @@ use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{Context, ErrorCode};
 use parking_lot::Mutex;
-use pgcachewatch_core::{Event, GapReason, Health, Lsn, Signal, Subscription};
+use pgcachewatch_core::{Event, GapReason, Health, Lsn, Name, Signal, Subscription};
 use tokio::sync::{mpsc, watch};
 
 use super::publisher::{Acked, Control, Failure, InFlight, Outgoing};
@@ -133,7 +133,8 @@ pub(super) struct Task {
     /// How the task begins (taken at the start).
     begin: Option<Begin>,
     subscription: Subscription,
-    epoch: String,
+    /// Shared by every message of the epoch (a clone is no copy).
+    epoch: Name,
     /// Random to this relay process: ids of messages without a position.
     run: String,
     /// Messages without a position published by this process.
@@ -207,7 +208,7 @@ impl Task {
             origin: setup.origin,
             begin: Some(setup.begin),
             subscription,
-            epoch: setup.epoch,
+            epoch: setup.epoch.into(),
             run: format!("{:016x}", rand::random::<u64>()),
             k: 0,
             heartbeat: setup.heartbeat,
@@ -239,7 +240,7 @@ impl Task {
     /// The upstream's name in ids and subjects: its lasting origin, or else
     /// the epoch.
     fn origin(&self) -> &str {
-        self.origin.as_deref().unwrap_or(&self.epoch)
+        self.origin.as_deref().unwrap_or(self.epoch.as_str())
     }
 
     fn payload(&self, kind: WireKind) -> bytes::Bytes {
@@ -308,10 +309,10 @@ impl Task {
 
     /// Starts a new epoch whose first message is a gap marker.
     async fn new_epoch(&mut self, reason: GapReason) {
-        self.epoch = new_epoch(self.origin.as_deref());
+        self.epoch = new_epoch(self.origin.as_deref()).into();
         {
             let mut s = self.status.lock();
-            s.epoch = self.epoch.clone();
+            s.epoch = self.epoch.to_string();
             s.epochs += 1;
         }
         self.open_epoch(reason, None).await;
@@ -646,8 +647,8 @@ impl Task {
             // epoch: nothing was lost, consumers keep their caches.
             Some(Begin::Continue(resume)) => {
                 tracing::info!(epoch = %resume.epoch, "relay continues its epoch");
-                self.epoch = resume.epoch;
-                self.status.lock().epoch = self.epoch.clone();
+                self.epoch = resume.epoch.into();
+                self.status.lock().epoch = self.epoch.to_string();
             }
             // The epoch the handle reports from the start.
             // Over a durable upstream, a record of where it resumes follows

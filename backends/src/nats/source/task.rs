@@ -7,7 +7,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::Stream;
 use futures::StreamExt;
 use parking_lot::Mutex;
-use pgcachewatch_core::{GapReason, Health, Lsn, Signal, SignalHub};
+use pgcachewatch_core::{GapReason, Health, Lsn, Name, Signal, SignalHub};
 use tokio::sync::{mpsc, watch};
 
 use super::NatsSourceStats;
@@ -40,7 +40,7 @@ pub(super) fn idle_heartbeat(timeout: Duration) -> Duration {
 
 #[derive(Debug, Default)]
 pub(super) struct State {
-    epoch: Option<String>,
+    epoch: Option<Name>,
     /// When the last fresh heartbeat was received.
     hb_at: Option<Instant>,
     relay_healthy: bool,
@@ -427,7 +427,7 @@ impl Task {
         };
         if self.state.epoch.as_deref() != Some(msg.epoch.as_str()) {
             let changed = self.state.epoch.is_some();
-            self.stats.lock().epoch = Some(msg.epoch.clone());
+            self.stats.lock().epoch = Some(msg.epoch.to_string());
             self.state.epoch = Some(msg.epoch);
             self.state.max_lsn = None;
             if changed && !matches!(msg.kind, WireKind::Gap(_)) {
