@@ -68,6 +68,11 @@ enum Reader {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The library's logs, where RUST_LOG asks for them (off by default).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     anyhow::ensure!(
         args.messages > 0 && args.rounds > 0,
         "--messages and --rounds must be above 0"
