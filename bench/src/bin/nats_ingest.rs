@@ -70,7 +70,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // The library's logs, where RUST_LOG asks for them (off by default).
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
         .with_writer(std::io::stderr)
         .try_init();
     anyhow::ensure!(
@@ -279,6 +282,8 @@ async fn time_cached(
     if gaps.load(Ordering::Relaxed) > 0 {
         bail!("the NatsSource reported a gap");
     }
+    // The cache first: a cache whose dispatcher stops says so, loudly.
+    drop(cache);
     drop(dispatcher);
     source.shutdown().await;
     Ok(last - t0)
@@ -319,6 +324,13 @@ async fn time_raw(
                         .iter()
                         .fold(sum, |acc, b| acc.wrapping_add(u64::from(*b)));
                     seen += 1;
+                }
+                // A pull that went unanswered (seen here under a publish flood;
+                // `NatsSource` then makes a new consumer): the stream asks again.
+                Ok(Some(Err(e)))
+                    if e.kind() == pull::MessagesErrorKind::MissingHeartbeat =>
+                {
+                    eprintln!("the raw consumer missed an idle heartbeat after {seen} messages; reading on");
                 }
                 Ok(Some(Err(e))) => bail!("the raw consumer: {e}"),
                 Ok(None) => bail!("the raw consumer ended"),
