@@ -165,7 +165,15 @@ impl Task {
         let mut caught_up = false;
         let mut target = target;
         let mut held_back = false;
+        // One timer for the membership check, moved when its time moves: a
+        // timer made anew on every turn of the loop (every message) was
+        // registered with the runtime's timer wheel and removed again each time.
+        let membership = tokio::time::sleep_until(self.membership_due);
+        tokio::pin!(membership);
         loop {
+            if membership.deadline() != self.membership_due {
+                membership.as_mut().reset(self.membership_due);
+            }
             if !caught_up && !held_back && self.progress.emitted() >= target {
                 caught_up = true;
                 tracing::info!(position = %self.progress.emitted(), "caught up with the server");
@@ -224,7 +232,7 @@ impl Task {
                 () = at_or_now(release_at), if room && release_due.is_some() => {
                     self.release(session).await
                 }
-                () = tokio::time::sleep_until(self.membership_due) => {
+                () = &mut membership => {
                     self.check_membership().await
                 }
             };

@@ -327,9 +327,7 @@ async fn time_raw(
                 }
                 // A pull that went unanswered (seen here under a publish flood;
                 // `NatsSource` then makes a new consumer): the stream asks again.
-                Ok(Some(Err(e)))
-                    if e.kind() == pull::MessagesErrorKind::MissingHeartbeat =>
-                {
+                Ok(Some(Err(e))) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => {
                     eprintln!("the raw consumer missed an idle heartbeat after {seen} messages; reading on");
                 }
                 Ok(Some(Err(e))) => bail!("the raw consumer: {e}"),
