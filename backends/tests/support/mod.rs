@@ -73,7 +73,24 @@ pub struct OwnNats {
     child: Option<Child>,
 }
 
+/// A port free now, below the kernel's ephemeral range (32768 up by default):
+/// a port from `bind(0)` sits in that range, where any outgoing connection may
+/// take it before the server binds it (seen once under CI's load).
 fn free_port() -> u16 {
+    use std::hash::BuildHasher;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 11_000 {
+        let random = std::collections::hash_map::RandomState::new();
+        for attempt in 0..100_u64 {
+            let port = 10_000 + (random.hash_one(attempt) % u64::from(low - 10_000)) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -114,7 +131,37 @@ impl OwnNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Starts the server on its port. A fresh server whose port was taken
+    /// meanwhile moves to another; a restarted one keeps its port (its clients
+    /// reconnect to it). Waits up to 20 s: a node joining a cluster on a loaded
+    /// machine can take seconds.
     async fn spawn(&mut self) {
+        let fresh = self.child.is_none() && !self.dir.join("nats.log").exists();
+        for attempt in 0.. {
+            match self.spawn_once().await {
+                Ok(()) => return,
+                Err(why) if fresh && attempt < 3 => {
+                    eprintln!(
+                        "own nats-server on port {} did not start ({why}); another port",
+                        self.port
+                    );
+                    self.port = free_port();
+                }
+                Err(why) => panic!(
+                    "own nats-server did not start on port {} ({why}); its log:\n{}",
+                    self.port,
+                    std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default()
+                ),
+            }
+        }
+    }
+
+    async fn spawn_once(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("nats.log"))
+            .expect("the server's log file");
         let child = Command::new(nats_server_binary())
             .args([
                 "-a",
@@ -127,20 +174,25 @@ impl OwnNats {
             .arg(&self.dir)
             .args(&self.args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("nats-server must be installed (Debian: apt-get install nats-server)");
         self.child = Some(child);
-        for _ in 0..100 {
+        for _ in 0..400 {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
             {
-                return;
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Err(format!("it exited: {status}"));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("own nats-server did not start on port {}", self.port);
+        self.kill();
+        Err("no answer within 20 s".into())
     }
 
     /// Kills the server (the store stays) and waits for it to exit.
