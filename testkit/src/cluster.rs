@@ -13,7 +13,6 @@
 //! `runuser`.
 
 use std::fmt;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -96,10 +95,6 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl OwnPostgres {
     /// Initializes and starts a cluster with `settings` (lines of
     /// `postgresql.conf`, e.g. `"synchronous_standby_names = 'x'"`) on top of
@@ -110,7 +105,7 @@ impl OwnPostgres {
         std::fs::create_dir_all(&dir)?;
         let as_postgres = is_root();
         let me = OwnPostgres {
-            port: free_port()?,
+            port: crate::env::free_local_port()?,
             dir,
             bindir,
             as_postgres,

@@ -1,5 +1,5 @@
-//! Where tests find their database, names that no other test uses, and a
-//! bounded wait for a condition.
+//! Where tests find their database, names that no other test uses, free
+//! ports for servers of their own, and a bounded wait for a condition.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -53,6 +53,41 @@ pub fn unique_name(prefix: &str) -> String {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     format!("{prefix}_{}_{n}_{:08x}", std::process::id(), nanos)
+}
+
+/// A TCP port on 127.0.0.1 that is free now, for a server a test starts
+/// (PostgreSQL, nats-server). It is picked below the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 and up by default): a port
+/// from `bind(0)` lies in that range, where any outgoing connection may take it
+/// between the pick and the server's own `bind`. Falls back to `bind(0)` when
+/// that range cannot be read or nothing below it is free.
+///
+/// ```
+/// let port = pgcachewatch::testkit::env::free_local_port()?;
+/// std::net::TcpListener::bind(("127.0.0.1", port))?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// When not even `bind(0)` finds a port.
+pub fn free_local_port() -> std::io::Result<u16> {
+    use std::hash::BuildHasher;
+    use std::net::TcpListener;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 11_000 {
+        let random = std::collections::hash_map::RandomState::new();
+        for attempt in 0..100_u64 {
+            let port = 10_000 + (random.hash_one(attempt) % u64::from(low - 10_000)) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The NATS server the tests talk to: `NATS_URL`, or the local default

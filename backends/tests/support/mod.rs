@@ -2,7 +2,6 @@
 //! private nats-server for tests that restart it or need authentication.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -73,28 +72,8 @@ pub struct OwnNats {
     child: Option<Child>,
 }
 
-/// A port free now, below the kernel's ephemeral range (32768 up by default):
-/// a port from `bind(0)` sits in that range, where any outgoing connection may
-/// take it before the server binds it (seen once under CI's load).
 fn free_port() -> u16 {
-    use std::hash::BuildHasher;
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    if low > 11_000 {
-        let random = std::collections::hash_map::RandomState::new();
-        for attempt in 0..100_u64 {
-            let port = 10_000 + (random.hash_one(attempt) % u64::from(low - 10_000)) as u16;
-            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
-            }
-        }
-    }
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    pgcachewatch_testkit::env::free_local_port().expect("a free port")
 }
 
 fn nats_server_binary() -> String {
